@@ -1,0 +1,330 @@
+//! The crate's one error type.
+//!
+//! Variants are grouped by the phase that failed (configuration, SSH transport, host key,
+//! authentication, forwarding, database, lifecycle). [`Error::is_transient`] tells whether
+//! retrying can help: permanent errors (a changed host key, a refused key, bad configuration)
+//! are surfaced at once and never spin in a retry loop.
+//!
+//! Foreign errors are kept behind `#[source]` as boxed trait objects so they are not part of
+//! this crate's public API.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A boxed foreign error kept as the source of one of ours.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Which timeout fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TimeoutKind {
+    /// TCP connect plus SSH handshake to the bastion.
+    SshConnect,
+    /// Opening a `direct-tcpip` channel.
+    ChannelOpen,
+    /// Waiting for a free slot (channel or SSH session) in the tunnel.
+    TunnelCapacity,
+    /// Waiting for a pooled database connection.
+    Acquire,
+    /// A health-check probe.
+    HealthCheck,
+    /// Waiting for checked-out connections during shutdown.
+    Drain,
+}
+
+impl std::fmt::Display for TimeoutKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::SshConnect => "SSH connect",
+            Self::ChannelOpen => "channel open",
+            Self::TunnelCapacity => "waiting for tunnel capacity",
+            Self::Acquire => "connection acquire",
+            Self::HealthCheck => "health check",
+            Self::Drain => "shutdown drain",
+        })
+    }
+}
+
+/// Every error this crate returns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value is missing, malformed or contradicts another one.
+    ///
+    /// `field` names the environment variable or config field; `message` says what is wrong
+    /// (and, for non-secret values, repeats the bad value).
+    #[error("invalid configuration: {field}: {message}")]
+    Config {
+        /// The variable or field that is wrong, e.g. `POSTGRES_MAX_CONNECTIONS` or `pool.max_connections`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// A key or known_hosts file is missing, unreadable or malformed.
+    #[error("{what} {path}: {message}", path = path.display())]
+    File {
+        /// What the file is for, e.g. "SSH private key" or "known_hosts file".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The passphrase for an encrypted private key is missing or wrong.
+    #[error("SSH private key {path} is encrypted and {problem}", path = path.display())]
+    KeyPassphrase {
+        /// The key file.
+        path: PathBuf,
+        /// "no passphrase was given" or "the passphrase is wrong".
+        problem: &'static str,
+    },
+
+    /// The bastion presented a host key that is not in known_hosts (strict policy).
+    #[error(
+        "host key for {host} is not known: {fingerprint} is not in {known_hosts} \
+         (add it, e.g. with `ssh-keyscan -p PORT HOST >> known_hosts`, or use SSH_HOST_KEY_POLICY=accept-new)",
+        known_hosts = known_hosts.display()
+    )]
+    HostKeyUnknown {
+        /// `host` or `[host]:port` as looked up.
+        host: String,
+        /// The presented key's `SHA256:` fingerprint.
+        fingerprint: String,
+        /// The known_hosts file consulted.
+        known_hosts: PathBuf,
+    },
+
+    /// The bastion presented a host key that differs from the recorded one. Possible
+    /// man-in-the-middle: nothing was sent after the key exchange.
+    #[error(
+        "HOST KEY CHANGED for {host}: expected {expected}, got {actual}; refusing to connect \
+         (if the change is legitimate, update {source_of_expected})"
+    )]
+    HostKeyChanged {
+        /// `host` or `[host]:port` as looked up.
+        host: String,
+        /// The fingerprint(s) on record.
+        expected: String,
+        /// The presented key's fingerprint.
+        actual: String,
+        /// Where the expected key came from (the known_hosts path or "the pinned fingerprint").
+        source_of_expected: String,
+    },
+
+    /// The presented host key is marked `@revoked` in known_hosts.
+    #[error("host key {fingerprint} for {host} is revoked in {known_hosts}", known_hosts = known_hosts.display())]
+    HostKeyRevoked {
+        /// `host` or `[host]:port` as looked up.
+        host: String,
+        /// The presented key's fingerprint.
+        fingerprint: String,
+        /// The known_hosts file that revokes it.
+        known_hosts: PathBuf,
+    },
+
+    /// The bastion refused every authentication method that was tried.
+    #[error("SSH authentication failed for {user}@{host}: tried {tried}")]
+    Auth {
+        /// The SSH user.
+        user: String,
+        /// The bastion.
+        host: String,
+        /// The methods tried, in order, with their outcome, e.g. "publickey /root/.ssh/id_ed25519 (refused), ssh-agent (no agent)".
+        tried: String,
+    },
+
+    /// TCP connect, handshake or I/O on the SSH transport failed. Usually transient.
+    #[error("SSH connection to {host}:{port} failed: {message}")]
+    SshConnect {
+        /// The bastion host.
+        host: String,
+        /// The bastion port.
+        port: u16,
+        /// What happened.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The SSH link was lost (keepalive unanswered, reset, closed by the server).
+    #[error("SSH tunnel to {host} lost: {reason}")]
+    TunnelLost {
+        /// The bastion host.
+        host: String,
+        /// Why the link is considered dead.
+        reason: String,
+    },
+
+    /// The bastion refused to open a forwarding channel to the remote target.
+    ///
+    /// `administratively prohibited` (AllowTcpForwarding / PermitOpen) is permanent;
+    /// `connect failed` (the target is down) is transient.
+    #[error("bastion refused a channel to {target}: {reason}")]
+    ChannelRefused {
+        /// The remote `host:port` the channel was for.
+        target: String,
+        /// The server's reason.
+        reason: String,
+        /// Whether retrying may help.
+        transient: bool,
+    },
+
+    /// The tunnel gave up reconnecting or hit a permanent error.
+    #[error("SSH tunnel failed: {0}")]
+    TunnelFailed(#[source] Box<Error>),
+
+    /// A timeout fired.
+    #[error("{kind} timed out after {after:?}{detail}")]
+    Timeout {
+        /// Which timeout.
+        kind: TimeoutKind,
+        /// The configured limit.
+        after: Duration,
+        /// Extra context, e.g. " (pool max 20 connections, all checked out)". Empty or starting with a space.
+        detail: String,
+    },
+
+    /// A database operation failed.
+    #[error("database error: {0}")]
+    Database(#[source] sea_orm::DbErr),
+
+    /// The singleton facade was used before `initialize_instance`.
+    #[error("{0} is not initialized: call initialize_instance(config) or initialize_from_env() first")]
+    NotInitialized(&'static str),
+
+    /// The tunnel or manager is shutting down or has shut down.
+    #[error("{0} is shut down")]
+    ShutDown(&'static str),
+
+    /// An I/O error outside the SSH transport (local listener, files).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Whether retrying the failed operation may succeed.
+    ///
+    /// Transient: I/O errors, timeouts, lost links, SSH connect failures, PostgreSQL
+    /// `57P01`/`57P02`/`57P03` (admin shutdown, crash shutdown, cannot connect now) and class `08`
+    /// (connection exceptions), pool timeouts.
+    ///
+    /// Permanent: configuration, files, passphrases, host keys, authentication,
+    /// administratively refused channels, other database errors (syntax, constraint, permission).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Config { .. }
+            | Error::File { .. }
+            | Error::KeyPassphrase { .. }
+            | Error::HostKeyUnknown { .. }
+            | Error::HostKeyChanged { .. }
+            | Error::HostKeyRevoked { .. }
+            | Error::Auth { .. }
+            | Error::NotInitialized(_)
+            | Error::ShutDown(_) => false,
+            Error::ChannelRefused { transient, .. } => *transient,
+            Error::TunnelFailed(inner) => inner.is_transient(),
+            Error::SshConnect { .. } | Error::TunnelLost { .. } | Error::Timeout { .. } | Error::Io { .. } => true,
+            Error::Database(e) => db_err_is_transient(e),
+        }
+    }
+
+    /// Shorthand for a [`Error::Config`].
+    pub fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Config {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<sea_orm::DbErr> for Error {
+    fn from(e: sea_orm::DbErr) -> Self {
+        Error::Database(e)
+    }
+}
+
+/// Whether a SeaORM error is worth retrying: connection-level failures and PostgreSQL
+/// SQLSTATEs that mean "the server is going away or not there yet".
+pub fn db_err_is_transient(err: &sea_orm::DbErr) -> bool {
+    use sea_orm::{DbErr, RuntimeErr};
+    let runtime = match err {
+        DbErr::ConnectionAcquire(_) => return true,
+        DbErr::Conn(r) | DbErr::Exec(r) | DbErr::Query(r) => r,
+        _ => return false,
+    };
+    match runtime {
+        RuntimeErr::SqlxError(e) => sqlx_err_is_transient(e),
+        RuntimeErr::Internal(_) => false,
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+fn sqlx_err_is_transient(err: &sea_orm::sqlx::Error) -> bool {
+    use sea_orm::sqlx::Error as E;
+    match err {
+        E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Protocol(_) => true,
+        E::Tls(_) => true,
+        E::Database(db) => db.code().is_some_and(|c| sqlstate_is_transient(&c)),
+        _ => false,
+    }
+}
+
+/// PostgreSQL SQLSTATEs that mean "try again": class 08 (connection exception),
+/// 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now, 40001/40P01
+/// (serialization failure, deadlock) are retryable transactions.
+pub fn sqlstate_is_transient(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "53300")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permanent_and_transient() {
+        assert!(!Error::config("SSH_PORT", "\"x\" is not a port").is_transient());
+        assert!(
+            !Error::HostKeyChanged {
+                host: "h".into(),
+                expected: "a".into(),
+                actual: "b".into(),
+                source_of_expected: "k".into()
+            }
+            .is_transient()
+        );
+        assert!(
+            Error::Timeout {
+                kind: TimeoutKind::Acquire,
+                after: Duration::from_secs(1),
+                detail: String::new()
+            }
+            .is_transient()
+        );
+        assert!(
+            Error::TunnelFailed(Box::new(Error::TunnelLost {
+                host: "h".into(),
+                reason: "keepalive".into()
+            }))
+            .is_transient()
+        );
+        assert!(sqlstate_is_transient("57P01"));
+        assert!(sqlstate_is_transient("08006"));
+        assert!(!sqlstate_is_transient("23505"));
+    }
+}

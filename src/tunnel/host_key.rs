@@ -1,0 +1,1 @@
+//! known_hosts verification with OpenSSH semantics (in progress).

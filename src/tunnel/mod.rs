@@ -1,0 +1,3 @@
+//! The SSH tunnel.
+
+pub(crate) mod host_key;
