@@ -4,6 +4,14 @@
 //! Our own integration tests use it; users can use it in theirs.
 
 mod bastion;
+pub use bastion::{Bastion, BastionOptions};
 mod fault_proxy;
 mod postgres;
+mod sandbox;
 mod sshd;
+mod util;
+pub use fault_proxy::FaultProxy;
+pub use postgres::TempPostgres;
+pub use sandbox::Sandbox;
+pub use sshd::{KeyKind, OpenSshd, SshForward};
+pub use util::TestkitError;

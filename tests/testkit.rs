@@ -1,0 +1,402 @@
+//! The test kit against real servers: PostgreSQL, OpenSSH sshd + ssh, and the fault proxy.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+use sea_orm_tunnel::testkit::{FaultProxy, KeyKind, OpenSshd, TempPostgres};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Generous bound for things that should happen at once, on a loaded 2-core machine.
+const LIVENESS: Duration = Duration::from_secs(15);
+
+async fn connect(url: &str) -> Result<DatabaseConnection, sea_orm::DbErr> {
+    connect_within(url, Duration::from_secs(10)).await
+}
+
+/// sqlx keeps retrying a refused connect until its timeout, so checks that expect a failure
+/// use a short one.
+async fn connect_within(url: &str, timeout: Duration) -> Result<DatabaseConnection, sea_orm::DbErr> {
+    let mut opts = ConnectOptions::new(url.to_owned());
+    opts.max_connections(2)
+        .connect_timeout(timeout)
+        .acquire_timeout(timeout)
+        .sqlx_logging(false);
+    Database::connect(opts).await
+}
+
+async fn refused(url: &str) -> bool {
+    connect_within(url, Duration::from_millis(500)).await.is_err()
+}
+
+async fn select_one(db: &DatabaseConnection) -> Result<i32, sea_orm::DbErr> {
+    let row = db
+        .query_one_raw(Statement::from_string(DbBackend::Postgres, "SELECT 1 AS one"))
+        .await?
+        .expect("SELECT 1 returns a row");
+    row.try_get::<i32>("", "one")
+}
+
+async fn query_url(url: &str) -> Result<i32, sea_orm::DbErr> {
+    let db = connect(url).await?;
+    let one = select_one(&db).await?;
+    db.close().await?;
+    Ok(one)
+}
+
+/// PostgreSQL answers an SSLRequest with one byte, `S` or `N`.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// Opens a raw connection to `addr` and checks that PostgreSQL answers on it.
+async fn postgres_answers(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(&SSL_REQUEST).await.unwrap();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(LIVENESS, stream.read_exact(&mut byte))
+        .await
+        .expect("PostgreSQL answers")
+        .unwrap();
+    assert!(byte[0] == b'S' || byte[0] == b'N', "not PostgreSQL: {byte:?}");
+    stream
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < LIVENESS, "{what} did not happen within {LIVENESS:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_starts_answers_restarts_stops_and_cleans_up() {
+    let pg = TempPostgres::start().await.expect("PostgreSQL starts");
+    assert!(pg.is_running());
+    assert_eq!(pg.host(), "127.0.0.1");
+    assert!(pg.url().starts_with(&format!("postgres://{}:", pg.user())));
+    assert!(
+        !format!("{pg:?}").contains(pg.password()),
+        "Debug must not show the password"
+    );
+
+    let db = connect(&pg.url()).await.expect("connect with the generated password");
+    assert_eq!(select_one(&db).await.unwrap(), 1);
+    db.close().await.unwrap();
+
+    let wrong = format!("postgres://{}:wrong@127.0.0.1:{}/postgres", pg.user(), pg.port());
+    assert!(refused(&wrong).await, "password auth is enforced");
+
+    pg.restart().await.expect("restart");
+    assert_eq!(query_url(&pg.url()).await.expect("query after restart"), 1);
+
+    pg.stop().await.expect("stop");
+    assert!(!pg.is_running());
+    assert!(
+        TcpStream::connect(("127.0.0.1", pg.port())).await.is_err(),
+        "nothing listens after stop"
+    );
+    assert!(refused(&pg.url()).await, "a stopped server refuses connections");
+
+    pg.start_again().await.expect("start again on the same port");
+    assert_eq!(query_url(&pg.url()).await.expect("query after start"), 1);
+
+    // A crash (SIGKILL) and a restart with crash recovery.
+    pg.kill();
+    assert!(!pg.is_running());
+    assert!(refused(&pg.url()).await, "a killed server refuses connections");
+    pg.start_again().await.expect("start after a crash");
+    assert_eq!(query_url(&pg.url()).await.expect("query after crash recovery"), 1);
+
+    let other = pg.create_database("second_db").await.expect("create database");
+    assert!(other.ends_with("/second_db"));
+    assert_eq!(query_url(&other).await.expect("query the new database"), 1);
+
+    let pid = pg.pid().expect("running");
+    let dir = pg.dir().to_owned();
+    drop(pg);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "postmaster {pid} is gone after drop"
+    );
+    assert!(!dir.exists(), "{} is removed after drop", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssh_forward_reaches_postgres_and_drop_sessions_keeps_listening() {
+    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
+    let (pg, sshd) = (pg.expect("PostgreSQL starts"), sshd.expect("sshd starts"));
+
+    assert!(sshd.host_key_fingerprint().starts_with("SHA256:"));
+    let known_hosts = std::fs::read_to_string(sshd.known_hosts_path()).unwrap();
+    assert_eq!(
+        known_hosts.trim(),
+        format!("[127.0.0.1]:{} {}", sshd.port(), sshd.host_public_key())
+    );
+    assert!(sshd.host_public_key().starts_with("ssh-ed25519 "));
+
+    let forward = sshd
+        .ssh_forward("127.0.0.1", pg.port())
+        .await
+        .expect("ssh -N -L starts");
+    assert!(
+        forward.cipher().is_some(),
+        "ssh -v reports the cipher:\n{}",
+        forward.log()
+    );
+    let through = format!(
+        "postgres://{}:{}@127.0.0.1:{}/postgres",
+        pg.user(),
+        pg.password(),
+        forward.local_port()
+    );
+    let db = connect(&through).await.expect("connect through the forward");
+    assert_eq!(select_one(&db).await.unwrap(), 1);
+    db.close().await.unwrap();
+
+    // A connection established through the session, then the session is killed: the
+    // connection ends and the ssh client loses its server and exits.
+    let mut established = postgres_answers(forward.local_addr()).await;
+    assert!(sshd.drop_sessions() > 0, "there was an established session");
+    let mut rest = [0u8; 1];
+    let read = tokio::time::timeout(LIVENESS, established.read(&mut rest))
+        .await
+        .expect("the connection ends with its session");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    eventually("ssh -N exiting after its session was killed", || !forward.is_running()).await;
+    assert!(sshd.is_running(), "the listener survives drop_sessions");
+
+    // And it still accepts new sessions.
+    let again = sshd.ssh_forward("127.0.0.1", pg.port()).await.expect("a new forward");
+    let through = format!(
+        "postgres://{}:{}@127.0.0.1:{}/postgres",
+        pg.user(),
+        pg.password(),
+        again.local_port()
+    );
+    assert_eq!(query_url(&through).await.expect("query through the new forward"), 1);
+
+    // stop / start_again on the same port.
+    sshd.stop().await.unwrap();
+    assert!(!sshd.is_running());
+    eventually("ssh -N exiting after sshd stopped", || !again.is_running()).await;
+    assert!(
+        TcpStream::connect(sshd.addr()).await.is_err(),
+        "nothing listens after stop"
+    );
+    sshd.start_again().await.unwrap();
+    let third = sshd
+        .ssh_forward("127.0.0.1", pg.port())
+        .await
+        .expect("forward after start_again");
+    let through = format!(
+        "postgres://{}:{}@127.0.0.1:{}/postgres",
+        pg.user(),
+        pg.password(),
+        third.local_port()
+    );
+    assert_eq!(query_url(&through).await.expect("query after sshd restart"), 1);
+
+    let tunnel = sshd.tunnel_config("127.0.0.1", pg.port());
+    assert_eq!(
+        (tunnel.host.as_str(), tunnel.port, tunnel.user.as_str()),
+        ("127.0.0.1", sshd.port(), sshd.user())
+    );
+    assert_eq!(tunnel.known_hosts, sshd.known_hosts_path());
+    assert_eq!(tunnel.auth.key_path.as_deref(), Some(sshd.client_key_path().as_path()));
+    assert_eq!(
+        (tunnel.remote_host.as_str(), tunnel.remote_port),
+        ("127.0.0.1", pg.port())
+    );
+
+    let dir = sshd.dir().to_owned();
+    let pid = sshd.pid().unwrap();
+    drop(sshd);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "sshd {pid} is gone after drop"
+    );
+    assert!(!dir.exists());
+}
+
+async fn ssh_true(sshd: &OpenSshd, key: &Path) -> std::process::ExitStatus {
+    let mut cmd = sshd.ssh_command(key);
+    cmd.arg("true")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    tokio::task::spawn_blocking(move || cmd.status())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_refuses_unauthorised_keys_and_changed_host_keys() {
+    let sshd = OpenSshd::start().await.expect("sshd starts");
+    assert!(
+        ssh_true(&sshd, &sshd.client_key_path()).await.success(),
+        "the generated key is accepted"
+    );
+
+    let stranger = sshd.generate_key(KeyKind::Ed25519, None).await.unwrap();
+    assert!(
+        !ssh_true(&sshd, &stranger).await.success(),
+        "an unauthorised key is refused"
+    );
+    sshd.authorize_key(&stranger).unwrap();
+    assert!(ssh_true(&sshd, &stranger).await.success(), "accepted once authorised");
+
+    // An encrypted key opens only with its passphrase.
+    let encrypted = sshd.generate_key(KeyKind::Ecdsa, Some("correct horse")).await.unwrap();
+    let check = |pass: &str| {
+        std::process::Command::new("ssh-keygen")
+            .args(["-y", "-P", pass, "-f"])
+            .arg(&encrypted)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(check("correct horse") && !check("wrong"));
+
+    // Same port, new host key: OpenSSH with the old known_hosts refuses, then accepts once trusted.
+    let old = sshd.host_key_fingerprint();
+    sshd.rotate_host_key().await.unwrap();
+    assert_ne!(old, sshd.host_key_fingerprint());
+    assert!(
+        !ssh_true(&sshd, &sshd.client_key_path()).await.success(),
+        "changed host key is refused"
+    );
+    sshd.trust_host_key().unwrap();
+    assert!(ssh_true(&sshd, &sshd.client_key_path()).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_sessions_are_a_silent_dead_link() {
+    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
+    let (pg, sshd) = (pg.unwrap(), sshd.unwrap());
+    let forward = sshd.ssh_forward("127.0.0.1", pg.port()).await.unwrap();
+
+    drop(postgres_answers(forward.local_addr()).await);
+
+    assert!(sshd.pause_sessions() > 0);
+    let mut probe = TcpStream::connect(forward.local_addr()).await.unwrap();
+    probe.write_all(&SSL_REQUEST).await.unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), probe.read_exact(&mut byte))
+            .await
+            .is_err(),
+        "a paused session answers nothing"
+    );
+    assert!(forward.is_running(), "the ssh client does not notice yet");
+
+    sshd.resume_sessions();
+    tokio::time::timeout(LIVENESS, probe.read_exact(&mut byte))
+        .await
+        .expect("answer after resume")
+        .unwrap();
+    assert!(byte[0] == b'S' || byte[0] == b'N');
+}
+
+/// A loopback echo server.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = socket.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn echo_roundtrip(stream: &mut TcpStream, msg: &[u8]) {
+    stream.write_all(msg).await.unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(LIVENESS, stream.read_exact(&mut buf))
+        .await
+        .expect("echo answered")
+        .unwrap();
+    assert_eq!(buf, msg);
+}
+
+#[tokio::test]
+async fn fault_proxy_cut_resets_connections_and_keeps_accepting() {
+    let proxy = FaultProxy::start(echo_server().await).await.unwrap();
+    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+    echo_roundtrip(&mut client, b"hello").await;
+    assert_eq!(proxy.connections(), 1);
+
+    proxy.cut();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(LIVENESS, client.read(&mut buf))
+        .await
+        .expect("cut is noticed");
+    match read {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        Ok(n) => panic!("expected a reset, read {n} bytes"),
+    }
+    eventually("the proxy forgetting the cut connection", || proxy.connections() == 0).await;
+
+    let mut fresh = TcpStream::connect(proxy.addr()).await.unwrap();
+    echo_roundtrip(&mut fresh, b"after the cut").await;
+    assert_eq!(proxy.total_connections(), 2);
+}
+
+#[tokio::test]
+async fn fault_proxy_blackhole_holds_everything_until_restore() {
+    let proxy = FaultProxy::start(echo_server().await).await.unwrap();
+    let mut before = TcpStream::connect(proxy.addr()).await.unwrap();
+    echo_roundtrip(&mut before, b"one").await;
+
+    proxy.blackhole();
+    assert!(proxy.is_blackholed());
+    before.write_all(b"ping").await.expect("writes still succeed");
+    let mut buf = [0u8; 4];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), before.read_exact(&mut buf))
+            .await
+            .is_err(),
+        "nothing comes back through a blackhole"
+    );
+
+    // New connections are accepted but go nowhere either.
+    let mut during = TcpStream::connect(proxy.addr())
+        .await
+        .expect("accepts while blackholed");
+    during.write_all(b"pong").await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), during.read_exact(&mut buf))
+            .await
+            .is_err(),
+        "a new connection is blackholed too"
+    );
+    assert_eq!(proxy.connections(), 2, "blackholed sockets stay open");
+
+    proxy.restore();
+    tokio::time::timeout(LIVENESS, before.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"ping", "held data is delivered after restore");
+    tokio::time::timeout(LIVENESS, during.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"pong");
+    echo_roundtrip(&mut before, b"two").await;
+    echo_roundtrip(&mut during, b"three").await;
+
+    // Dropping the proxy resets what is left.
+    drop(proxy);
+    let mut rest = [0u8; 1];
+    let read = tokio::time::timeout(LIVENESS, before.read(&mut rest))
+        .await
+        .expect("drop is noticed");
+    assert!(matches!(read, Err(_) | Ok(0)));
+}
