@@ -33,6 +33,8 @@ pub enum TimeoutKind {
     HealthCheck,
     /// Waiting for checked-out connections during shutdown.
     Drain,
+    /// Writing queued connection-log events (`LogSink::flush`).
+    LogFlush,
 }
 
 impl std::fmt::Display for TimeoutKind {
@@ -44,6 +46,7 @@ impl std::fmt::Display for TimeoutKind {
             Self::Acquire => "connection acquire",
             Self::HealthCheck => "health check",
             Self::Drain => "shutdown drain",
+            Self::LogFlush => "connection log flush",
         })
     }
 }
