@@ -9,10 +9,14 @@
 
 pub mod config;
 pub mod error;
+pub mod layer;
+pub mod manager;
 pub mod observe;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod tunnel;
 
-
 pub use error::{Error, Result};
+pub use layer::{CorrelationId, InjectDatabaseLayer, RecoveryLayer};
+pub use manager::{ConnectionManager, HealthEvent, HealthStatus, PoolStats, ShutdownReport};
+pub use tunnel::{LocalEndpoint, SshTunnel, TunnelEvent, TunnelState, TunnelStats};
