@@ -37,3 +37,120 @@ pub const SSH_TUNNEL_CHANNEL_OPEN_FAILURES_TOTAL: &str = "ssh_tunnel_channel_ope
 pub const SSH_TUNNEL_BYTES_TOTAL: &str = "ssh_tunnel_bytes_total";
 /// Counter: connection-log events dropped because the queue was full.
 pub const CONNECTION_LOG_DROPPED_TOTAL: &str = "connection_log_dropped_total";
+
+/// Label every metric of this crate carries: the pool (or tunnel) it belongs to.
+pub const POOL_LABEL: &str = "pool";
+
+/// The `pool` label value used unless another is configured.
+pub const DEFAULT_POOL: &str = "default";
+
+/// Registers a description and unit for every metric of this crate with the installed recorder.
+///
+/// Call it once after installing a recorder (e.g. a Prometheus exporter); the crate itself never
+/// installs one. What each metric covers, exactly:
+///
+/// - `db_pool_connections_active` / `_idle` / `_max`: gauges of the managed pool, set from the sqlx
+///   pool once a second by the manager's maintenance task and after every acquire, release, open
+///   and close seen by the pool hooks. `active` = physical connections checked out (or being
+///   opened); `idle` = connections waiting in the pool.
+/// - `db_connection_errors_total` (`kind`): connections that could not be set up (`kind="setup"`),
+///   were found dead by the idle ping (`"ping"`), failed the health probe (`"health"`), or were
+///   force-closed at shutdown (`"forced"`).
+/// - `db_connection_acquire_seconds`: time one `Pool::acquire` took, from the call until a
+///   connection was handed out — waiting for a free slot, the idle ping (if any) and opening a new
+///   connection (if needed) included, as measured by sqlx itself. Fed by every acquire SeaORM
+///   makes once [`AcquireTimeLayer`](crate::observe::events::AcquireTimeLayer) is in the tracing
+///   subscriber (it reads sqlx's `sqlx::pool::acquire` timing event; sqlx's hooks cannot see when
+///   an acquire started, so there is no other way to include the wait). Without the layer it stays
+///   empty.
+/// - `db_connection_lifetime_seconds`: age of a physical connection when the manager saw it close:
+///   rejected as stale (made before a tunnel reconnect or a database failure) or expired, failed
+///   its idle ping, closed at shutdown, or found gone from the pool by the once-a-second check
+///   (then the age is when it was noticed, at most a second late).
+/// - `db_health_checks_total` / `db_health_check_failures_total` / `db_health_check_seconds`: one
+///   per probe (tunnel check plus `SELECT 1`, acquire included), failed probes, probe duration.
+/// - `db_connection_leaks_total`: checkouts held longer than the leak threshold (once per checkout).
+/// - `ssh_tunnel_*`: the tunnel's state, sessions, channels, reconnects, refused channels and bytes.
+/// - `connection_log_dropped_total`: connection-log events dropped (queue full, outage buffer
+///   full, rejected, or unwritten at close).
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+    describe_gauge!(
+        DB_POOL_CONNECTIONS_ACTIVE,
+        Unit::Count,
+        "Physical connections of the pool that are checked out or being opened."
+    );
+    describe_gauge!(
+        DB_POOL_CONNECTIONS_IDLE,
+        Unit::Count,
+        "Physical connections idle in the pool."
+    );
+    describe_gauge!(
+        DB_POOL_CONNECTIONS_MAX,
+        Unit::Count,
+        "Configured maximum size of the pool."
+    );
+    describe_counter!(
+        DB_CONNECTION_ERRORS_TOTAL,
+        Unit::Count,
+        "Connection failures by kind: setup, ping, health, forced."
+    );
+    describe_counter!(
+        DB_HEALTH_CHECKS_TOTAL,
+        Unit::Count,
+        "Health checks run (tunnel check plus SELECT 1)."
+    );
+    describe_counter!(
+        DB_HEALTH_CHECK_FAILURES_TOTAL,
+        Unit::Count,
+        "Health checks that failed."
+    );
+    describe_histogram!(
+        DB_CONNECTION_ACQUIRE_SECONDS,
+        Unit::Seconds,
+        "Time from a pool acquire call until a connection was handed out, waiting and connecting included."
+    );
+    describe_histogram!(
+        DB_CONNECTION_LIFETIME_SECONDS,
+        Unit::Seconds,
+        "Age of a physical connection when it was closed."
+    );
+    describe_histogram!(
+        DB_HEALTH_CHECK_SECONDS,
+        Unit::Seconds,
+        "Duration of one health check, acquire included."
+    );
+    describe_counter!(
+        DB_CONNECTION_LEAKS_TOTAL,
+        Unit::Count,
+        "Checkouts held longer than the leak detection threshold."
+    );
+    describe_gauge!(
+        SSH_TUNNEL_UP,
+        Unit::Count,
+        "1 while at least one SSH session is up, else 0."
+    );
+    describe_gauge!(SSH_TUNNEL_SESSIONS, Unit::Count, "SSH sessions open.");
+    describe_gauge!(SSH_TUNNEL_CHANNELS_ACTIVE, Unit::Count, "Forwarding channels open.");
+    describe_counter!(
+        SSH_TUNNEL_RECONNECTS_TOTAL,
+        Unit::Count,
+        "SSH reconnects after a lost session."
+    );
+    describe_counter!(
+        SSH_TUNNEL_CHANNEL_OPEN_FAILURES_TOTAL,
+        Unit::Count,
+        "Channel opens that failed or were refused, capacity exhaustion included."
+    );
+    describe_counter!(
+        SSH_TUNNEL_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes forwarded through the tunnel, by direction (to_remote, from_remote)."
+    );
+    describe_counter!(
+        CONNECTION_LOG_DROPPED_TOTAL,
+        Unit::Count,
+        "Connection-log events dropped instead of written."
+    );
+}

@@ -1,0 +1,314 @@
+//! Health checks: the tunnel first (reconnecting it if needed), then `SELECT 1`.
+//!
+//! The loop runs every `health.interval`; after a failure it re-checks on the `health.recheck`
+//! backoff instead of waiting a whole interval, and it reacts at once to the tunnel's state:
+//! when the tunnel drops, the status goes unhealthy immediately (no probe needed), and when it
+//! comes back a check runs right away.
+//!
+//! Results go to a [`watch`](tokio::sync::watch) (the current [`HealthStatus`]) and a
+//! [`broadcast`](tokio::sync::broadcast) of [`HealthEvent`]s (the spec's
+//! `manager.on('healthCheck', ...)`), plus tracing events and metrics.
+
+use std::fmt;
+use std::sync::Weak;
+use std::time::{Duration, Instant, SystemTime};
+
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::Inner;
+use crate::observe::events;
+use crate::observe::log_sink::ConnectionLogEvent;
+use crate::observe::metrics as m;
+use crate::tunnel::TunnelState;
+
+/// The tunnel's part of a [`HealthStatus`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TunnelHealth {
+    /// No tunnel is configured: the pool connects directly.
+    Direct,
+    /// At least one SSH session is up.
+    Up,
+    /// No SSH session is up (reconnecting, failed, or shut down).
+    Down,
+}
+
+impl TunnelHealth {
+    /// `true` unless the tunnel is [`TunnelHealth::Down`].
+    pub fn is_usable(self) -> bool {
+        !matches!(self, TunnelHealth::Down)
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            TunnelHealth::Direct => "direct",
+            TunnelHealth::Up => "up",
+            TunnelHealth::Down => "down",
+        }
+    }
+}
+
+impl fmt::Display for TunnelHealth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The result of one health check (or of a tunnel state change seen between checks).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct HealthStatus {
+    /// The tunnel (if any) is up and `SELECT 1` succeeded.
+    pub healthy: bool,
+    /// The tunnel's state.
+    pub tunnel: TunnelHealth,
+    /// `SELECT 1` succeeded within `health.timeout`.
+    pub database: bool,
+    /// Duration of the probe (acquire plus `SELECT 1`) when it succeeded.
+    pub latency: Option<Duration>,
+    /// Physical connections in the pool.
+    pub pool_size: u32,
+    /// Idle connections in the pool.
+    pub idle: u32,
+    /// What failed, when not healthy. Never contains a password.
+    pub error: Option<String>,
+    /// When this status was determined.
+    pub checked_at: SystemTime,
+}
+
+impl HealthStatus {
+    pub(crate) fn initial() -> HealthStatus {
+        HealthStatus {
+            healthy: false,
+            tunnel: TunnelHealth::Down,
+            database: false,
+            latency: None,
+            pool_size: 0,
+            idle: 0,
+            error: Some("not checked yet".into()),
+            checked_at: SystemTime::now(),
+        }
+    }
+}
+
+/// Something the health loop found, broadcast to [`subscribe_health`](super::ConnectionManager::subscribe_health)rs.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum HealthEvent {
+    /// A health check ran (or the tunnel state changed): the new status, healthy or not.
+    HealthCheck(HealthStatus),
+    /// A health check failed. Sent right after the matching [`HealthEvent::HealthCheck`].
+    HealthCheckFailed(HealthStatus),
+}
+
+impl HealthEvent {
+    /// The status this event carries.
+    pub fn status(&self) -> &HealthStatus {
+        match self {
+            HealthEvent::HealthCheck(s) | HealthEvent::HealthCheckFailed(s) => s,
+        }
+    }
+}
+
+impl Inner {
+    fn pool_counts(&self) -> (u32, u32) {
+        let pool = self.db.get_postgres_connection_pool();
+        (pool.size(), pool.num_idle() as u32)
+    }
+
+    /// Runs one check and publishes it.
+    pub(crate) async fn check_health(&self) -> HealthStatus {
+        let started = Instant::now();
+        let timeout = self.config.health.timeout;
+        let mut error = None;
+        let tunnel = match &self.tunnel {
+            None => TunnelHealth::Direct,
+            Some(t) if t.is_connected() => TunnelHealth::Up,
+            Some(t) => match tokio::time::timeout(timeout, t.ensure_connected()).await {
+                Ok(Ok(())) => TunnelHealth::Up,
+                Ok(Err(e)) => {
+                    error = Some(format!("tunnel: {e}"));
+                    TunnelHealth::Down
+                }
+                Err(_) => {
+                    error = Some(format!("tunnel: not reconnected within {timeout:?}"));
+                    TunnelHealth::Down
+                }
+            },
+        };
+        let mut latency = None;
+        let database = if tunnel.is_usable() {
+            let probe_started = Instant::now();
+            let probe = self
+                .db
+                .query_one_raw(Statement::from_string(DbBackend::Postgres, "SELECT 1"));
+            match tokio::time::timeout(timeout, probe).await {
+                Ok(Ok(_)) => {
+                    latency = Some(probe_started.elapsed());
+                    true
+                }
+                Ok(Err(e)) => {
+                    if invalidates_connections(&e) {
+                        // The server (or the path to it) failed under a live connection: every
+                        // pooled connection may be dead the same way. Replace them all rather
+                        // than hand them out one by one to find out.
+                        self.hooks.invalidate_all();
+                    }
+                    error = Some(format!("database: {e}"));
+                    false
+                }
+                Err(_) => {
+                    error = Some(format!("database: SELECT 1 did not answer within {timeout:?}"));
+                    false
+                }
+            }
+        } else {
+            false
+        };
+        let healthy = tunnel.is_usable() && database;
+        let (pool_size, idle) = self.pool_counts();
+        let status = HealthStatus {
+            healthy,
+            tunnel,
+            database,
+            latency,
+            pool_size,
+            idle,
+            error,
+            checked_at: SystemTime::now(),
+        };
+
+        let label = self.hooks.pool_label();
+        metrics::counter!(m::DB_HEALTH_CHECKS_TOTAL, m::POOL_LABEL => label).increment(1);
+        metrics::histogram!(m::DB_HEALTH_CHECK_SECONDS, m::POOL_LABEL => label).record(started.elapsed().as_secs_f64());
+        if !healthy {
+            metrics::counter!(m::DB_HEALTH_CHECK_FAILURES_TOTAL, m::POOL_LABEL => label).increment(1);
+            if !database && tunnel.is_usable() {
+                metrics::counter!(m::DB_CONNECTION_ERRORS_TOTAL, m::POOL_LABEL => label, "kind" => "health")
+                    .increment(1);
+            }
+        }
+        self.publish(status.clone());
+        status
+    }
+
+    /// The tunnel left `Connected`: unhealthy now, without waiting for a probe.
+    pub(crate) fn publish_tunnel_down(&self, state: &TunnelState) {
+        let (pool_size, idle) = self.pool_counts();
+        let error = match state {
+            TunnelState::Failed { error } => format!("tunnel failed: {error}"),
+            TunnelState::Reconnecting { attempt, .. } => format!("tunnel down: reconnecting (attempt {attempt})"),
+            TunnelState::Disconnected => "tunnel disconnected".into(),
+            TunnelState::Connecting => "tunnel connecting".into(),
+            TunnelState::Connected => return,
+        };
+        self.publish(HealthStatus {
+            healthy: false,
+            tunnel: TunnelHealth::Down,
+            database: false,
+            latency: None,
+            pool_size,
+            idle,
+            error: Some(error),
+            checked_at: SystemTime::now(),
+        });
+    }
+
+    /// Puts a status on the watch and the broadcast, and reports it.
+    pub(crate) fn publish(&self, status: HealthStatus) {
+        let was_healthy = self.health.borrow().healthy;
+        let recovered = status.healthy && !was_healthy;
+        events::health_check(
+            status.healthy,
+            recovered,
+            status.pool_size,
+            status.latency,
+            status.tunnel.as_str(),
+            status.error.as_deref(),
+        );
+        if !status.healthy {
+            // Record every failure (rechecks are spaced by backoff), not every healthy check.
+            self.hooks.log(
+                ConnectionLogEvent::new("health", "health_check_failed")
+                    .with_error(status.error.clone().unwrap_or_default())
+                    .with_metadata(sea_orm::JsonValue::Object(
+                        [
+                            ("tunnel".to_string(), status.tunnel.as_str().into()),
+                            ("database".to_string(), status.database.into()),
+                        ]
+                        .into_iter()
+                        .collect(),
+                    )),
+            );
+        } else if recovered {
+            self.hooks
+                .log(ConnectionLogEvent::new("health", "health_check_recovered"));
+        }
+        self.health.send_replace(status.clone());
+        let failed = !status.healthy;
+        let _ = self.health_events.send(HealthEvent::HealthCheck(status.clone()));
+        if failed {
+            let _ = self.health_events.send(HealthEvent::HealthCheckFailed(status));
+        }
+    }
+}
+
+/// Whether a failed probe means the pooled connections themselves may be dead (as opposed to
+/// the pool being busy, or the query being refused).
+fn invalidates_connections(e: &DbErr) -> bool {
+    !matches!(e, DbErr::ConnectionAcquire(_)) && crate::error::db_err_is_transient(e)
+}
+
+/// The health loop. Holds only a `Weak`: dropping the last manager handle ends it.
+pub(crate) async fn run(
+    inner: Weak<Inner>,
+    cancel: CancellationToken,
+    mut tunnel_state: Option<watch::Receiver<TunnelState>>,
+    first_delay: Duration,
+) {
+    let mut recheck: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
+    let mut delay = first_delay;
+    loop {
+        let tunnel_changed = async {
+            match tunnel_state.as_mut() {
+                Some(rx) => match rx.changed().await {
+                    Ok(()) => Some(rx.borrow_and_update().clone()),
+                    // The tunnel is gone: nothing more to watch.
+                    Err(_) => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+            state = tunnel_changed => {
+                if let (Some(state), Some(inner)) = (state, inner.upgrade())
+                    && !state.is_connected()
+                {
+                    inner.publish_tunnel_down(&state);
+                    if matches!(state, TunnelState::Disconnected) {
+                        // Shut down on purpose: do not probe (and so do not reconnect) it.
+                        continue;
+                    }
+                }
+            }
+        }
+        let Some(manager) = inner.upgrade() else { return };
+        let status = tokio::select! {
+            _ = cancel.cancelled() => return,
+            status = manager.check_health() => status,
+        };
+        let interval = manager.config.health.interval;
+        delay = if status.healthy {
+            recheck = None;
+            interval
+        } else {
+            let delays = recheck.get_or_insert_with(|| Box::new(manager.config.health.recheck.delays()));
+            delays.next().unwrap_or(interval).min(interval)
+        };
+        drop(manager);
+    }
+}

@@ -1,0 +1,164 @@
+//! The SeaORM [`ConnectOptions`] of the managed pool.
+//!
+//! What is set, and why:
+//!
+//! - the URL points at the tunnel's local endpoint (loopback TCP, or the private Unix socket
+//!   directory + the remote port), or stays as configured for a direct connection;
+//! - `max_connections`, `min_connections`, `idle_timeout`, `acquire_timeout` (= sqlx's only
+//!   connect bound, DESIGN §7.7) from [`PoolConfig`](crate::config::PoolConfig);
+//! - sqlx statement logging off (the crate's own events say what happened to connections);
+//! - `application_name` = the configured prefix at startup, then the connection id per connection;
+//! - no ping on every acquire (`test_before_acquire` off, DESIGN §7.8): only connections idle
+//!   longer than `pool.test_if_idle_for` are pinged;
+//! - our per-connection hooks (see [`hooks`](super::hooks)): session settings, connection ids,
+//!   the generation rule, jittered lifetimes, checkout tracking.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sea_orm::ConnectOptions;
+
+use super::hooks::{self, Hooks};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::tunnel::LocalEndpoint;
+
+/// Where the pool connects.
+#[derive(Debug, Clone)]
+pub(crate) enum Endpoint {
+    /// `DATABASE_URL` as configured.
+    Direct,
+    /// The tunnel's loopback listener.
+    Tcp(SocketAddr),
+    /// The tunnel's Unix socket: its directory, and the port in its file name.
+    Unix { dir: PathBuf, port: u16 },
+}
+
+impl Endpoint {
+    pub(crate) fn from_tunnel(endpoint: &LocalEndpoint, remote_port: u16) -> Endpoint {
+        match endpoint {
+            LocalEndpoint::Tcp(addr) => Endpoint::Tcp(*addr),
+            LocalEndpoint::Unix(path) => Endpoint::Unix {
+                dir: path.parent().map(PathBuf::from).unwrap_or_default(),
+                port: remote_port,
+            },
+        }
+    }
+}
+
+/// Builds the options; `hooks` are installed on the sqlx pool options.
+pub(crate) fn connect_options(config: &Config, endpoint: &Endpoint, hooks: Arc<Hooks>) -> Result<ConnectOptions> {
+    // Validates the URL (the error never repeats the password).
+    config.database_options()?;
+    let original = config.database_url_str();
+    let url = match endpoint {
+        Endpoint::Direct => original.to_string(),
+        Endpoint::Tcp(addr) => rewrite_authority(original, &addr.to_string())?,
+        Endpoint::Unix { dir, port } => {
+            let url = rewrite_authority(original, &format!("localhost:{port}"))?;
+            append_query(&url, "host", &percent_encode(&dir.to_string_lossy()))
+        }
+    };
+    let pool = &config.pool;
+    let mut options = ConnectOptions::new(url);
+    options
+        .max_connections(pool.max_connections)
+        .min_connections(pool.min_connections)
+        .idle_timeout(pool.idle_timeout)
+        .connect_timeout(pool.connect_timeout)
+        .acquire_timeout(pool.acquire_timeout)
+        .sqlx_logging(false)
+        .test_before_acquire(false)
+        .set_application_name(pool.application_name.clone());
+    // The URL above already points there; setting it on the parsed options as well keeps it
+    // right even if the URL carries its own `host=`/`port=` query parameters.
+    let target = endpoint.clone();
+    options.map_sqlx_postgres_opts(move |o| match &target {
+        Endpoint::Direct => o,
+        Endpoint::Tcp(addr) => o.host(&addr.ip().to_string()).port(addr.port()),
+        Endpoint::Unix { dir, port } => o.socket(dir).port(*port),
+    });
+    options.map_sqlx_postgres_pool_opts(move |o| hooks::install(&hooks, o));
+    Ok(options)
+}
+
+/// Replaces `host[:port]` of a `scheme://[userinfo@]host[:port]/...` URL.
+fn rewrite_authority(url: &str, host_port: &str) -> Result<String> {
+    let bad = || {
+        Error::config(
+            "database_url",
+            "expected postgres://[user[:password]@]host[:port]/database",
+        )
+    };
+    let scheme_end = url.find("://").ok_or_else(bad)? + 3;
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let userinfo_end = authority.rfind('@').map_or(0, |i| i + 1);
+    Ok(format!(
+        "{}{}{}{}",
+        &url[..scheme_end],
+        &authority[..userinfo_end],
+        host_port,
+        &rest[authority_end..]
+    ))
+}
+
+fn append_query(url: &str, key: &str, value: &str) -> String {
+    let (base, fragment) = match url.find('#') {
+        Some(i) => (&url[..i], &url[i..]),
+        None => (url, ""),
+    };
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}{key}={value}{fragment}")
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_is_replaced_and_the_rest_kept() {
+        assert_eq!(
+            rewrite_authority("postgres://u:p@db.internal:5432/app?sslmode=disable", "127.0.0.1:40000").unwrap(),
+            "postgres://u:p@127.0.0.1:40000/app?sslmode=disable"
+        );
+        assert_eq!(
+            rewrite_authority("postgres://u:p%40x@[::1]:5432/app", "127.0.0.1:1").unwrap(),
+            "postgres://u:p%40x@127.0.0.1:1/app"
+        );
+        assert_eq!(
+            rewrite_authority("postgres://h", "127.0.0.1:2").unwrap(),
+            "postgres://127.0.0.1:2"
+        );
+        assert!(rewrite_authority("nonsense", "x").is_err());
+    }
+
+    #[test]
+    fn unix_socket_dir_goes_into_the_query() {
+        let url = append_query(
+            "postgres://u@localhost:5432/app?x=1#f",
+            "host",
+            &percent_encode("/tmp/a b"),
+        );
+        assert_eq!(url, "postgres://u@localhost:5432/app?x=1&host=%2Ftmp%2Fa%20b#f");
+        let parsed: sea_orm::sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+        assert_eq!(
+            parsed.get_socket().map(|p| p.to_string_lossy().into_owned()).as_deref(),
+            Some("/tmp/a b")
+        );
+    }
+}

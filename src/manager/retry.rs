@@ -1,0 +1,120 @@
+//! `manager.retry(|db| async { ... })`: run a data operation, retrying transient failures.
+//!
+//! This is where non-idempotent work is retried safely: the caller decides what one attempt is
+//! (typically one transaction), and only errors for which retrying can help are retried
+//! ([`Error::is_transient`]: lost connections, PostgreSQL restarting, pool timeouts,
+//! serialization failures). A permanent error (a syntax error, a constraint violation, a refused
+//! host key) returns at once, after a single attempt.
+
+use std::future::Future;
+
+use sea_orm::{DatabaseConnection, DbErr};
+
+use super::ConnectionManager;
+use crate::config::BackoffPolicy;
+use crate::error::{Error, Result};
+use crate::observe::events::TARGET_MANAGER;
+
+impl ConnectionManager {
+    /// Runs `op` with the managed connection, retrying transient errors on the configured
+    /// recovery backoff ([`Config::recovery`](crate::config::Config::recovery)).
+    ///
+    /// `op` gets a clone of the [`DatabaseConnection`] (cheap: it shares the pool) and may return
+    /// any error that converts into [`Error`] — [`DbErr`] does. Returns the first success, the
+    /// first permanent error, or the last transient error once the policy gives up. A pool
+    /// timeout comes back as [`Error::Timeout`] naming the pool limit. Stops retrying (with
+    /// [`Error::ShutDown`]) once [`shutdown`](Self::shutdown) has begun.
+    ///
+    /// ```no_run
+    /// # async fn run(manager: sea_orm_tunnel::manager::ConnectionManager) -> sea_orm_tunnel::Result<()> {
+    /// use sea_orm::{ConnectionTrait, TransactionTrait};
+    ///
+    /// let rows = manager
+    ///     .retry(|db| async move {
+    ///         let txn = db.begin().await?;
+    ///         let res = txn.execute_unprepared("UPDATE counters SET n = n + 1").await?;
+    ///         txn.commit().await?;
+    ///         Ok::<_, sea_orm::DbErr>(res.rows_affected())
+    ///     })
+    ///     .await?;
+    /// # let _ = rows; Ok(()) }
+    /// ```
+    pub async fn retry<F, Fut, T, E>(&self, op: F) -> Result<T>
+    where
+        F: FnMut(DatabaseConnection) -> Fut,
+        Fut: Future<Output = std::result::Result<T, E>>,
+        E: Into<Error>,
+    {
+        let policy = self.inner.config.recovery.clone();
+        self.retry_with(&policy, op).await
+    }
+
+    /// [`retry`](Self::retry) with an explicit backoff policy.
+    pub async fn retry_with<F, Fut, T, E>(&self, policy: &BackoffPolicy, mut op: F) -> Result<T>
+    where
+        F: FnMut(DatabaseConnection) -> Fut,
+        Fut: Future<Output = std::result::Result<T, E>>,
+        E: Into<Error>,
+    {
+        let mut delays = policy.delays();
+        let mut attempt: u32 = 0;
+        loop {
+            if self.is_shutting_down() {
+                return Err(Error::ShutDown("ConnectionManager"));
+            }
+            attempt += 1;
+            let error = match op(self.inner.db.clone()).await {
+                Ok(value) => return Ok(value),
+                Err(e) => self.inner.explain(e.into()),
+            };
+            if !error.is_transient() || self.is_shutting_down() {
+                return Err(error);
+            }
+            let Some(delay) = delays.next() else {
+                return Err(error);
+            };
+            tracing::debug!(
+                target: TARGET_MANAGER,
+                attempt,
+                delay_ms = delay.as_millis() as u64,
+                error = %error,
+                "transient database error; retrying"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+impl super::Inner {
+    /// Adds what the manager knows to an error: a pool timeout names the limit and the last
+    /// connection setup failure; a closed pool during shutdown is [`Error::ShutDown`].
+    pub(crate) fn explain(&self, error: Error) -> Error {
+        match error {
+            Error::Database(DbErr::ConnectionAcquire(sea_orm::error::ConnAcquireErr::Timeout)) => {
+                let pool = self.db.get_postgres_connection_pool();
+                let size = pool.size();
+                let idle = pool.num_idle() as u32;
+                let max = self.config.pool.max_connections;
+                let mut detail = if size >= max && idle == 0 {
+                    format!(" (pool max {max} connections, all {size} checked out)")
+                } else {
+                    format!(" (pool max {max} connections, {size} open, {idle} idle)")
+                };
+                if let Some(setup) = self.hooks.last_setup_error() {
+                    detail.push_str(&format!("; last connection setup error: {}", setup.message));
+                }
+                Error::Timeout {
+                    kind: crate::error::TimeoutKind::Acquire,
+                    after: self.config.pool.acquire_timeout,
+                    detail,
+                }
+            }
+            Error::Database(DbErr::ConnectionAcquire(sea_orm::error::ConnAcquireErr::ConnectionClosed))
+                if self.is_shutting_down() =>
+            {
+                Error::ShutDown("ConnectionManager")
+            }
+            other => other,
+        }
+    }
+}

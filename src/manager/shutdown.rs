@@ -1,0 +1,144 @@
+//! Graceful shutdown with a deadline.
+//!
+//! Order, and why:
+//!
+//! 1. Mark the manager shutting down (`retry` and the layers stop starting work) and stop the
+//!    background tasks (health loop, leak scanner, event forwarding).
+//! 2. Flush the connection log while the pool still accepts acquisitions (its writer uses it).
+//! 3. Close the pool: new acquisitions fail at once; connections returned from now on are closed;
+//!    wait up to the deadline for every checked-out connection to come back.
+//! 4. If some did not: they are forced. The server processes of all our connections are ended
+//!    with `pg_terminate_backend` over one fresh, unpooled connection (through the tunnel, which is
+//!    still up), so nothing of ours stays in `pg_stat_activity` and the holders get an error
+//!    instead of hanging.
+//! 5. Close the connection log, disconnect the tunnel, report.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use sea_orm::sqlx;
+
+use super::Inner;
+use super::health::{HealthStatus, TunnelHealth};
+use crate::observe::events;
+use crate::observe::log_sink::ConnectionLogEvent;
+use crate::observe::metrics as m;
+
+/// What [`shutdown`](super::ConnectionManager::shutdown) did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Connections checked out when shutdown began that were returned before the deadline.
+    pub drained: u32,
+    /// Connections still checked out at the deadline, closed by force.
+    pub forced: u32,
+    /// How long the whole shutdown took.
+    pub duration: Duration,
+}
+
+/// Bound on the extra steps after the drain deadline (terminating backends, the final close).
+const FORCE_BUDGET: Duration = Duration::from_secs(3);
+
+impl Inner {
+    pub(crate) async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
+        let started = Instant::now();
+        let until = tokio::time::Instant::now() + deadline;
+        self.shutting_down.store(true, Ordering::SeqCst);
+        events::manager_lifecycle("shutting down", &format_args!("drain deadline {deadline:?}"));
+
+        // 1. Background tasks. A health probe in flight is cancelled with its task.
+        self.cancel.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout_at(until, self.tasks.wait()).await;
+        let pool = self.db.get_postgres_connection_pool().clone();
+        self.publish(HealthStatus {
+            healthy: false,
+            tunnel: if self.tunnel.is_some() {
+                TunnelHealth::Up
+            } else {
+                TunnelHealth::Direct
+            },
+            database: false,
+            latency: None,
+            pool_size: pool.size(),
+            idle: pool.num_idle() as u32,
+            error: Some("shutting down".into()),
+            checked_at: std::time::SystemTime::now(),
+        });
+
+        // 2. The log, while the pool can still serve its writer.
+        let checked_out_at_start = pool.size().saturating_sub(pool.num_idle() as u32);
+        if let Some(sink) = &self.sink {
+            sink.record(
+                ConnectionLogEvent::new("manager", "shutdown").with_metadata(sea_orm::JsonValue::Object(
+                    [("checked_out".to_string(), checked_out_at_start.into())]
+                        .into_iter()
+                        .collect(),
+                )),
+            );
+            let _ = sink.flush(deadline / 4).await;
+        }
+
+        // 3. Drain. `close` marks the pool closed at once, then waits for every connection.
+        let drained_in_time = tokio::time::timeout_at(until, pool.close()).await.is_ok();
+        let mut forced = 0;
+        if !drained_in_time {
+            forced = pool.size().saturating_sub(pool.num_idle() as u32);
+            // 4. Force: end the server side of every connection of ours, idle ones included
+            //    (the pool only closes idle connections once all checked-out ones are back).
+            let pids = self.hooks.known_pids();
+            match tokio::time::timeout(FORCE_BUDGET, terminate_backends(&pool, &pids)).await {
+                Ok(Ok(n)) => events::manager_lifecycle(
+                    "forced connections",
+                    &format_args!("{forced} checked out, {n} backends terminated"),
+                ),
+                Ok(Err(e)) => events::connection_error(None, pool.size(), "forced", &e),
+                Err(_) => events::connection_error(None, pool.size(), "forced", &"terminating backends timed out"),
+            }
+            if forced > 0 {
+                metrics::counter!(m::DB_CONNECTION_ERRORS_TOTAL, m::POOL_LABEL => self.hooks.pool_label(), "kind" => "forced")
+                    .increment(u64::from(forced));
+            }
+            let _ = tokio::time::timeout(FORCE_BUDGET, pool.close()).await;
+        }
+        let drained = checked_out_at_start.saturating_sub(forced);
+        self.hooks.forget_all("shutdown");
+
+        // 5. Log, tunnel.
+        if let Some(sink) = self.hooks.set_sink(None) {
+            sink.close(Duration::from_millis(200)).await;
+        }
+        if let Some(tunnel) = &self.tunnel {
+            tunnel.disconnect().await;
+        }
+        let report = ShutdownReport {
+            drained,
+            forced,
+            duration: started.elapsed(),
+        };
+        events::manager_lifecycle("shut down", &format_args!("{report:?}"));
+        report
+    }
+}
+
+/// Ends the server processes `pids` over one fresh connection made with the pool's own connect
+/// options (so it goes the same way: through the tunnel when there is one) but without the pool's
+/// hooks. Returns how many were terminated.
+async fn terminate_backends(pool: &sqlx::PgPool, pids: &[i32]) -> Result<i64, sqlx::Error> {
+    use sqlx::{ConnectOptions as _, Connection as _};
+
+    if pids.is_empty() {
+        return Ok(0);
+    }
+    let options = pool.connect_options();
+    let mut conn = options.connect().await?;
+    let terminated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 2000)) FROM unnest($1::int4[]) AS t(pid) \
+         WHERE pid <> pg_backend_pid()",
+    )
+    .bind(pids)
+    .fetch_one(&mut conn)
+    .await?;
+    let _ = conn.close().await;
+    Ok(terminated)
+}

@@ -1,0 +1,379 @@
+//! Tracing events of the connection manager (DESIGN §4).
+//!
+//! Every event carries a field `event` whose value is one of the [`EventKind`] names, so a log
+//! pipeline can filter on it without parsing messages. Connection events also carry
+//! `connection_id` (the connection's `application_name`, e.g. `sea-orm-tunnel-7`) and
+//! `pool_size`; events that happen on behalf of a request carry its `correlation_id`.
+//!
+//! Targets are stable strings: [`TARGET_POOL`] (acquire, release, open, close, leaks),
+//! [`TARGET_HEALTH`] (health checks) and [`TARGET_MANAGER`] (lifecycle: start, shutdown).
+//!
+//! # Correlation ids
+//!
+//! The id of the request a connection is used for is taken from, in order:
+//!
+//! 1. the task-local scope set by [`with_correlation_id`] (the inject layer wraps each request in
+//!    it), then
+//! 2. nothing: events emitted inside a request span still show that span's fields (including its
+//!    `correlation_id`) in any subscriber that prints spans.
+//!
+//! ```
+//! use sea_orm_tunnel::observe::events::{current_correlation_id, with_correlation_id};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let seen = with_correlation_id("req-42", async { current_correlation_id() }).await;
+//! assert_eq!(seen.as_deref(), Some("req-42"));
+//! assert_eq!(current_correlation_id(), None);
+//! # }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Target of connection-pool events (acquire, release, open, close, leak, connection errors).
+pub const TARGET_POOL: &str = "sea_orm_tunnel::pool";
+/// Target of health-check events.
+pub const TARGET_HEALTH: &str = "sea_orm_tunnel::health";
+/// Target of manager lifecycle events (start, shutdown).
+pub const TARGET_MANAGER: &str = "sea_orm_tunnel::manager";
+
+/// The value of the `event` field of each event this crate emits from the manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// A pooled connection was handed out (level DEBUG).
+    ConnectionAcquired,
+    /// A pooled connection was given back (level DEBUG).
+    ConnectionReleased,
+    /// A new physical connection was opened and set up (level INFO).
+    ConnectionOpened,
+    /// A physical connection was closed (level INFO).
+    ConnectionClosed,
+    /// A connection could not be opened or set up, or was found broken (level WARN).
+    ConnectionError,
+    /// A connection stayed checked out longer than the leak threshold (level WARN, once per checkout).
+    ConnectionLeaked,
+    /// A health check ran (DEBUG when healthy, WARN when not, INFO on recovery).
+    HealthCheck,
+    /// A health check failed (level WARN). Emitted in addition to [`EventKind::HealthCheck`].
+    HealthCheckFailed,
+    /// The manager started or shut down (level INFO).
+    ManagerLifecycle,
+}
+
+impl EventKind {
+    /// The `event` field value, e.g. `"connection_acquired"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EventKind::ConnectionAcquired => "connection_acquired",
+            EventKind::ConnectionReleased => "connection_released",
+            EventKind::ConnectionOpened => "connection_opened",
+            EventKind::ConnectionClosed => "connection_closed",
+            EventKind::ConnectionError => "connection_error",
+            EventKind::ConnectionLeaked => "connection_leaked",
+            EventKind::HealthCheck => "health_check",
+            EventKind::HealthCheckFailed => "health_check_failed",
+            EventKind::ManagerLifecycle => "manager_lifecycle",
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+tokio::task_local! {
+    static CORRELATION_ID: Arc<str>;
+}
+
+/// Runs `fut` with `id` as the correlation id of every connection event it causes.
+///
+/// The inject layer wraps each request in this; call it yourself for background jobs.
+pub async fn with_correlation_id<F: Future>(id: impl Into<Arc<str>>, fut: F) -> F::Output {
+    CORRELATION_ID.scope(id.into(), fut).await
+}
+
+/// The correlation id of the current task, if it runs inside [`with_correlation_id`].
+pub fn current_correlation_id() -> Option<Arc<str>> {
+    CORRELATION_ID.try_with(Arc::clone).ok()
+}
+
+/// Where a checkout happened: the request id and the span that took the connection.
+///
+/// Captured when a connection is acquired and reported with a leak.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CheckoutOrigin {
+    /// The correlation id in scope at acquire time.
+    pub correlation_id: Option<Arc<str>>,
+    /// Name of the tracing span current at acquire time (`None` outside any span, or when no
+    /// subscriber is installed).
+    pub span: Option<&'static str>,
+}
+
+impl CheckoutOrigin {
+    /// Captures the current task's correlation id and the span that is taking the connection:
+    /// the innermost current span that is not SeaORM's or sqlx's own (those say "begin" or
+    /// "query", not who asked), when the subscriber is built on `tracing_subscriber::Registry`;
+    /// otherwise simply the current span.
+    pub fn capture() -> Self {
+        CheckoutOrigin {
+            correlation_id: current_correlation_id(),
+            span: caller_span(),
+        }
+    }
+}
+
+fn caller_span() -> Option<&'static str> {
+    use tracing_subscriber::registry::LookupSpan;
+
+    let current = tracing::Span::current();
+    let id = current.id()?;
+    let from_registry = tracing::dispatcher::get_default(|dispatch| {
+        let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+        let span = registry.span(&id)?;
+        span.scope()
+            .find(|s| {
+                let target = s.metadata().target();
+                !(target.starts_with("sea_orm") || target.starts_with("sqlx"))
+            })
+            .map(|s| s.metadata().name())
+            .map(Some)
+    });
+    match from_registry {
+        Some(found) => found,
+        None => current.metadata().map(|m| m.name()),
+    }
+}
+
+// The helpers below are the only places that spell the event fields, so every event of one kind
+// has the same shape.
+
+pub(crate) fn connection_acquired(connection_id: &str, pool_size: u32, origin: &CheckoutOrigin, idle_for: Duration) {
+    tracing::debug!(
+        target: TARGET_POOL,
+        event = EventKind::ConnectionAcquired.as_str(),
+        connection_id,
+        pool_size,
+        correlation_id = origin.correlation_id.as_deref(),
+        idle_ms = idle_for.as_millis() as u64,
+        "connection acquired"
+    );
+}
+
+pub(crate) fn connection_released(
+    connection_id: &str,
+    pool_size: u32,
+    correlation_id: Option<&str>,
+    held: Option<Duration>,
+) {
+    tracing::debug!(
+        target: TARGET_POOL,
+        event = EventKind::ConnectionReleased.as_str(),
+        connection_id,
+        pool_size,
+        correlation_id,
+        held_ms = held.map(|d| d.as_millis() as u64),
+        "connection released"
+    );
+}
+
+pub(crate) fn connection_opened(connection_id: &str, pool_size: u32, setup: Duration) {
+    tracing::info!(
+        target: TARGET_POOL,
+        event = EventKind::ConnectionOpened.as_str(),
+        connection_id,
+        pool_size,
+        correlation_id = current_correlation_id().as_deref(),
+        setup_ms = setup.as_millis() as u64,
+        "connection opened"
+    );
+}
+
+pub(crate) fn connection_closed(connection_id: &str, pool_size: u32, reason: &str, lifetime: Option<Duration>) {
+    tracing::info!(
+        target: TARGET_POOL,
+        event = EventKind::ConnectionClosed.as_str(),
+        connection_id,
+        pool_size,
+        reason,
+        lifetime_s = lifetime.map(|d| d.as_secs_f64()),
+        "connection closed"
+    );
+}
+
+pub(crate) fn connection_error(connection_id: Option<&str>, pool_size: u32, kind: &str, error: &dyn fmt::Display) {
+    tracing::warn!(
+        target: TARGET_POOL,
+        event = EventKind::ConnectionError.as_str(),
+        connection_id,
+        pool_size,
+        kind,
+        error = %error,
+        correlation_id = current_correlation_id().as_deref(),
+        "connection error"
+    );
+}
+
+pub(crate) fn connection_leaked(connection_id: &str, pool_size: u32, held: Duration, origin: &CheckoutOrigin) {
+    tracing::warn!(
+        target: TARGET_POOL,
+        event = EventKind::ConnectionLeaked.as_str(),
+        connection_id,
+        pool_size,
+        held_ms = held.as_millis() as u64,
+        correlation_id = origin.correlation_id.as_deref(),
+        span = origin.span,
+        "connection checked out longer than the leak detection threshold"
+    );
+}
+
+pub(crate) fn health_check(
+    healthy: bool,
+    recovered: bool,
+    pool_size: u32,
+    latency: Option<Duration>,
+    tunnel: &str,
+    error: Option<&str>,
+) {
+    let latency_ms = latency.map(|d| d.as_secs_f64() * 1000.0);
+    if !healthy {
+        tracing::warn!(
+            target: TARGET_HEALTH,
+            event = EventKind::HealthCheck.as_str(),
+            healthy,
+            pool_size,
+            tunnel,
+            latency_ms,
+            error,
+            "health check: unhealthy"
+        );
+        tracing::warn!(
+            target: TARGET_HEALTH,
+            event = EventKind::HealthCheckFailed.as_str(),
+            pool_size,
+            tunnel,
+            error,
+            "health check failed"
+        );
+    } else if recovered {
+        tracing::info!(
+            target: TARGET_HEALTH,
+            event = EventKind::HealthCheck.as_str(),
+            healthy,
+            pool_size,
+            tunnel,
+            latency_ms,
+            "health check: healthy again"
+        );
+    } else {
+        tracing::debug!(
+            target: TARGET_HEALTH,
+            event = EventKind::HealthCheck.as_str(),
+            healthy,
+            pool_size,
+            tunnel,
+            latency_ms,
+            "health check: healthy"
+        );
+    }
+}
+
+pub(crate) fn manager_lifecycle(what: &str, detail: &dyn fmt::Display) {
+    tracing::info!(
+        target: TARGET_MANAGER,
+        event = EventKind::ManagerLifecycle.as_str(),
+        what,
+        detail = %detail,
+        "connection manager {what}"
+    );
+}
+
+/// A [`tracing_subscriber::Layer`] that feeds `db_connection_acquire_seconds` from sqlx's own
+/// acquire timing.
+///
+/// sqlx measures each `Pool::acquire` from the call until a connection is handed out (waiting for
+/// a free slot, the idle ping, opening a new connection) and, in pools built by the manager,
+/// reports it as a TRACE event with target `sqlx::pool::acquire` (a WARN event past 2 s). This
+/// layer turns those events into the histogram, with `pool="default"` (the event does not say
+/// which pool it came from). Nothing else is recorded or printed.
+///
+/// The event is TRACE: give this layer its own filter (or none), not a global one that stops
+/// TRACE for `sqlx::pool::acquire` before it arrives.
+///
+/// ```
+/// use tracing_subscriber::layer::SubscriberExt;
+/// use sea_orm_tunnel::observe::events::AcquireTimeLayer;
+///
+/// let subscriber = tracing_subscriber::registry().with(AcquireTimeLayer::new());
+/// tracing::subscriber::set_global_default(subscriber).ok();
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct AcquireTimeLayer {
+    _private: (),
+}
+
+impl AcquireTimeLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        AcquireTimeLayer::default()
+    }
+}
+
+/// Target of sqlx's acquire timing events.
+const SQLX_ACQUIRE_TARGET: &str = "sqlx::pool::acquire";
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AcquireTimeLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if event.metadata().target() != SQLX_ACQUIRE_TARGET {
+            return;
+        }
+        struct Seconds(Option<f64>);
+        impl tracing::field::Visit for Seconds {
+            fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+                if field.name() == "acquired_after_secs" {
+                    self.0 = Some(value);
+                }
+            }
+            fn record_debug(&mut self, _field: &tracing::field::Field, _value: &dyn fmt::Debug) {}
+        }
+        let mut seconds = Seconds(None);
+        event.record(&mut seconds);
+        if let Some(secs) = seconds.0 {
+            metrics::histogram!(
+                crate::observe::metrics::DB_CONNECTION_ACQUIRE_SECONDS,
+                crate::observe::metrics::POOL_LABEL => crate::observe::metrics::DEFAULT_POOL
+            )
+            .record(secs);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn correlation_id_is_scoped_to_the_task() {
+        assert_eq!(current_correlation_id(), None);
+        let inner = with_correlation_id("abc", async {
+            let origin = CheckoutOrigin::capture();
+            origin.correlation_id
+        })
+        .await;
+        assert_eq!(inner.as_deref(), Some("abc"));
+        assert_eq!(current_correlation_id(), None);
+    }
+
+    #[test]
+    fn event_names_are_stable() {
+        assert_eq!(EventKind::ConnectionAcquired.to_string(), "connection_acquired");
+        assert_eq!(EventKind::ConnectionReleased.as_str(), "connection_released");
+        assert_eq!(EventKind::HealthCheck.as_str(), "health_check");
+        assert_eq!(EventKind::ConnectionError.as_str(), "connection_error");
+    }
+}
