@@ -16,10 +16,14 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use sea_orm_tunnel::config::Config;
 use sea_orm_tunnel::manager::{ConnectionManager, HealthEvent};
+use sea_orm_tunnel::observe::events::AcquireTimeLayer;
 use sea_orm_tunnel::observe::metrics::describe_metrics;
 use sea_orm_tunnel::testkit::Sandbox;
 use sea_orm_tunnel::tunnel::TunnelEvent;
 use sea_orm_tunnel_migration::{Migrator, MigratorTrait};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -37,6 +41,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // a recorder. Here: Prometheus text, rendered at the end.
     let prometheus = PrometheusBuilder::new().install_recorder()?;
     describe_metrics();
+    // Tracing: errors on stderr (RUST_LOG overrides), plus the layer that turns
+    // sqlx's acquire timings into the `db_connection_acquire_seconds` histogram.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("error"));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
+        .with(AcquireTimeLayer::new())
+        .init();
 
     step("configuration");
     let own = std::env::var_os("DATABASE_URL").is_some() && std::env::var_os("SSH_HOST").is_some();
@@ -66,13 +77,20 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let manager = ConnectionManager::new(config).await?;
     println!("   connected in {:?}", started.elapsed());
     if let Some(tunnel) = manager.tunnel() {
-        println!("   local endpoint {} -> {}", tunnel.local_endpoint(), tunnel.config().remote_target());
+        println!(
+            "   local endpoint {} -> {}",
+            tunnel.local_endpoint(),
+            tunnel.config().remote_target()
+        );
         let mut events = tunnel.subscribe();
         tokio::spawn(async move {
             while let Ok(event) = events.recv().await {
                 match event {
                     TunnelEvent::Connected { session, reconnect } => {
-                        println!("   [tunnel] session {session} up{}", if reconnect { " (reconnected)" } else { "" })
+                        println!(
+                            "   [tunnel] session {session} up{}",
+                            if reconnect { " (reconnected)" } else { "" }
+                        )
                     }
                     TunnelEvent::Disconnected { session, reason } => {
                         println!("   [tunnel] session {session} down: {reason}")
@@ -127,12 +145,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         scalar_i64(&db, "SELECT 1::int8").await?;
         latencies.push(t.elapsed());
     }
-    latencies.sort();
-    println!(
-        "   200 x SELECT 1: p50 {:?}, p99 {:?}",
-        latencies[latencies.len() / 2],
-        latencies[latencies.len() * 99 / 100]
-    );
+    print_latencies("200 x SELECT 1", &mut latencies);
     let concurrent = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..8 {
@@ -160,10 +173,20 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         let n = manager
             .retry(|db| async move { scalar_i64(&db, "SELECT 42::int8").await })
             .await?;
-        println!("   query after the drop returned {n}, {:?} after the fault", t.elapsed());
+        println!(
+            "   query after the drop returned {n}, {:?} after the fault",
+            t.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
         let status = manager.check_health().await;
         println!("   health now: healthy = {}, tunnel {}", status.healthy, status.tunnel);
+        let mut latencies = Vec::with_capacity(200);
+        for _ in 0..200 {
+            let t = Instant::now();
+            scalar_i64(&db, "SELECT 1::int8").await?;
+            latencies.push(t.elapsed());
+        }
+        print_latencies("on the new session, 200 x SELECT 1", &mut latencies);
     }
 
     step("metrics snapshot (Prometheus text, excerpt)");
@@ -172,7 +195,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         !l.starts_with('#')
             && (l.starts_with("db_pool_connections")
                 || l.starts_with("db_health_checks_total")
-                || l.starts_with("db_connection_acquire_seconds")
+                || l.starts_with("db_connection_acquire_seconds_count")
+                || l.starts_with("db_connection_acquire_seconds{") && l.contains("quantile=\"0.5\"")
                 || l.starts_with("ssh_tunnel_up")
                 || l.starts_with("ssh_tunnel_sessions")
                 || l.starts_with("ssh_tunnel_reconnects_total")
@@ -190,6 +214,15 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     drop(sandbox);
     println!("\ndone.");
     Ok(())
+}
+
+fn print_latencies(what: &str, latencies: &mut [Duration]) {
+    latencies.sort();
+    println!(
+        "   {what}: p50 {:?}, p99 {:?}",
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() * 99 / 100]
+    );
 }
 
 fn step(title: &str) {
