@@ -1,0 +1,252 @@
+//! The `sea-orm-tunnel` binary against real servers: OpenSSH `sshd` and PostgreSQL from the
+//! test kit. `check` diagnoses, `forward` holds a tunnel other clients use, SIGTERM stops it.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait as _, Database};
+use sea_orm_tunnel::testkit::{KeyKind, OpenSshd, TempPostgres};
+
+/// Generous liveness bound for a loaded CI machine.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sea-orm-tunnel"))
+}
+
+/// The binary configured for `sshd` + `pg` through the environment only (the way users run it),
+/// in a directory without `.env` files.
+fn configured(sshd: &OpenSshd, pg: &TempPostgres, known_hosts: &Path) -> Command {
+    let mut cmd = binary();
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", sshd.dir())
+        .current_dir(sshd.dir())
+        .env("DATABASE_URL", pg.url())
+        .env("SSH_HOST", sshd.host())
+        .env("SSH_PORT", sshd.port().to_string())
+        .env("SSH_USER", sshd.user())
+        .env("SSH_KEY_PATH", sshd.client_key_path())
+        .env("SSH_USE_AGENT", "false")
+        .env("SSH_KNOWN_HOSTS", known_hosts)
+        .env("SSH_HOST_KEY_POLICY", "strict")
+        .env("POSTGRES_CONNECTION_TIMEOUT", "10000")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a command to completion, bounded by [`DEADLINE`].
+fn run(mut cmd: Command) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sea-orm-tunnel");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok(output) => output.expect("wait for sea-orm-tunnel"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("sea-orm-tunnel did not finish within {DEADLINE:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_walks_every_step_and_succeeds() {
+    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
+    let (pg, sshd) = (pg.unwrap(), sshd.unwrap());
+    let mut cmd = configured(&sshd, &pg, &sshd.known_hosts_path());
+    cmd.arg("check");
+    let out = tokio::task::spawn_blocking(move || run(cmd)).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Shown with --nocapture: what a user sees.
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "[1/7] TCP reach",
+        "[2/7] SSH handshake",
+        "[3/7] host key",
+        "[4/7] authentication",
+        "[5/7] channel open",
+        "[6/7] database login",
+        "[7/7] SELECT 1",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(step))
+            .unwrap_or_else(|| panic!("no line for {step}:\n{stdout}"));
+        assert!(line.contains(" ok "), "{step} not ok: {line}");
+    }
+    // Timed steps print their time.
+    assert!(stdout.lines().filter(|l| l.contains(" ms ")).count() >= 5, "{stdout}");
+    assert!(
+        stdout.contains(&sshd.host_key_fingerprint()),
+        "server key shown:\n{stdout}"
+    );
+    assert!(stdout.contains("verdict: OK"), "{stdout}");
+    assert!(!stdout.contains(pg.password()), "the password leaked:\n{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_with_a_changed_host_key_fails_at_the_host_key_step() {
+    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
+    let (pg, sshd) = (pg.unwrap(), sshd.unwrap());
+    // known_hosts records another key for this server: what a man in the middle looks like.
+    let other = sshd.generate_key(KeyKind::Ed25519, None).await.unwrap();
+    let other_pub = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    let mut fields = other_pub.split_whitespace();
+    let (kind, blob) = (fields.next().unwrap(), fields.next().unwrap());
+    let known_hosts = sshd.dir().join("wrong_known_hosts");
+    std::fs::write(&known_hosts, format!("[127.0.0.1]:{} {kind} {blob}\n", sshd.port())).unwrap();
+
+    let mut cmd = configured(&sshd, &pg, &known_hosts);
+    cmd.arg("check");
+    let out = tokio::task::spawn_blocking(move || run(cmd)).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(13), "exit code names step 3\n{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("[3/7] host key"))
+        .expect("host key line");
+    assert!(line.contains("FAILED"), "{line}");
+    assert!(line.contains("CHANGED"), "{line}");
+    assert!(stdout.contains("verdict: FAILED at step 3 (host key)"), "{stdout}");
+    // The steps before passed; nothing after was attempted.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("[2/7] SSH handshake") && l.contains(" ok ")),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("[4/7] authentication") && l.contains("not run")),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_serves_clients_and_stops_cleanly_on_sigterm() {
+    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
+    let (pg, sshd) = (pg.unwrap(), sshd.unwrap());
+    let mut cmd = configured(&sshd, &pg, &sshd.known_hosts_path());
+    cmd.arg("forward").stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start forward");
+    let pid = child.id();
+    // Kill it if an assertion fails before SIGTERM.
+    struct KillOnDrop(u32, bool);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if !self.1 {
+                let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+            }
+        }
+    }
+    let mut guard = KillOnDrop(pid, false);
+
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+
+    let mut lines = Vec::new();
+    let addr = loop {
+        let line = rx.recv_timeout(DEADLINE).expect("forward prints `listening on ADDR`");
+        lines.push(line.clone());
+        if let Some(addr) = line.strip_prefix("listening on ") {
+            break addr.to_owned();
+        }
+    };
+    let url_line = rx.recv_timeout(DEADLINE).expect("a DATABASE_URL line");
+    assert!(url_line.starts_with("DATABASE_URL=postgres://"), "{url_line}");
+    assert!(url_line.contains(&addr), "{url_line}");
+    assert!(!url_line.contains(pg.password()), "password redacted: {url_line}");
+
+    // Any client can use the address: here SeaORM, twice, on two connections.
+    let url = format!("postgres://{}:{}@{addr}/{}", pg.user(), pg.password(), pg.database());
+    let db = Database::connect(url.as_str()).await.expect("connect through forward");
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT current_setting('port')::int AS port",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let port: i32 = row.try_get("", "port").unwrap();
+    assert_eq!(port, i32::from(pg.port()), "reached the test PostgreSQL");
+    let db2 = Database::connect(url.as_str()).await.unwrap();
+    db2.execute_unprepared("SELECT 1").await.unwrap();
+    db.close().await.unwrap();
+    db2.close().await.unwrap();
+
+    let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert!(status.success());
+    let (tx_exit, rx_exit) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx_exit.send(child.wait());
+    });
+    let exit = rx_exit
+        .recv_timeout(DEADLINE)
+        .expect("forward exits after SIGTERM")
+        .unwrap();
+    guard.1 = true;
+    reader.join().unwrap();
+    let stderr = err_reader.join().unwrap();
+    assert!(exit.success(), "exit {exit:?}\nstderr:\n{stderr}");
+    assert!(stderr.contains("tunnel connected"), "{stderr}");
+    assert!(stderr.contains("SIGTERM: stopping"), "{stderr}");
+    assert!(stderr.contains("stopped"), "{stderr}");
+    // The port is released.
+    assert!(
+        tokio::net::TcpStream::connect(addr.as_str()).await.is_err(),
+        "nothing listens on {addr} any more"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2_and_help_exits_0() {
+    let out = run({
+        let mut c = binary();
+        c.arg("frobnicate");
+        c
+    });
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command"));
+    let out = run({
+        let mut c = binary();
+        c.arg("--help");
+        c
+    });
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("forward") && help.contains("check") && help.contains("--local-port"));
+}
