@@ -83,13 +83,7 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
 /// Target of the events the layers emit (request spans, shed and retried requests).
 pub const TARGET_LAYER: &str = "sea_orm_tunnel::layer";
 
-/// Counter (labels `pool`, `reason` = `recovering` / `shutting_down`): requests the recovery
-/// layer answered itself instead of calling the handler.
-pub const DB_REQUESTS_SHED_TOTAL: &str = "db_requests_shed_total";
-
-/// Counter (label `pool`): retries of idempotent requests after a response marked
-/// [`TransientDbFailure`].
-pub const DB_REQUESTS_RETRIED_TOTAL: &str = "db_requests_retried_total";
+pub use crate::observe::metrics::{DB_REQUESTS_RETRIED_TOTAL, DB_REQUESTS_SHED_TOTAL};
 
 /// The id of one request, in its extensions and in the span of every event it causes.
 ///

@@ -35,7 +35,14 @@ pub const SSH_TUNNEL_RECONNECTS_TOTAL: &str = "ssh_tunnel_reconnects_total";
 pub const SSH_TUNNEL_CHANNEL_OPEN_FAILURES_TOTAL: &str = "ssh_tunnel_channel_open_failures_total";
 /// Counter (label `direction` = `to_remote` / `from_remote`): bytes forwarded.
 pub const SSH_TUNNEL_BYTES_TOTAL: &str = "ssh_tunnel_bytes_total";
-/// Counter: connection-log events dropped because the queue was full.
+/// Counter (labels `pool`, `reason` = `recovering` / `shutting_down`): requests the recovery
+/// layer answered itself (503 / gRPC UNAVAILABLE) instead of calling the handler.
+pub const DB_REQUESTS_SHED_TOTAL: &str = "db_requests_shed_total";
+/// Counter (label `pool`): retries of idempotent requests after a response marked
+/// [`TransientDbFailure`](crate::layer::TransientDbFailure).
+pub const DB_REQUESTS_RETRIED_TOTAL: &str = "db_requests_retried_total";
+/// Counter (labels `pool`, `reason` = `queue_full` / `outage_buffer_full` / `rejected` / `closed`):
+/// connection-log events dropped instead of written.
 pub const CONNECTION_LOG_DROPPED_TOTAL: &str = "connection_log_dropped_total";
 
 /// Label every metric of this crate carries: the pool (or tunnel) it belongs to.
@@ -152,5 +159,15 @@ pub fn describe_metrics() {
         CONNECTION_LOG_DROPPED_TOTAL,
         Unit::Count,
         "Connection-log events dropped instead of written."
+    );
+    describe_counter!(
+        DB_REQUESTS_SHED_TOTAL,
+        Unit::Count,
+        "Requests the recovery layer answered itself (503 / UNAVAILABLE) while the database was unavailable."
+    );
+    describe_counter!(
+        DB_REQUESTS_RETRIED_TOTAL,
+        Unit::Count,
+        "Retries of idempotent requests after a transient database failure."
     );
 }
