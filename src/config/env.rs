@@ -546,6 +546,7 @@ fn read_auth(vars: &Vars<'_>) -> Result<AuthConfig> {
         key_path,
         passphrase,
         use_agent,
+        agent_socket: None,
     })
 }
 

@@ -137,6 +137,9 @@ pub struct AuthConfig {
     pub passphrase: Option<SecretString>,
     /// `SSH_USE_AGENT`: try the agent at `SSH_AUTH_SOCK`.
     pub use_agent: bool,
+    /// The ssh-agent socket to use instead of `SSH_AUTH_SOCK` (read when the tunnel connects).
+    /// Default `None`.
+    pub agent_socket: Option<PathBuf>,
 }
 
 /// How the bastion's host key is verified.
@@ -781,6 +784,7 @@ impl AuthConfig {
             key_path: key,
             passphrase: None,
             use_agent: agent,
+            agent_socket: None,
         }
     }
 
@@ -790,6 +794,7 @@ impl AuthConfig {
             key_path: Some(expand_home(path.into())),
             passphrase: None,
             use_agent: false,
+            agent_socket: None,
         }
     }
 
@@ -799,6 +804,7 @@ impl AuthConfig {
             key_path: None,
             passphrase: None,
             use_agent: true,
+            agent_socket: None,
         }
     }
 
@@ -831,6 +837,15 @@ impl AuthConfig {
         self.use_agent = enabled;
         self
     }
+
+    /// Use the ssh-agent listening on `socket` instead of the one `SSH_AUTH_SOCK` names, and
+    /// enable the agent. For services that run their own agent, and for tests.
+    #[must_use]
+    pub fn agent_socket(mut self, socket: impl Into<PathBuf>) -> Self {
+        self.agent_socket = Some(socket.into());
+        self.use_agent = true;
+        self
+    }
 }
 
 impl Default for AuthConfig {
@@ -846,6 +861,7 @@ impl fmt::Debug for AuthConfig {
             .field("key_path", &self.key_path)
             .field("passphrase", &self.passphrase.as_ref().map(|_| Redacted))
             .field("use_agent", &self.use_agent)
+            .field("agent_socket", &self.agent_socket)
             .finish()
     }
 }

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use sea_orm::ConnectOptions;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::hooks::{self, Hooks};
 use crate::config::Config;
@@ -60,6 +61,10 @@ pub(crate) fn connect_options(config: &Config, endpoint: &Endpoint, hooks: Arc<H
             append_query(&url, "host", &percent_encode(&dir.to_string_lossy()))
         }
     };
+    // The password never travels inside the URL: SeaORM keeps the URL in `ConnectOptions`, whose
+    // derived `Debug` is recorded by its own trace-level instrumentation (and printed by anyone
+    // who debug-prints the options). It is handed to sqlx directly instead.
+    let (url, password) = split_password(&url);
     let pool = &config.pool;
     let mut options = ConnectOptions::new(url);
     options
@@ -74,10 +79,16 @@ pub(crate) fn connect_options(config: &Config, endpoint: &Endpoint, hooks: Arc<H
     // The URL above already points there; setting it on the parsed options as well keeps it
     // right even if the URL carries its own `host=`/`port=` query parameters.
     let target = endpoint.clone();
-    options.map_sqlx_postgres_opts(move |o| match &target {
-        Endpoint::Direct => o,
-        Endpoint::Tcp(addr) => o.host(&addr.ip().to_string()).port(addr.port()),
-        Endpoint::Unix { dir, port } => o.socket(dir).port(*port),
+    options.map_sqlx_postgres_opts(move |o| {
+        let o = match &target {
+            Endpoint::Direct => o,
+            Endpoint::Tcp(addr) => o.host(&addr.ip().to_string()).port(addr.port()),
+            Endpoint::Unix { dir, port } => o.socket(dir).port(*port),
+        };
+        match &password {
+            Some(password) => o.password(password.expose_secret()),
+            None => o,
+        }
     });
     options.map_sqlx_postgres_pool_opts(move |o| hooks::install(&hooks, o));
     Ok(options)
@@ -105,6 +116,80 @@ fn rewrite_authority(url: &str, host_port: &str) -> Result<String> {
     ))
 }
 
+/// Removes the password from a `scheme://user:password@host/...` URL (and a `password=` query
+/// parameter), returning the URL without it and the percent-decoded password.
+fn split_password(url: &str) -> (String, Option<SecretString>) {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return (url.to_owned(), None);
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let mut password = None;
+    let mut out = url[..scheme_end].to_owned();
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.split_once(':') {
+                Some((user, pw)) => {
+                    password = Some(percent_decode(pw));
+                    out.push_str(user);
+                }
+                None => out.push_str(userinfo),
+            }
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
+    }
+    let tail = &rest[authority_end..];
+    let (before_fragment, fragment) = match tail.find('#') {
+        Some(i) => (&tail[..i], &tail[i..]),
+        None => (tail, ""),
+    };
+    match before_fragment.split_once('?') {
+        Some((path, query)) => {
+            out.push_str(path);
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|pair| match pair.strip_prefix("password=") {
+                    Some(pw) => {
+                        password = Some(percent_decode(pw));
+                        false
+                    }
+                    None => true,
+                })
+                .collect();
+            if !kept.is_empty() {
+                out.push('?');
+                out.push_str(&kept.join("&"));
+            }
+        }
+        None => out.push_str(before_fragment),
+    }
+    out.push_str(fragment);
+    (out, password.map(SecretString::from))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn append_query(url: &str, key: &str, value: &str) -> String {
     let (base, fragment) = match url.find('#') {
         Some(i) => (&url[..i], &url[i..]),
@@ -129,6 +214,32 @@ fn percent_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_password_is_taken_out_of_the_url() {
+        let (url, pw) = split_password("postgres://u:p%40ss@127.0.0.1:5432/app?sslmode=disable");
+        assert_eq!(url, "postgres://u@127.0.0.1:5432/app?sslmode=disable");
+        assert_eq!(pw.unwrap().expose_secret(), "p@ss");
+        let (url, pw) = split_password("postgres://u@h/app?password=s%3Dcret&sslmode=disable");
+        assert_eq!(url, "postgres://u@h/app?sslmode=disable");
+        assert_eq!(pw.unwrap().expose_secret(), "s=cret");
+        let (url, pw) = split_password("postgres://h/app?password=x");
+        assert_eq!(url, "postgres://h/app");
+        assert_eq!(pw.unwrap().expose_secret(), "x");
+        let (url, pw) = split_password("postgres://u@h:1/app");
+        assert_eq!(url, "postgres://u@h:1/app");
+        assert!(pw.is_none());
+    }
+
+    #[test]
+    fn connect_options_debug_has_no_password() {
+        let config = Config::new("postgres://app:hunter2-secret@db.internal:5432/app");
+        let hooks = Arc::new(Hooks::new(&config.pool, &config.session, Default::default(), None));
+        let options = connect_options(&config, &Endpoint::Tcp("127.0.0.1:40000".parse().unwrap()), hooks).unwrap();
+        let debug = format!("{options:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("127.0.0.1:40000"), "{debug}");
+    }
 
     #[test]
     fn authority_is_replaced_and_the_rest_kept() {

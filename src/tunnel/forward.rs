@@ -1,0 +1,436 @@
+//! The local endpoint and the forwarding of each accepted connection over a `direct-tcpip` channel.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+use super::session::{self, SshSession};
+use super::{Inner, LOG_TARGET, LocalEndpoint, TunnelEvent, TunnelState};
+use crate::config::{LocalEndpointConfig, TunnelConfig};
+use crate::error::TimeoutKind;
+use crate::observe::metrics as m;
+use crate::{Error, Result};
+
+/// Copy buffer per direction: one full SSH channel packet (32 KiB) per read.
+const COPY_BUF: usize = 32 * 1024;
+
+/// The bound local endpoint.
+pub(crate) enum Listener {
+    Tcp(TcpListener),
+    #[cfg(unix)]
+    Unix(tokio::net::UnixListener),
+}
+
+/// Binds the endpoint: `127.0.0.1:port` (never a wildcard address), or a Unix socket
+/// `.s.PGSQL.<remote_port>` in a fresh 0700 directory under the temp dir.
+pub(crate) async fn bind(config: &TunnelConfig) -> Result<(Listener, LocalEndpoint, Option<PathBuf>)> {
+    match &config.local {
+        LocalEndpointConfig::Tcp(port) => {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, *port));
+            let listener = TcpListener::bind(addr).await.map_err(|e| Error::Io {
+                context: format!("binding the tunnel's local endpoint {addr}"),
+                source: e,
+            })?;
+            let local = listener.local_addr().map_err(|e| Error::Io {
+                context: "reading the tunnel's local address".into(),
+                source: e,
+            })?;
+            Ok((Listener::Tcp(listener), LocalEndpoint::Tcp(local), None))
+        }
+        #[cfg(unix)]
+        LocalEndpointConfig::Unix => {
+            use std::os::unix::fs::DirBuilderExt;
+            let dir = std::env::temp_dir().join(format!(
+                "sea-orm-tunnel-{}-{:016x}",
+                std::process::id(),
+                fastrand::u64(..)
+            ));
+            // Mode 0700 from creation: only this OS user can reach the socket inside.
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| Error::Io {
+                    context: format!("creating the tunnel's socket directory {}", dir.display()),
+                    source: e,
+                })?;
+            let path = dir.join(format!(".s.PGSQL.{}", config.remote_port));
+            match tokio::net::UnixListener::bind(&path) {
+                Ok(listener) => Ok((Listener::Unix(listener), LocalEndpoint::Unix(path), Some(dir))),
+                Err(e) => {
+                    let _ = std::fs::remove_dir(&dir);
+                    Err(Error::Io {
+                        context: format!("binding the tunnel's Unix socket {}", path.display()),
+                        source: e,
+                    })
+                }
+            }
+        }
+        #[allow(unreachable_patterns)]
+        _ => Err(Error::config(
+            "tunnel.local",
+            "this local endpoint kind is not supported on this platform",
+        )),
+    }
+}
+
+/// Accepts local connections until the tunnel shuts down; the listener closes when this ends.
+pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: Listener) {
+    loop {
+        let accepted = tokio::select! {
+            () = inner.cancel.cancelled() => return,
+            a = accept(&listener) => a,
+        };
+        match accepted {
+            Ok((stream, origin)) => {
+                inner.counters.connections_total.fetch_add(1, Ordering::Relaxed);
+                inner.tracker.spawn(serve(inner.clone(), stream, origin));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(target: LOG_TARGET, error = %e, "accepting a local connection failed");
+                tokio::select! {
+                    () = inner.cancel.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// A local connection, TCP or Unix.
+enum LocalStream {
+    Tcp(TcpStream),
+    #[cfg(unix)]
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> io::Result<(LocalStream, (String, u32))> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (stream, peer) = l.accept().await?;
+            // Database protocols are request/response with small messages.
+            let _ = stream.set_nodelay(true);
+            Ok((
+                LocalStream::Tcp(stream),
+                (peer.ip().to_string(), u32::from(peer.port())),
+            ))
+        }
+        #[cfg(unix)]
+        Listener::Unix(l) => {
+            let (stream, _) = l.accept().await?;
+            Ok((LocalStream::Unix(stream), ("127.0.0.1".to_owned(), 0)))
+        }
+    }
+}
+
+/// Why a local connection could not get a channel.
+enum Refusal {
+    ShutDown,
+    Failed(Arc<Error>),
+    NoSession,
+    Capacity,
+}
+
+/// A reserved channel slot on a session; released on drop.
+struct Slot {
+    inner: Arc<Inner>,
+    session: Arc<SshSession>,
+}
+
+impl Slot {
+    fn new(inner: &Arc<Inner>, session: Arc<SshSession>) -> Self {
+        inner.counters.channels_active.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(m::SSH_TUNNEL_CHANNELS_ACTIVE, "pool" => inner.pool_label.clone()).increment(1.0);
+        Slot {
+            inner: inner.clone(),
+            session,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.session.channels.fetch_sub(1, Ordering::AcqRel);
+        // disconnect() resets the counter to 0 after the tasks ended; never wrap below it.
+        let _ = self
+            .inner
+            .counters
+            .channels_active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
+        metrics::gauge!(m::SSH_TUNNEL_CHANNELS_ACTIVE, "pool" => self.inner.pool_label.clone()).decrement(1.0);
+        self.inner.changed.notify_waiters();
+    }
+}
+
+/// Waits (until `deadline`) for a session with a free channel, opening another session when every
+/// open one is full and `max_sessions` allows it.
+async fn acquire_slot(inner: &Arc<Inner>, deadline: Instant) -> std::result::Result<Slot, Refusal> {
+    loop {
+        let notified = inner.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if inner.is_shutting_down() {
+            return Err(Refusal::ShutDown);
+        }
+        if let Some(session) = inner.try_reserve() {
+            return Ok(Slot::new(inner, session));
+        }
+        if let TunnelState::Failed { error } = &*inner.state.borrow() {
+            return Err(Refusal::Failed(error.clone()));
+        }
+        let live = inner.live_sessions();
+        if live > 0
+            && live < inner.config.max_sessions
+            && inner
+                .opening
+                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            inner.tracker.spawn(open_extra_session(inner.clone()));
+        }
+        tokio::select! {
+            () = &mut notified => {}
+            () = tokio::time::sleep_until(deadline) => {
+                return Err(if live == 0 { Refusal::NoSession } else { Refusal::Capacity });
+            }
+            () = inner.cancel.cancelled() => return Err(Refusal::ShutDown),
+        }
+    }
+}
+
+/// Opens one more session because all open ones are at `max_channels`.
+async fn open_extra_session(inner: Arc<Inner>) {
+    let result = session::establish(&inner).await;
+    inner.opening.store(0, Ordering::Release);
+    match result {
+        Ok(session) => inner.add_session(session),
+        Err(e) => {
+            if !inner.is_shutting_down() {
+                tracing::warn!(target: LOG_TARGET, error = %e, "opening an additional SSH session failed");
+                inner.record_error(Arc::new(e));
+            }
+            inner.changed.notify_waiters();
+        }
+    }
+}
+
+/// Forwards one local connection: reserve a slot, open the channel, copy both ways.
+async fn serve(inner: Arc<Inner>, local: LocalStream, origin: (String, u32)) {
+    let timeout = inner.config.connect_timeout;
+    let deadline = Instant::now() + timeout;
+    let (slot, channel) = loop {
+        let slot = match acquire_slot(&inner, deadline).await {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                refuse(&inner, refusal, timeout);
+                return;
+            }
+        };
+        match open_channel(&inner, &slot.session, &origin).await {
+            Ok(channel) => break (slot, channel),
+            Err(OpenError::SessionGone) => {
+                // The session died under us: try another one (or wait for the reconnect).
+                drop(slot);
+                continue;
+            }
+            Err(OpenError::Refused) => return,
+        }
+    };
+    let mut remote = channel.into_stream();
+    let to_remote =
+        metrics::counter!(m::SSH_TUNNEL_BYTES_TOTAL, "pool" => inner.pool_label.clone(), "direction" => "to_remote");
+    let from_remote =
+        metrics::counter!(m::SSH_TUNNEL_BYTES_TOTAL, "pool" => inner.pool_label.clone(), "direction" => "from_remote");
+    let copy = async {
+        match local {
+            LocalStream::Tcp(s) => copy(&inner, s, &mut remote, to_remote, from_remote).await,
+            #[cfg(unix)]
+            LocalStream::Unix(s) => copy(&inner, s, &mut remote, to_remote, from_remote).await,
+        }
+    };
+    tokio::select! {
+        r = copy => {
+            if let Err(e) = r {
+                tracing::trace!(target: LOG_TARGET, session = slot.session.id, error = %e, "forwarded connection ended with an error");
+            }
+        }
+        // The session died: close the local side now so the client sees it at once.
+        () = slot.session.kill.cancelled() => {}
+        () = inner.cancel.cancelled() => {}
+    }
+    drop(remote);
+    drop(slot);
+}
+
+async fn copy<S: AsyncRead + AsyncWrite + Unpin>(
+    inner: &Inner,
+    local: S,
+    remote: &mut russh::ChannelStream<russh::client::Msg>,
+    to_remote: metrics::Counter,
+    from_remote: metrics::Counter,
+) -> io::Result<(u64, u64)> {
+    let mut local = Counted {
+        inner: local,
+        counters: &inner.counters,
+        to_remote,
+        from_remote,
+    };
+    tokio::io::copy_bidirectional_with_sizes(&mut local, remote, COPY_BUF, COPY_BUF).await
+}
+
+enum OpenError {
+    SessionGone,
+    Refused,
+}
+
+async fn open_channel(
+    inner: &Arc<Inner>,
+    session: &SshSession,
+    origin: &(String, u32),
+) -> std::result::Result<russh::Channel<russh::client::Msg>, OpenError> {
+    let config = &inner.config;
+    let target = format!("{}:{}", config.remote_host, config.remote_port);
+    let open = session.handle.channel_open_direct_tcpip(
+        config.remote_host.clone(),
+        u32::from(config.remote_port),
+        origin.0.clone(),
+        origin.1,
+    );
+    let result = tokio::select! {
+        r = tokio::time::timeout(config.connect_timeout, open) => r,
+        () = session.kill.cancelled() => return Err(OpenError::SessionGone),
+        () = inner.cancel.cancelled() => return Err(OpenError::Refused),
+    };
+    let (error, permanent) = match result {
+        Ok(Ok(channel)) => return Ok(channel),
+        Ok(Err(russh::Error::ChannelOpenFailure(failure))) => {
+            use russh::ChannelOpenFailure as F;
+            let permanent = matches!(failure, F::AdministrativelyProhibited | F::UnknownChannelType);
+            let reason = match failure {
+                F::AdministrativelyProhibited => {
+                    "administratively prohibited (check AllowTcpForwarding / PermitOpen on the bastion)".to_owned()
+                }
+                F::ConnectFailed => "connect failed (the target is not reachable from the bastion)".to_owned(),
+                F::UnknownChannelType => "direct-tcpip channels are not supported".to_owned(),
+                F::ResourceShortage => "resource shortage".to_owned(),
+                F::Other { code, reason } => format!("code {code}: {reason}"),
+            };
+            (
+                Error::ChannelRefused {
+                    target,
+                    reason,
+                    transient: !permanent,
+                },
+                permanent,
+            )
+        }
+        Ok(Err(_)) if session.is_dead() => return Err(OpenError::SessionGone),
+        Ok(Err(e)) => (
+            Error::ChannelRefused {
+                target,
+                reason: e.to_string(),
+                transient: true,
+            },
+            false,
+        ),
+        Err(_) => (
+            Error::Timeout {
+                kind: TimeoutKind::ChannelOpen,
+                after: config.connect_timeout,
+                detail: format!(" (channel to {target})"),
+            },
+            false,
+        ),
+    };
+    inner.counters.open_failures.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(m::SSH_TUNNEL_CHANNEL_OPEN_FAILURES_TOTAL, "pool" => inner.pool_label.clone()).increment(1);
+    if permanent {
+        tracing::error!(target: LOG_TARGET, event = "connection_error", session = session.id, error = %error, "bastion refused the forwarding channel");
+    } else {
+        tracing::warn!(target: LOG_TARGET, session = session.id, error = %error, "opening a forwarding channel failed");
+    }
+    let reason = match &error {
+        Error::ChannelRefused { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    };
+    inner.record_error(Arc::new(error));
+    inner.emit(TunnelEvent::ChannelOpenFailed { reason, permanent });
+    Err(OpenError::Refused)
+}
+
+fn refuse(inner: &Inner, refusal: Refusal, timeout: Duration) {
+    let (channels, sessions) = (
+        inner.counters.channels_active.load(Ordering::Relaxed),
+        inner.live_sessions(),
+    );
+    match refusal {
+        Refusal::ShutDown => return,
+        Refusal::Failed(error) => {
+            tracing::debug!(target: LOG_TARGET, error = %error, "local connection refused: the tunnel has failed");
+        }
+        Refusal::NoSession => {
+            tracing::warn!(target: LOG_TARGET, ?timeout, "local connection refused: no SSH session came up in time");
+        }
+        Refusal::Capacity => {
+            tracing::warn!(
+                target: LOG_TARGET,
+                channels,
+                sessions,
+                ?timeout,
+                "local connection refused: every SSH session is at max_channels"
+            );
+            inner.emit(TunnelEvent::CapacityExhausted { channels, sessions });
+        }
+    }
+    inner.counters.refused.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(m::SSH_TUNNEL_CHANNEL_OPEN_FAILURES_TOTAL, "pool" => inner.pool_label.clone()).increment(1);
+}
+
+/// Counts bytes on the local side: reads go to the remote, writes come from it.
+struct Counted<'a, S> {
+    inner: S,
+    counters: &'a super::Counters,
+    to_remote: metrics::Counter,
+    from_remote: metrics::Counter,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.counters.bytes_to_remote.fetch_add(n, Ordering::Relaxed);
+            self.to_remote.increment(n);
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = res {
+            self.counters.bytes_from_remote.fetch_add(n as u64, Ordering::Relaxed);
+            self.from_remote.increment(n as u64);
+        }
+        res
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

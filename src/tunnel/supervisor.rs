@@ -1,0 +1,144 @@
+//! The supervisor: establishes the first session and replaces lost ones with backoff.
+//!
+//! Schedule: the first attempt runs at once (a dropped session is usually back in ~0.1 s), every
+//! retry waits the next delay of `config.reconnect` ([`BackoffPolicy::delays`]). The schedule ends
+//! after `max_retries` retries (0 = never) or `max_elapsed`; then the tunnel is
+//! [`TunnelState::Failed`] with the last error. A permanent error ends it at once.
+//!
+//! [`BackoffPolicy::delays`]: crate::config::BackoffPolicy::delays
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::session::{self, SshSession};
+use super::{Inner, LOG_TARGET, TunnelEvent, TunnelState, duplicate_error};
+use crate::{Error, Result};
+
+/// Why a round of attempts ended without a session.
+enum Outcome {
+    ShutDown,
+    Replaced,
+    GaveUp(Error),
+}
+
+/// The initial connect of `SshTunnel::connect`: the same schedule, but errors are returned.
+pub(crate) async fn connect_first(inner: &Arc<Inner>) -> Result<Arc<SshSession>> {
+    match attempts(inner, false).await {
+        Ok(s) => Ok(s),
+        Err(Outcome::ShutDown | Outcome::Replaced) => Err(Error::ShutDown("SshTunnel")),
+        Err(Outcome::GaveUp(e)) => Err(e),
+    }
+}
+
+/// Runs until shutdown: waits for the last session to be lost, then reconnects.
+pub(crate) async fn run(inner: Arc<Inner>) {
+    loop {
+        tokio::select! {
+            () = inner.cancel.cancelled() => return,
+            () = inner.lost.notified() => {}
+        }
+        if inner.live_sessions() > 0 {
+            continue;
+        }
+        loop {
+            match attempts(&inner, true).await {
+                Ok(session) => {
+                    inner.add_session(session);
+                    break;
+                }
+                Err(Outcome::ShutDown) => return,
+                Err(Outcome::Replaced) => break,
+                Err(Outcome::GaveUp(error)) => {
+                    let transient = error.is_transient();
+                    fail(&inner, error);
+                    if !transient {
+                        // Permanent: only a new tunnel (new configuration) can help.
+                        inner.cancel.cancelled().await;
+                        return;
+                    }
+                    // Retries exhausted: wait for `ensure_connected` to ask for another round.
+                    tokio::select! {
+                        () = inner.cancel.cancelled() => return,
+                        () = inner.wake.notified() => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn fail(inner: &Inner, error: Error) {
+    tracing::error!(
+        target: LOG_TARGET,
+        event = "connection_error",
+        error = %error,
+        "SSH tunnel gave up"
+    );
+    let error = Arc::new(error);
+    inner.record_error(error.clone());
+    inner.set_state(TunnelState::Failed { error: error.clone() });
+    inner.emit(TunnelEvent::Failed { error });
+}
+
+/// One round of connection attempts following the backoff schedule.
+async fn attempts(inner: &Arc<Inner>, reconnecting: bool) -> std::result::Result<Arc<SshSession>, Outcome> {
+    let mut delays = inner.config.reconnect.delays();
+    let mut delay = Duration::ZERO;
+    let mut attempt: u32 = 1;
+    let mut last_error = if reconnecting {
+        inner.last_error().map(|e| e.to_string()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    loop {
+        if reconnecting {
+            tracing::warn!(
+                target: LOG_TARGET,
+                event = "tunnel_reconnecting",
+                attempt,
+                delay_ms = delay.as_millis() as u64,
+                error = %last_error,
+                "reconnecting the SSH tunnel"
+            );
+            inner.set_state(TunnelState::Reconnecting {
+                attempt,
+                next_delay: delay,
+            });
+            inner.emit(TunnelEvent::Reconnecting {
+                attempt,
+                delay,
+                error: last_error.clone(),
+            });
+        }
+        if !delay.is_zero() {
+            tokio::select! {
+                () = inner.cancel.cancelled() => return Err(Outcome::ShutDown),
+                () = tokio::time::sleep(delay) => {}
+                // ensure_connected(): try now.
+                () = inner.wake.notified() => {}
+            }
+        }
+        if inner.is_shutting_down() {
+            return Err(Outcome::ShutDown);
+        }
+        if reconnecting && inner.live_sessions() > 0 {
+            // A session opened for capacity came up meanwhile; nothing left to replace.
+            return Err(Outcome::Replaced);
+        }
+        match session::establish(inner).await {
+            Ok(session) => return Ok(session),
+            Err(Error::ShutDown(_)) => return Err(Outcome::ShutDown),
+            Err(e) if !e.is_transient() => return Err(Outcome::GaveUp(e)),
+            Err(e) => {
+                tracing::debug!(target: LOG_TARGET, attempt, error = %e, "SSH connect attempt failed");
+                last_error = e.to_string();
+                inner.record_error(Arc::new(duplicate_error(&e)));
+                match delays.next() {
+                    Some(d) => delay = d,
+                    None => return Err(Outcome::GaveUp(e)),
+                }
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    }
+}
