@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusBuilder;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
-use sea_orm_tunnel::config::Config;
+use sea_orm_tunnel::config::{self, Config};
 use sea_orm_tunnel::manager::{ConnectionManager, HealthEvent};
 use sea_orm_tunnel::observe::events::AcquireTimeLayer;
 use sea_orm_tunnel::observe::metrics::describe_metrics;
@@ -45,15 +45,20 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // sqlx's acquire timings into the `db_connection_acquire_seconds` histogram.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("error"));
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        )
         .with(AcquireTimeLayer::new())
         .init();
 
     step("configuration");
-    let own = std::env::var_os("DATABASE_URL").is_some() && std::env::var_os("SSH_HOST").is_some();
+    // Same lookup as `Config::from_env`: the environment, then `.env.local`, then `.env`.
+    let own = config::is_set("DATABASE_URL")? && config::is_set("SSH_HOST")?;
     let (sandbox, config) = if own {
         let config = Config::from_env()?;
-        println!("   using DATABASE_URL / SSH_HOST from the environment");
+        println!("   using DATABASE_URL / SSH_HOST from the environment (or .env.local / .env)");
         (None, config)
     } else {
         println!("   no DATABASE_URL / SSH_HOST: starting a throwaway PostgreSQL and an SSH bastion on loopback");

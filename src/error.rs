@@ -68,7 +68,9 @@ pub enum Error {
     },
 
     /// A key or known_hosts file is missing, unreadable or malformed.
-    #[error("{what} {path}: {message}", path = path.display())]
+    // Paths are printed quoted and escaped (`{:?}`): a newline or escape sequence in a configured
+    // path must not forge a log line.
+    #[error("{what} {path:?}: {message}")]
     File {
         /// What the file is for, e.g. "SSH private key" or "known_hosts file".
         what: &'static str,
@@ -82,7 +84,7 @@ pub enum Error {
     },
 
     /// The passphrase for an encrypted private key is missing or wrong.
-    #[error("SSH private key {path} is encrypted and {problem}", path = path.display())]
+    #[error("SSH private key {path:?} is encrypted and {problem}")]
     KeyPassphrase {
         /// The key file.
         path: PathBuf,
@@ -92,9 +94,8 @@ pub enum Error {
 
     /// The bastion presented a host key that is not in known_hosts (strict policy).
     #[error(
-        "host key for {host} is not known: {fingerprint} is not in {known_hosts} \
-         (add it, e.g. with `ssh-keyscan -p PORT HOST >> known_hosts`, or use SSH_HOST_KEY_POLICY=accept-new)",
-        known_hosts = known_hosts.display()
+        "host key for {host} is not known: {fingerprint} is not in {known_hosts:?} \
+         (add it, e.g. with `ssh-keyscan -p PORT HOST >> known_hosts`, or use SSH_HOST_KEY_POLICY=accept-new)"
     )]
     HostKeyUnknown {
         /// `host` or `[host]:port` as looked up.
@@ -123,7 +124,7 @@ pub enum Error {
     },
 
     /// The presented host key is marked `@revoked` in known_hosts.
-    #[error("host key {fingerprint} for {host} is revoked in {known_hosts}", known_hosts = known_hosts.display())]
+    #[error("host key {fingerprint} for {host} is revoked in {known_hosts:?}")]
     HostKeyRevoked {
         /// `host` or `[host]:port` as looked up.
         host: String,

@@ -922,3 +922,11 @@ fn backoff_schedules() {
     assert!(bad.validate().is_err());
     assert_eq!(bad.delays().count(), 3);
 }
+
+#[test]
+fn is_set_sees_the_process_environment_without_returning_values() {
+    use sea_orm_tunnel::config::is_set;
+    // PATH is set for every test process; this name is not.
+    assert!(is_set("PATH").unwrap());
+    assert!(!is_set("SEA_ORM_TUNNEL_SURELY_UNSET_VARIABLE").unwrap());
+}

@@ -162,6 +162,15 @@ impl TunnelConfig {
     }
 }
 
+/// Whether `name` is set, as [`Config::from_env`] would see it: in the process environment, or
+/// in `.env.local` / `.env` in the current directory. Never returns the value (it may be secret).
+///
+/// For programs that choose between "configured" and a built-in default, like the quick start.
+pub fn is_set(name: &str) -> Result<bool> {
+    let vars = Vars::load(&process_env, Some(&current_dir()?))?;
+    Ok(vars.get(name)?.is_some())
+}
+
 fn current_dir() -> Result<PathBuf> {
     std::env::current_dir().map_err(|source| Error::Io {
         context: "reading the current directory to find .env files".to_owned(),

@@ -42,7 +42,7 @@ mod env;
 mod profile;
 mod validate;
 
-pub use env::ENV_VARS;
+pub use env::{ENV_VARS, is_set};
 pub use profile::ProfileDefaults;
 
 /// Deployment profile; selects defaults (DESIGN §3).
@@ -506,12 +506,19 @@ fn tcp_target(options: &sea_orm::sqlx::postgres::PgConnectOptions) -> Option<(St
 pub fn redact_url(url: &str) -> String {
     let start = url.find("://").map_or(0, |i| i + 3);
     let (head, rest) = url.split_at(start);
-    let mut out = String::with_capacity(url.len());
+    let mut out = String::with_capacity(url.len() + 3);
     out.push_str(head);
 
-    // The last '@' ends the user info even when an unencoded '@' or '/' sits in the password
-    // (malformed, but then hiding too much is the safe side).
-    let after_authority = if let Some(at) = rest.rfind('@') {
+    // A password-like query parameter hides everything from its value to the end: an unencoded
+    // '&', '#' or '@' may sit inside it, and nothing after it is worth a leak.
+    let (rest, hide_tail) = match secret_param_value(rest) {
+        Some(value_start) => (&rest[..value_start], true),
+        None => (rest, false),
+    };
+
+    if let Some(at) = rest.rfind('@') {
+        // The last '@' (before any password parameter) ends the user info even when an
+        // unencoded '@', '/', '?' or '#' sits in the password.
         let userinfo = &rest[..at];
         match userinfo.find(':') {
             Some(colon) => {
@@ -520,49 +527,61 @@ pub fn redact_url(url: &str) -> String {
             }
             None => out.push_str(userinfo),
         }
-        &rest[at..]
+        out.push_str(&rest[at..]);
     } else {
-        // No '@': `user:password` without a host would look like `host:port`. Keep a numeric
-        // port (or an IPv6 literal); hide anything else after the colon.
-        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        // No '@': `user:password` without a host looks like `host:port`. Keep a numeric port (or
+        // an IPv6 literal); otherwise hide everything after the colon, since the password may
+        // start with '/', '?' or '#'.
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
         let authority = &rest[..end];
-        match authority.rfind(':') {
+        match authority.find(':') {
             Some(colon)
-                if !authority.starts_with('[') && !authority[colon + 1..].bytes().all(|b| b.is_ascii_digit()) =>
+                if !authority.starts_with('[')
+                    && (colon + 1 == authority.len()
+                        || !authority[colon + 1..].bytes().all(|b| b.is_ascii_digit())) =>
             {
                 out.push_str(&authority[..colon]);
                 out.push_str(":***");
-                &rest[end..]
+                return out;
             }
-            _ => rest,
+            _ => out.push_str(rest),
         }
-    };
-
-    match after_authority.find('?') {
-        Some(q) => {
-            out.push_str(&after_authority[..=q]);
-            let query = &after_authority[q + 1..];
-            let (query, fragment) = match query.find('#') {
-                Some(h) => query.split_at(h),
-                None => (query, ""),
-            };
-            for (i, pair) in query.split('&').enumerate() {
-                if i > 0 {
-                    out.push('&');
-                }
-                match pair.split_once('=') {
-                    Some((key, _)) if key.to_ascii_lowercase().contains("pass") => {
-                        out.push_str(key);
-                        out.push_str("=***");
-                    }
-                    _ => out.push_str(pair),
-                }
+    }
+    if hide_tail {
+        out.push_str("***");
+        // Parameters after the password stay visible only when they are unmistakably
+        // parameters (`&name=value`, no '#', '@' or stray '&'); otherwise they may be the rest of
+        // an unencoded password and stay hidden.
+        let value = &url[start + rest.len()..];
+        if let Some(amp) = value.find('&') {
+            let tail = &value[amp + 1..];
+            if tail.split('&').all(is_plain_param) {
+                out.push_str(&value[amp..]);
             }
-            out.push_str(fragment);
         }
-        None => out.push_str(after_authority),
     }
     out
+}
+
+fn is_plain_param(pair: &str) -> bool {
+    let Some((key, value)) = pair.split_once('=') else {
+        return false;
+    };
+    !key.is_empty()
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !key.to_ascii_lowercase().contains("pass")
+        && !value.contains(['#', '@', '='])
+}
+
+/// Start of the value of the first query parameter whose name contains "pass" (any case).
+fn secret_param_value(rest: &str) -> Option<usize> {
+    rest.char_indices()
+        .filter(|&(_, c)| c == '?' || c == '&')
+        .find_map(|(i, _)| {
+            let tail = &rest[i + 1..];
+            let eq = tail.find(['=', '&'])?;
+            (tail.as_bytes()[eq] == b'=' && tail[..eq].to_ascii_lowercase().contains("pass")).then_some(i + 1 + eq + 1)
+        })
 }
 
 /// `Debug` of a secret: only whether it is there.
@@ -1152,6 +1171,38 @@ impl SessionSettings {
 // BackoffPolicy
 // ---------------------------------------------------------------------------------------------
 
+/// A `backoff` 0.4 policy as a [`BackoffPolicy`] (feature `backoff`), for code that already
+/// configures one.
+///
+/// The intervals, multiplier and `max_elapsed_time` carry over; `randomization_factor` becomes
+/// [`jitter`](BackoffPolicy::jitter) (clamped to `0.0..=1.0`). `backoff` spreads a delay to
+/// `d ± d × factor`; ours adds up to `d × jitter`, so a jittered delay is never shorter than the
+/// schedule. `backoff` has no retry count: `max_retries` is 0 (bounded by `max_elapsed` only).
+///
+/// ```
+/// use std::time::Duration;
+/// use sea_orm_tunnel::config::BackoffPolicy;
+///
+/// let theirs = backoff::ExponentialBackoffBuilder::new()
+///     .with_initial_interval(Duration::from_millis(250))
+///     .with_max_elapsed_time(Some(Duration::from_secs(30)))
+///     .build();
+/// let ours = BackoffPolicy::from(&theirs);
+/// assert_eq!(ours.initial_delay, Duration::from_millis(250));
+/// assert_eq!(ours.max_elapsed, Some(Duration::from_secs(30)));
+/// ```
+#[cfg(feature = "backoff")]
+impl<C> From<&backoff::exponential::ExponentialBackoff<C>> for BackoffPolicy {
+    fn from(b: &backoff::exponential::ExponentialBackoff<C>) -> Self {
+        BackoffPolicy::new(b.initial_interval)
+            .factor(b.multiplier.max(1.0))
+            .max_delay(b.max_interval.max(b.initial_interval))
+            .jitter(b.randomization_factor.clamp(0.0, 1.0))
+            .max_retries(0)
+            .max_elapsed(b.max_elapsed_time)
+    }
+}
+
 impl BackoffPolicy {
     /// Exponential backoff starting at `initial_delay`: factor 2 (the usual doubling), at most
     /// 30 s per delay, 20 % jitter, no retry or time limit.
@@ -1350,7 +1401,10 @@ mod tests {
                 "postgres://h/db?user=u&password=pw&x=1",
                 "postgres://h/db?user=u&password=***&x=1",
             ),
-            ("postgres://h/db?PassWord=pw#frag", "postgres://h/db?PassWord=***#frag"),
+            // '#' may be part of an unencoded password: hidden with it.
+            ("postgres://h/db?PassWord=pw#frag", "postgres://h/db?PassWord=***"),
+            ("postgres://h/db?password=pw&Secret", "postgres://h/db?password=***"),
+            ("postgres://h/db?password=p&w=x#y", "postgres://h/db?password=***"),
             ("u:pw@h/db", "u:***@h/db"),
         ];
         for (input, expected) in cases {
