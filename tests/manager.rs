@@ -574,3 +574,53 @@ async fn connection_log_gets_lifecycle_rows_including_an_outage_and_no_checkouts
         );
     }
 }
+
+/// Shutdown used to flush the connection log (up to a quarter of the deadline) before closing
+/// the pool, so `connection()` kept handing out connections during that window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_refuses_new_acquisitions_at_once_while_the_log_still_flushes() {
+    use sea_orm_tunnel_migration::{Migrator, MigratorTrait};
+
+    let pg = TempPostgres::start().await.unwrap();
+    let check = checker(&pg.url()).await;
+    Migrator::up(&check, None).await.unwrap();
+    let manager = ConnectionManager::new(config(&pg, "sref").log_to_db(true))
+        .await
+        .unwrap();
+    // Idle connections in the pool, ready to be handed out.
+    drop(futures_join(manager.connection(), 3).await);
+    eventually("idle connections", || async { manager.stats().idle >= 3 }).await;
+
+    // Hold the log's writes up: its flush at shutdown cannot finish while the table is locked.
+    let locker = checker(&pg.url()).await;
+    let lock = locker.begin().await.unwrap();
+    lock.execute_unprepared("LOCK TABLE connection_logs IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    let shutdown = {
+        let manager = manager.clone();
+        tokio::spawn(async move { manager.shutdown(Duration::from_secs(4)).await })
+    };
+    eventually("shutting down", || async { manager.is_shutting_down() }).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let refused = select_one(manager.connection())
+        .await
+        .expect_err("no connection is handed out once shutdown began");
+    let explained = manager.explain_error(refused);
+    assert!(matches!(explained, Error::ShutDown(_)), "{explained:?}");
+    assert!(matches!(manager.begin().await, Err(Error::ShutDown(_))));
+    assert!(!shutdown.is_finished(), "the log flush is still waiting on the lock");
+
+    // The log gets its rows once the table is free again, over its own connection.
+    lock.rollback().await.unwrap();
+    let report = tokio::time::timeout(PATIENCE, shutdown).await.unwrap().unwrap();
+    assert_eq!(report.forced, 0, "{report:?}");
+    let rows: i64 = scalar(&check, "SELECT count(*) FROM connection_logs WHERE status = 'shutdown'").await;
+    assert_eq!(rows, 1);
+    eventually("no backend of ours", || async {
+        backends(&check, "sref").await.is_empty()
+    })
+    .await;
+}

@@ -317,3 +317,79 @@ async fn a_connection_arriving_during_an_outage_waits_for_the_reconnect() {
     assert_eq!(tunnel.stats().refused_connections, 0);
     tunnel.disconnect().await;
 }
+
+/// Three blackhole -> detect -> restore -> reconnect rounds on one tunnel: every session a
+/// reconnect creates is watched by its own keepalive monitor, and whoever reacts to
+/// `Disconnected` already sees the tunnel as down (the comparison harness once waited for
+/// `Connected` right after the event, got the stale state, blackholed again while the
+/// reconnect was in flight, and no session was left to be declared dead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_blackholes_in_a_row_are_each_detected_and_recovered() {
+    let (pg, sshd) = servers().await;
+    let proxy = FaultProxy::start(sshd.addr()).await.unwrap();
+    let interval = Duration::from_millis(300);
+    let keepalive_max = 2;
+    let tunnel = SshTunnel::connect(
+        config(&sshd, &pg)
+            .port(proxy.addr().port())
+            .host_key_policy(HostKeyPolicy::Fingerprint(sshd.host_key_fingerprint()))
+            .keepalive_interval(interval)
+            .keepalive_max(keepalive_max)
+            .connect_timeout(Duration::from_secs(2))
+            .reconnect(
+                BackoffPolicy::new(Duration::from_millis(100))
+                    .jitter(0.0)
+                    .max_delay(Duration::from_millis(500)),
+            ),
+    )
+    .await
+    .unwrap();
+    let db = pool(&url_via(&tunnel, &pg), 1).await;
+    assert_eq!(select(&db, 1).await.unwrap(), 1);
+
+    let bound = interval * keepalive_max as u32 + Duration::from_secs(2);
+    let mut sessions = Vec::new();
+    for round in 1..=3 {
+        let mut events = tunnel.subscribe();
+        proxy.blackhole();
+        let started = Instant::now();
+        let ev = wait_event(&mut events, LIVENESS, |e| matches!(e, TunnelEvent::Disconnected { .. })).await;
+        let detected = started.elapsed();
+        // Checked right at the event, as a reacting caller would.
+        let state_at_event = tunnel.state().borrow().clone();
+        eprintln!("round {round}: detected after {detected:?}: {ev:?}");
+        assert!(
+            !state_at_event.is_connected(),
+            "round {round}: the state still said Connected when Disconnected arrived"
+        );
+        assert!(!tunnel.is_connected());
+        assert!(
+            detected <= bound,
+            "round {round}: detection took {detected:?}, bound {bound:?}"
+        );
+        match ev {
+            TunnelEvent::Disconnected { session, reason } => {
+                assert!(reason.contains("keepalive"), "{reason}");
+                sessions.push(session);
+            }
+            _ => unreachable!(),
+        }
+
+        proxy.restore();
+        let mut state = tunnel.state();
+        tokio::time::timeout(LIVENESS, state.wait_for(|s| s.is_connected()))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: not reconnected"))
+            .unwrap();
+        let v = tokio::time::timeout(LIVENESS, select(&db, round))
+            .await
+            .expect("query finishes");
+        assert_eq!(v.unwrap(), round, "round {round}: query after the reconnect");
+    }
+    // A different session died each time: each was a fresh one from a reconnect.
+    sessions.dedup();
+    assert_eq!(sessions.len(), 3, "{sessions:?}");
+    assert_eq!(tunnel.stats().reconnects, 3);
+    db.close().await.unwrap();
+    tunnel.disconnect().await;
+}

@@ -5,6 +5,17 @@
 //! when the tunnel drops, the status goes unhealthy immediately (no probe needed), and when it
 //! comes back a check runs right away.
 //!
+//! The health loop never hurries the tunnel's own recovery:
+//!
+//! - while the tunnel is (re)connecting, a state change only publishes "down"; it does not probe,
+//!   and a timed check waits for the tunnel's round of attempts without shortening its backoff;
+//! - when the tunnel gave up after `reconnect.max_retries` transient failures, a check starts a
+//!   new round at most once per `reconnect.max_delay` (the pace of the slowest retry), so a
+//!   service still recovers by itself from a long bastion outage, and every round keeps its
+//!   backoff and its retry limit;
+//! - a permanent tunnel failure (host key, authentication, a channel refused as
+//!   `administratively prohibited`) is reported with its cause and never retried.
+//!
 //! Results go to a [`watch`](tokio::sync::watch) (the current [`HealthStatus`]) and a
 //! [`broadcast`](tokio::sync::broadcast) of [`HealthEvent`]s (the spec's
 //! `manager.on('healthCheck', ...)`), plus tracing events and metrics.
@@ -126,7 +137,7 @@ impl Inner {
         let tunnel = match &self.tunnel {
             None => TunnelHealth::Direct,
             Some(t) if t.is_connected() => TunnelHealth::Up,
-            Some(t) => match tokio::time::timeout(timeout, t.ensure_connected()).await {
+            Some(t) => match tokio::time::timeout(timeout, t.ensure_connected_paced(self.round_gap())).await {
                 Ok(Ok(())) => TunnelHealth::Up,
                 Ok(Err(e)) => {
                     error = Some(format!("tunnel: {e}"));
@@ -156,7 +167,11 @@ impl Inner {
                         // than hand them out one by one to find out.
                         self.hooks.invalidate_all();
                     }
-                    error = Some(format!("database: {e}"));
+                    error = Some(match self.tunnel.as_ref().and_then(|t| t.permanent_error()) {
+                        // The driver saw a closed socket; say why it was closed.
+                        Some(cause) => format!("database unreachable through the tunnel: {cause}"),
+                        None => format!("database: {e}"),
+                    });
                     false
                 }
                 Err(_) => {
@@ -192,6 +207,15 @@ impl Inner {
         }
         self.publish(status.clone());
         status
+    }
+
+    /// How long after the tunnel gave up (on transient errors) the health loop may start a new
+    /// round of reconnect attempts: `reconnect.max_delay`.
+    pub(crate) fn round_gap(&self) -> Duration {
+        self.config
+            .tunnel
+            .as_ref()
+            .map_or(Duration::ZERO, |t| t.reconnect.max_delay)
     }
 
     /// The tunnel left `Connected`: unhealthy now, without waiting for a probe.
@@ -262,6 +286,10 @@ fn invalidates_connections(e: &DbErr) -> bool {
 }
 
 /// The health loop. Holds only a `Weak`: dropping the last manager handle ends it.
+///
+/// Probes on its timer (`health.interval`, or the `health.recheck` backoff after a failure) and
+/// when the tunnel becomes `Connected` or `Failed`. Other tunnel state changes (reconnect attempts)
+/// only publish "down": probing then would wait on, or restart, the tunnel's reconnects.
 pub(crate) async fn run(
     inner: Weak<Inner>,
     cancel: CancellationToken,
@@ -269,7 +297,8 @@ pub(crate) async fn run(
     first_delay: Duration,
 ) {
     let mut recheck: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
-    let mut delay = first_delay;
+    // A deadline, not a fresh sleep per iteration: tunnel state changes must not postpone checks.
+    let mut next_check = tokio::time::Instant::now() + first_delay;
     loop {
         let tunnel_changed = async {
             match tunnel_state.as_mut() {
@@ -283,16 +312,21 @@ pub(crate) async fn run(
         };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep_until(next_check) => {}
             state = tunnel_changed => {
-                if let (Some(state), Some(inner)) = (state, inner.upgrade())
-                    && !state.is_connected()
-                {
+                let Some(state) = state else { continue };
+                if !matches!(state, TunnelState::Connected | TunnelState::Failed { .. }) {
+                    let Some(inner) = inner.upgrade() else { return };
                     inner.publish_tunnel_down(&state);
-                    if matches!(state, TunnelState::Disconnected) {
-                        // Shut down on purpose: do not probe (and so do not reconnect) it.
-                        continue;
-                    }
+                }
+                match state {
+                    // Back up: check the database through it now. Gave up: check now too, which
+                    // reports the cause and puts the loop on the re-check schedule (a new round
+                    // of attempts is paced by `round_gap`, not by this).
+                    TunnelState::Connected | TunnelState::Failed { .. } => {}
+                    // Reconnecting / connecting: the tunnel's backoff decides; nothing to probe.
+                    // Disconnected: shut down on purpose, do not probe (and so reconnect) it.
+                    _ => continue,
                 }
             }
         }
@@ -302,13 +336,14 @@ pub(crate) async fn run(
             status = manager.check_health() => status,
         };
         let interval = manager.config.health.interval;
-        delay = if status.healthy {
+        let delay = if status.healthy {
             recheck = None;
             interval
         } else {
             let delays = recheck.get_or_insert_with(|| Box::new(manager.config.health.recheck.delays()));
             delays.next().unwrap_or(interval).min(interval)
         };
+        next_check = tokio::time::Instant::now() + delay;
         drop(manager);
     }
 }

@@ -140,6 +140,8 @@ pub(crate) struct Inner {
     hooks: Arc<Hooks>,
     next_id: Arc<AtomicU64>,
     sink: Option<LogSink>,
+    /// The connection log's own one-connection pool (see `pool::sink_connect_options`).
+    sink_db: Option<DatabaseConnection>,
     health: watch::Sender<HealthStatus>,
     health_events: broadcast::Sender<HealthEvent>,
     shutting_down: AtomicBool,
@@ -208,8 +210,15 @@ impl ConnectionManager {
         // first health check below opens it and reports what went wrong.
         options.connect_lazy(true);
         let db = Database::connect(options).await?;
-        let sink = config.log_to_db.then(|| {
-            let sink = LogSink::spawn(db.clone(), LogSinkOptions::new().pool_label(hooks.pool_label()));
+        let sink_db = if config.log_to_db {
+            let mut options = pool::sink_connect_options(&config, &endpoint)?;
+            options.connect_lazy(true);
+            Some(Database::connect(options).await?)
+        } else {
+            None
+        };
+        let sink = sink_db.as_ref().map(|sink_db| {
+            let sink = LogSink::spawn(sink_db.clone(), LogSinkOptions::new().pool_label(hooks.pool_label()));
             hooks.set_sink(Some(sink.clone()));
             sink
         });
@@ -223,6 +232,7 @@ impl ConnectionManager {
             hooks,
             next_id,
             sink,
+            sink_db,
             health,
             health_events,
             shutting_down: AtomicBool::new(false),
@@ -238,6 +248,9 @@ impl ConnectionManager {
             let error = inner.first_check_error(&first).await;
             if let Some(sink) = inner.hooks.set_sink(None) {
                 sink.close(Duration::from_millis(500)).await;
+            }
+            if let Some(sink_db) = &inner.sink_db {
+                sink_db.get_postgres_connection_pool().close().await;
             }
             inner.db.get_postgres_connection_pool().close().await;
             return Err(error);
@@ -360,6 +373,16 @@ impl ConnectionManager {
             return Err(Error::ShutDown("ConnectionManager"));
         }
         self.inner.db.begin().await.map_err(|e| self.inner.explain(e.into()))
+    }
+
+    /// The error a caller should act on for `error` from work on this manager's connection: a
+    /// pool timeout names the pool limit; a closed pool during shutdown is [`Error::ShutDown`];
+    /// and a transient-looking I/O error while the tunnel cannot forward for a permanent reason
+    /// (host key changed, login refused, channel administratively prohibited) becomes that
+    /// permanent error, so retry logic (yours, or a layer's) stops instead of looping.
+    /// [`retry`](Self::retry) and [`begin`](Self::begin) already do this.
+    pub fn explain_error(&self, error: impl Into<Error>) -> Error {
+        self.inner.explain(error.into())
     }
 
     /// Whether [`shutdown`](Self::shutdown) has begun.

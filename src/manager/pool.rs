@@ -50,6 +50,53 @@ impl Endpoint {
 
 /// Builds the options; `hooks` are installed on the sqlx pool options.
 pub(crate) fn connect_options(config: &Config, endpoint: &Endpoint, hooks: Arc<Hooks>) -> Result<ConnectOptions> {
+    let pool = &config.pool;
+    let mut options = base_options(config, endpoint)?;
+    options
+        .max_connections(pool.max_connections)
+        .min_connections(pool.min_connections)
+        .test_before_acquire(false)
+        .set_application_name(pool.application_name.clone());
+    options.map_sqlx_postgres_pool_opts(move |o| hooks::install(&hooks, o));
+    Ok(options)
+}
+
+/// The connection log's own pool: one connection (opened when the first batch is written),
+/// `application_name` `<prefix>-log`, the session settings, and a ping before each use (the
+/// writer is in the background, so a stale connection after a reconnect costs a round trip,
+/// not an error).
+///
+/// Separate from the managed pool so that shutdown can refuse every application acquisition
+/// at once while the log is still flushed, and so the log never takes an application's slot.
+pub(crate) fn sink_connect_options(config: &Config, endpoint: &Endpoint) -> Result<ConnectOptions> {
+    use sea_orm::sqlx::Executor as _;
+
+    let mut options = base_options(config, endpoint)?;
+    options
+        .max_connections(1)
+        .min_connections(0)
+        .test_before_acquire(true)
+        .set_application_name(format!("{}-log", config.pool.application_name));
+    let settings: Arc<str> = hooks::session_sql(&config.session).into();
+    if !settings.is_empty() {
+        options.map_sqlx_postgres_pool_opts(move |o| {
+            let settings = settings.clone();
+            o.after_connect(move |conn, _meta| {
+                let settings = settings.clone();
+                Box::pin(async move {
+                    conn.execute(sea_orm::sqlx::AssertSqlSafe(settings.to_string()))
+                        .await
+                        .map(|_| ())
+                })
+            })
+        });
+    }
+    Ok(options)
+}
+
+/// What both pools share: the URL (pointed at the tunnel), the password handed over out of
+/// band, timeouts, quiet sqlx logging.
+fn base_options(config: &Config, endpoint: &Endpoint) -> Result<ConnectOptions> {
     // Validates the URL (the error never repeats the password).
     config.database_options()?;
     let original = config.database_url_str();
@@ -68,14 +115,10 @@ pub(crate) fn connect_options(config: &Config, endpoint: &Endpoint, hooks: Arc<H
     let pool = &config.pool;
     let mut options = ConnectOptions::new(url);
     options
-        .max_connections(pool.max_connections)
-        .min_connections(pool.min_connections)
         .idle_timeout(pool.idle_timeout)
         .connect_timeout(pool.connect_timeout)
         .acquire_timeout(pool.acquire_timeout)
-        .sqlx_logging(false)
-        .test_before_acquire(false)
-        .set_application_name(pool.application_name.clone());
+        .sqlx_logging(false);
     // The URL above already points there; setting it on the parsed options as well keeps it
     // right even if the URL carries its own `host=`/`port=` query parameters.
     let target = endpoint.clone();
@@ -90,7 +133,6 @@ pub(crate) fn connect_options(config: &Config, endpoint: &Endpoint, hooks: Arc<H
             None => o,
         }
     });
-    options.map_sqlx_postgres_pool_opts(move |o| hooks::install(&hooks, o));
     Ok(options)
 }
 

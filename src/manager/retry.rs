@@ -5,6 +5,12 @@
 //! ([`Error::is_transient`]: lost connections, PostgreSQL restarting, pool timeouts,
 //! serialization failures). A permanent error (a syntax error, a constraint violation, a refused
 //! host key) returns at once, after a single attempt.
+//!
+//! A tunnel that cannot forward for a permanent reason (it failed on a changed host key or a
+//! refused login, or the bastion refuses the channel as `administratively prohibited`) closes
+//! local connections without a word, which the driver reports as a transient-looking I/O error.
+//! The manager knows better ([`SshTunnel::permanent_error`](crate::tunnel::SshTunnel::permanent_error))
+//! and returns the tunnel's permanent error instead, so nothing retries a configuration problem.
 
 use std::future::Future;
 
@@ -87,8 +93,20 @@ impl ConnectionManager {
 
 impl super::Inner {
     /// Adds what the manager knows to an error: a pool timeout names the limit and the last
-    /// connection setup failure; a closed pool during shutdown is [`Error::ShutDown`].
+    /// connection setup failure; a closed pool during shutdown is [`Error::ShutDown`]; a
+    /// transient-looking error while the tunnel has a permanent problem is that problem
+    /// ([`Error::TunnelFailed`] around the tunnel's error, or the permanent
+    /// [`Error::ChannelRefused`]).
     pub(crate) fn explain(&self, error: Error) -> Error {
+        if error.is_transient()
+            && let Some(cause) = self.tunnel.as_ref().and_then(|t| t.permanent_error())
+        {
+            let cause = crate::tunnel::duplicate_error(&cause);
+            return match cause {
+                Error::ChannelRefused { .. } => cause,
+                other => Error::TunnelFailed(Box::new(other)),
+            };
+        }
         match error {
             Error::Database(DbErr::ConnectionAcquire(sea_orm::error::ConnAcquireErr::Timeout)) => {
                 let pool = self.db.get_postgres_connection_pool();

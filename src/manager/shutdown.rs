@@ -2,16 +2,19 @@
 //!
 //! Order, and why:
 //!
-//! 1. Mark the manager shutting down (`retry` and the layers stop starting work) and stop the
-//!    background tasks (health loop, leak scanner, event forwarding).
-//! 2. Flush the connection log while the pool still accepts acquisitions (its writer uses it).
-//! 3. Close the pool: new acquisitions fail at once; connections returned from now on are closed;
-//!    wait up to the deadline for every checked-out connection to come back.
-//! 4. If some did not: they are forced. The server processes of all our connections are ended
-//!    with `pg_terminate_backend` over one fresh, unpooled connection (through the tunnel, which is
-//!    still up), so nothing of ours stays in `pg_stat_activity` and the holders get an error
-//!    instead of hanging.
-//! 5. Close the connection log, disconnect the tunnel, report.
+//! 1. Mark the manager shutting down (`retry` and the layers stop starting work) and close the
+//!    pool at the same moment: from the first instant, every new acquisition fails at once
+//!    (`PoolClosed`, or [`Error::ShutDown`](crate::Error::ShutDown) through the manager's own
+//!    methods); connections returned from now on are closed.
+//! 2. Stop the background tasks (health loop, leak scanner, event forwarding).
+//! 3. Wait up to the deadline for every checked-out connection to come back, and meanwhile
+//!    flush the connection log: it writes through its own one-connection pool, so it is not
+//!    refused with the application.
+//! 4. If some did not come back: they are forced. The server processes of all our connections are
+//!    ended with `pg_terminate_backend` over one fresh, unpooled connection (through the tunnel,
+//!    which is still up), so nothing of ours stays in `pg_stat_activity` and the holders get an
+//!    error instead of hanging.
+//! 5. Close the connection log and its pool, disconnect the tunnel, report.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -44,13 +47,17 @@ impl Inner {
         let started = Instant::now();
         let until = tokio::time::Instant::now() + deadline;
         self.shutting_down.store(true, Ordering::SeqCst);
+        // 1. Refuse new acquisitions now: `close` marks the pool closed when called; the future
+        //    it returns waits for the checked-out connections (polled in step 3).
+        let pool = self.db.get_postgres_connection_pool().clone();
+        let checked_out_at_start = pool.size().saturating_sub(pool.num_idle() as u32);
+        let drain = pool.close();
         events::manager_lifecycle("shutting down", &format_args!("drain deadline {deadline:?}"));
 
-        // 1. Background tasks. A health probe in flight is cancelled with its task.
+        // 2. Background tasks. A health probe in flight is cancelled with its task.
         self.cancel.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout_at(until, self.tasks.wait()).await;
-        let pool = self.db.get_postgres_connection_pool().clone();
         self.publish(HealthStatus {
             healthy: false,
             tunnel: if self.tunnel.is_some() {
@@ -66,21 +73,20 @@ impl Inner {
             checked_at: std::time::SystemTime::now(),
         });
 
-        // 2. The log, while the pool can still serve its writer.
-        let checked_out_at_start = pool.size().saturating_sub(pool.num_idle() as u32);
-        if let Some(sink) = &self.sink {
-            sink.record(
-                ConnectionLogEvent::new("manager", "shutdown").with_metadata(sea_orm::JsonValue::Object(
-                    [("checked_out".to_string(), checked_out_at_start.into())]
-                        .into_iter()
-                        .collect(),
-                )),
-            );
-            let _ = sink.flush(deadline / 4).await;
-        }
-
-        // 3. Drain. `close` marks the pool closed at once, then waits for every connection.
-        let drained_in_time = tokio::time::timeout_at(until, pool.close()).await.is_ok();
+        // 3. Drain, and flush the log (over its own pool) meanwhile.
+        let flush = async {
+            if let Some(sink) = &self.sink {
+                sink.record(
+                    ConnectionLogEvent::new("manager", "shutdown").with_metadata(sea_orm::JsonValue::Object(
+                        [("checked_out".to_string(), checked_out_at_start.into())]
+                            .into_iter()
+                            .collect(),
+                    )),
+                );
+                let _ = sink.flush(deadline / 4).await;
+            }
+        };
+        let (drained_in_time, ()) = tokio::join!(async { tokio::time::timeout_at(until, drain).await.is_ok() }, flush);
         let mut forced = 0;
         if !drained_in_time {
             forced = pool.size().saturating_sub(pool.num_idle() as u32);
@@ -107,6 +113,9 @@ impl Inner {
         // 5. Log, tunnel.
         if let Some(sink) = self.hooks.set_sink(None) {
             sink.close(Duration::from_millis(200)).await;
+        }
+        if let Some(sink_db) = &self.sink_db {
+            let _ = tokio::time::timeout(FORCE_BUDGET, sink_db.get_postgres_connection_pool().close()).await;
         }
         if let Some(tunnel) = &self.tunnel {
             tunnel.disconnect().await;

@@ -48,8 +48,8 @@ impl Credentials {
     pub(crate) fn load(auth: &AuthConfig) -> Result<Self> {
         let key = match &auth.key_path {
             Some(path) => {
-                let passphrase = auth.passphrase.as_ref().map(|p| p.expose_secret().to_owned());
-                Some((path.clone(), Arc::new(load_key(path, passphrase.as_deref())?)))
+                // The passphrase stays a `SecretString` (zeroed on drop) until the decrypt call.
+                Some((path.clone(), Arc::new(load_key(path, auth.passphrase.as_ref())?)))
             }
             None => None,
         };
@@ -198,7 +198,7 @@ fn transport_error(host: &str, port: u16, e: russh::Error) -> Error {
 ///
 /// OpenSSH-format keys are parsed with `ssh_key` directly so an encrypted key is told apart from a
 /// corrupt one; PEM/PKCS#8 keys go through russh's decoder.
-pub(crate) fn load_key(path: &Path, passphrase: Option<&str>) -> Result<PrivateKey> {
+pub(crate) fn load_key(path: &Path, passphrase: Option<&secrecy::SecretString>) -> Result<PrivateKey> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::File {
         what: KEY_WHAT,
         path: path.to_owned(),
@@ -227,13 +227,13 @@ pub(crate) fn load_key(path: &Path, passphrase: Option<&str>) -> Result<PrivateK
                 problem: "no passphrase was given",
             });
         };
-        return key.decrypt(pass).map_err(|_| Error::KeyPassphrase {
+        return key.decrypt(pass.expose_secret()).map_err(|_| Error::KeyPassphrase {
             path: path.to_owned(),
             problem: "the passphrase is wrong",
         });
     }
     let encrypted_pem = text.contains("ENCRYPTED");
-    russh::keys::decode_secret_key(&text, passphrase).map_err(|e| match e {
+    russh::keys::decode_secret_key(&text, passphrase.map(|p| p.expose_secret())).map_err(|e| match e {
         russh::keys::Error::KeyIsEncrypted => Error::KeyPassphrase {
             path: path.to_owned(),
             problem: "no passphrase was given",

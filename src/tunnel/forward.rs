@@ -311,7 +311,10 @@ async fn open_channel(
         () = inner.cancel.cancelled() => return Err(OpenError::Refused),
     };
     let (error, permanent) = match result {
-        Ok(Ok(channel)) => return Ok(channel),
+        Ok(Ok(channel)) => {
+            inner.set_channel_refusal(None);
+            return Ok(channel);
+        }
         Ok(Err(russh::Error::ChannelOpenFailure(failure))) => {
             use russh::ChannelOpenFailure as F;
             let permanent = matches!(failure, F::AdministrativelyProhibited | F::UnknownChannelType);
@@ -362,7 +365,12 @@ async fn open_channel(
         Error::ChannelRefused { reason, .. } => reason.clone(),
         other => other.to_string(),
     };
-    inner.record_error(Arc::new(error));
+    let error = Arc::new(error);
+    if permanent {
+        // Reported by `SshTunnel::permanent_error` until a channel opens again.
+        inner.set_channel_refusal(Some(error.clone()));
+    }
+    inner.record_error(error);
     inner.emit(TunnelEvent::ChannelOpenFailed { reason, permanent });
     Err(OpenError::Refused)
 }

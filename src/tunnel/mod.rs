@@ -32,6 +32,14 @@
 //!   once, then with the `reconnect` backoff. Each attempt is a [`TunnelEvent::Reconnecting`];
 //!   after `max_retries` (0 = forever) the state becomes [`TunnelState::Failed`]. Permanent errors
 //!   (host key, authentication, key file, configuration) fail at once and are never retried.
+//!   Nothing cuts a round's backoff short: [`SshTunnel::ensure_connected`] waits for the round,
+//!   and only starts a *new* round once a round has given up on transient errors (see there).
+//! - **Refused channels.** A channel the bastion refuses as `administratively prohibited`
+//!   (`AllowTcpForwarding` / `PermitOpen`) closes that local connection. The SSH session stays up
+//!   (the state stays `Connected`: a bastion reconfigured for new sessions, or a per-user rule
+//!   changed, can allow the next channel), but [`SshTunnel::permanent_error`] reports the refusal
+//!   until a channel opens again, so callers can tell "the database is unreachable by
+//!   configuration" from a transient outage instead of retrying it.
 //! - **Shutdown.** [`SshTunnel::disconnect`] stops accepting, closes channels, sends an SSH
 //!   disconnect and waits for every task. Dropping the last handle does the same without waiting.
 
@@ -273,13 +281,19 @@ pub(crate) struct Inner {
     pub(crate) changed: Notify,
     /// The last session was lost: the supervisor starts reconnecting.
     pub(crate) lost: Notify,
-    /// `ensure_connected`: skip the remaining backoff.
+    /// A round gave up on transient errors and the supervisor parked: start a new round.
+    /// Notified only by the caller that moved the state from `Failed` to `Reconnecting`.
     pub(crate) wake: Notify,
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
     next_session_id: AtomicU64,
     last_reconnect_at: Mutex<Option<Instant>>,
     last_error: Mutex<Option<Arc<Error>>>,
+    /// When the supervisor last gave up (entered `Failed`).
+    failed_at: Mutex<Option<Instant>>,
+    /// The bastion's latest answer to a channel open was a permanent refusal; cleared when a
+    /// channel opens.
+    channel_refusal: Mutex<Option<Arc<Error>>>,
     pub(crate) counters: Counters,
     shutting_down: AtomicBool,
     shutdown_done: tokio::sync::OnceCell<()>,
@@ -335,6 +349,8 @@ impl SshTunnel {
             next_session_id: AtomicU64::new(1),
             last_reconnect_at: Mutex::new(None),
             last_error: Mutex::new(None),
+            failed_at: Mutex::new(None),
+            channel_refusal: Mutex::new(None),
             counters: Counters::default(),
             shutting_down: AtomicBool::new(false),
             shutdown_done: tokio::sync::OnceCell::new(),
@@ -395,12 +411,27 @@ impl SshTunnel {
         lock(&self.inner.last_error).clone()
     }
 
-    /// If no session is up, wakes the supervisor to try now (skipping the rest of its backoff)
-    /// and waits for it, bounded by `connect_timeout`.
+    /// Waits until a session is up, bounded by `connect_timeout`; never cuts a reconnect short.
     ///
-    /// `Ok(())` when connected. Otherwise the permanent error that stopped the tunnel, or the
-    /// last reconnect error, or a [`Error::Timeout`].
+    /// - Connected: `Ok(())` at once.
+    /// - Connecting / reconnecting: waits for the current round of attempts (it keeps its backoff
+    ///   schedule: this never makes an attempt happen sooner).
+    /// - Failed with a permanent error (host key, authentication, ...): that error, at once.
+    /// - Failed after `max_retries` transient failures: this explicit call starts a **new round**
+    ///   (attempt 1 at once, then the backoff again) and waits for it. Concurrent callers share
+    ///   one round. The [`ConnectionManager`](crate::manager::ConnectionManager)'s health loop
+    ///   does this on its own too, but at most once per `reconnect.max_delay` after a round gave
+    ///   up, so `max_retries` still bounds every round and rounds never come faster than the
+    ///   slowest retry.
+    ///
+    /// On timeout: the last reconnect error, or an [`Error::Timeout`].
     pub async fn ensure_connected(&self) -> Result<()> {
+        self.ensure_connected_paced(Duration::ZERO).await
+    }
+
+    /// [`ensure_connected`](Self::ensure_connected), but a new round after `Failed` starts only if
+    /// the last round gave up at least `min_gap` ago; otherwise the failure is returned at once.
+    pub(crate) async fn ensure_connected_paced(&self, min_gap: Duration) -> Result<()> {
         let inner = &self.inner;
         if self.is_connected() {
             return Ok(());
@@ -414,13 +445,12 @@ impl SshTunnel {
             if !error.is_transient() {
                 return Err(duplicate_error(error));
             }
-            // Gave up after transient errors: start a fresh round of attempts.
-            inner.set_state(TunnelState::Reconnecting {
-                attempt: 1,
-                next_delay: Duration::ZERO,
-            });
+            let gave_up = *lock(&inner.failed_at);
+            if gave_up.is_some_and(|at| at.elapsed() < min_gap) {
+                return Err(duplicate_error(error));
+            }
+            inner.restart_round();
         }
-        inner.wake.notify_one();
         let timeout = inner.config.connect_timeout;
         let waited = tokio::time::timeout(
             timeout,
@@ -448,6 +478,26 @@ impl SshTunnel {
                 },
             }),
         }
+    }
+
+    /// The permanent problem that stops this tunnel from forwarding right now, if any:
+    ///
+    /// - the tunnel is [`TunnelState::Failed`] with a permanent error (host key changed or
+    ///   revoked, authentication refused, ...), or
+    /// - the bastion's latest answer to a channel open was a permanent refusal
+    ///   ([`Error::ChannelRefused`] with `transient: false`, e.g. `administratively prohibited`);
+    ///   this clears as soon as a channel opens again.
+    ///
+    /// A local connection made while this is `Some` is closed without data, which a database
+    /// driver reports as a (transient-looking) I/O error; the manager uses this to return the
+    /// real, permanent cause instead of retrying.
+    pub fn permanent_error(&self) -> Option<Arc<Error>> {
+        if let TunnelState::Failed { error } = &*self.inner.state.borrow()
+            && !error.is_transient()
+        {
+            return Some(error.clone());
+        }
+        lock(&self.inner.channel_refusal).clone()
     }
 
     /// Graceful shutdown: stop accepting, close channels, send SSH disconnect, end every task and
@@ -510,6 +560,40 @@ impl Inner {
 
     pub(crate) fn record_error(&self, error: Arc<Error>) {
         *lock(&self.last_error) = Some(error);
+    }
+
+    /// The supervisor gave up: remember when (paces new rounds, see `ensure_connected_paced`).
+    pub(crate) fn record_gave_up(&self) {
+        *lock(&self.failed_at) = Some(Instant::now());
+    }
+
+    /// `Failed` (transient) -> `Reconnecting`, and wake the parked supervisor. Only the caller
+    /// that made the transition notifies, so a round is started once, and no stale wake-up is
+    /// left behind to skip a later backoff.
+    pub(crate) fn restart_round(&self) -> bool {
+        let restarted = self.state.send_if_modified(|s| match s {
+            TunnelState::Failed { error } if error.is_transient() => {
+                *s = TunnelState::Reconnecting {
+                    attempt: 1,
+                    next_delay: Duration::ZERO,
+                };
+                true
+            }
+            _ => false,
+        });
+        if restarted {
+            self.changed.notify_waiters();
+            self.wake.notify_one();
+        }
+        restarted
+    }
+
+    /// The bastion refused a channel permanently (or, with `None`, a channel opened).
+    pub(crate) fn set_channel_refusal(&self, refusal: Option<Arc<Error>>) {
+        let mut current = lock(&self.channel_refusal);
+        if refusal.is_some() || current.is_some() {
+            *current = refusal;
+        }
     }
 
     fn gauges(&self) {
@@ -596,16 +680,21 @@ impl Inner {
             host: self.config.host.clone(),
             reason: reason.clone(),
         }));
-        self.emit(TunnelEvent::Disconnected { session: id, reason });
+        // State first, then the event: whoever reacts to `Disconnected` must already see the
+        // tunnel as not connected (a watcher that waited for `Connected` right after the event
+        // used to see the stale `Connected` and return at once).
         if remaining == 0 {
             self.set_state(TunnelState::Reconnecting {
                 attempt: 1,
                 next_delay: Duration::ZERO,
             });
-            self.lost.notify_one();
         } else {
             // The connections of that session died with it; the survivors carry on.
             *lock(&self.last_reconnect_at) = Some(Instant::now());
+        }
+        self.emit(TunnelEvent::Disconnected { session: id, reason });
+        if remaining == 0 {
+            self.lost.notify_one();
         }
         self.changed.notify_waiters();
     }

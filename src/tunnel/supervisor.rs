@@ -5,6 +5,10 @@
 //! after `max_retries` retries (0 = never) or `max_elapsed`; then the tunnel is
 //! [`TunnelState::Failed`] with the last error. A permanent error ends it at once.
 //!
+//! Nothing shortens a delay of the schedule: a health check or a caller waiting in
+//! `ensure_connected` waits for the round. After a round gave up on transient errors the
+//! supervisor parks until `Inner::restart_round` asks for a new one.
+//!
 //! [`BackoffPolicy::delays`]: crate::config::BackoffPolicy::delays
 
 use std::sync::Arc;
@@ -56,7 +60,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                         inner.cancel.cancelled().await;
                         return;
                     }
-                    // Retries exhausted: wait for `ensure_connected` to ask for another round.
+                    // Retries exhausted: wait for `restart_round` (from `ensure_connected`).
                     tokio::select! {
                         () = inner.cancel.cancelled() => return,
                         () = inner.wake.notified() => {}
@@ -76,6 +80,7 @@ fn fail(inner: &Inner, error: Error) {
     );
     let error = Arc::new(error);
     inner.record_error(error.clone());
+    inner.record_gave_up();
     inner.set_state(TunnelState::Failed { error: error.clone() });
     inner.emit(TunnelEvent::Failed { error });
 }
@@ -114,8 +119,6 @@ async fn attempts(inner: &Arc<Inner>, reconnecting: bool) -> std::result::Result
             tokio::select! {
                 () = inner.cancel.cancelled() => return Err(Outcome::ShutDown),
                 () = tokio::time::sleep(delay) => {}
-                // ensure_connected(): try now.
-                () = inner.wake.notified() => {}
             }
         }
         if inner.is_shutting_down() {
