@@ -19,6 +19,9 @@ pub(crate) enum Availability {
     Recovering,
     /// Shutting down (or the manager is gone): answer at once.
     ShuttingDown,
+    /// Failed for a reason that waiting cannot fix (a changed host key, refused credentials, a
+    /// channel the bastion prohibits): answer at once.
+    Failed,
 }
 
 pub(crate) type WaitFuture = Pin<Box<dyn Future<Output = Availability> + Send + 'static>>;
@@ -38,6 +41,7 @@ pub(crate) struct WatchHealth<T> {
     rx: watch::Receiver<T>,
     healthy: fn(&T) -> bool,
     shutting_down: std::sync::Arc<dyn Fn() -> bool + Send + Sync>,
+    failed: std::sync::Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 impl<T> WatchHealth<T> {
@@ -50,7 +54,14 @@ impl<T> WatchHealth<T> {
             rx,
             healthy,
             shutting_down: std::sync::Arc::new(shutting_down),
+            failed: std::sync::Arc::new(|| false),
         }
+    }
+
+    /// `failed` tells whether an unhealthy source has failed permanently.
+    pub(crate) fn with_failed(mut self, failed: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        self.failed = std::sync::Arc::new(failed);
+        self
     }
 }
 
@@ -58,11 +69,13 @@ impl WatchHealth<HealthStatus> {
     /// The manager's health watch and shutdown flag.
     pub(crate) fn from_manager(manager: &ConnectionManager) -> Self {
         let handle = manager.clone();
+        let tunnel = manager.tunnel().cloned();
         WatchHealth::new(
             manager.health(),
             |s: &HealthStatus| s.healthy,
             move || handle.is_shutting_down(),
         )
+        .with_failed(move || tunnel.as_ref().is_some_and(|t| t.permanent_error().is_some()))
     }
 }
 
@@ -73,6 +86,8 @@ impl<T: Send + Sync + 'static> HealthSignal for WatchHealth<T> {
             Availability::ShuttingDown
         } else if (self.healthy)(&self.rx.borrow()) {
             Availability::Ready
+        } else if (self.failed)() {
+            Availability::Failed
         } else {
             Availability::Recovering
         }
@@ -82,17 +97,21 @@ impl<T: Send + Sync + 'static> HealthSignal for WatchHealth<T> {
         let mut rx = self.rx.clone();
         let healthy = self.healthy;
         let shutting_down = self.shutting_down.clone();
+        let failed = self.failed.clone();
         Box::pin(async move {
             // `wait_for` looks at the current value first, so a change between the caller's
             // check and this wait is not missed. Shutdown publishes a status too, which wakes
             // this and is then seen by the predicate.
             let woke = tokio::time::timeout(max_wait, async {
-                rx.wait_for(|s| healthy(s) || shutting_down()).await.map(|_| ())
+                rx.wait_for(|s| healthy(s) || shutting_down() || failed())
+                    .await
+                    .map(|_| ())
             })
             .await;
             match woke {
                 Ok(Err(_closed)) => Availability::ShuttingDown,
                 _ if shutting_down() => Availability::ShuttingDown,
+                Ok(Ok(())) if !healthy(&rx.borrow()) && failed() => Availability::Failed,
                 Ok(Ok(())) => Availability::Ready,
                 Err(_elapsed) => Availability::Recovering,
             }

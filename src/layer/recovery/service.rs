@@ -86,8 +86,12 @@ where
         let settings = &self.shared.settings;
         let grpc = crate::layer::is_grpc(&request);
         let availability = self.shared.health.availability();
-        if availability == Availability::ShuttingDown {
-            return ResponseFuture::ready(Ok(shed(grpc, settings, ShedReason::ShuttingDown)));
+        match availability {
+            Availability::ShuttingDown => {
+                return ResponseFuture::ready(Ok(shed(grpc, settings, ShedReason::ShuttingDown)));
+            }
+            Availability::Failed => return ResponseFuture::ready(Ok(shed(grpc, settings, ShedReason::Failed))),
+            Availability::Ready | Availability::Recovering => {}
         }
         let retryable = settings.retry.is_some() && is_idempotent(&request) && fits(&request, settings);
         if availability == Availability::Ready && !retryable {
@@ -184,6 +188,7 @@ async fn wait_until_ready(shared: &Shared) -> Result<(), ShedReason> {
         Availability::Ready => Ok(()),
         Availability::Recovering => Err(ShedReason::Recovering),
         Availability::ShuttingDown => Err(ShedReason::ShuttingDown),
+        Availability::Failed => Err(ShedReason::Failed),
     }
 }
 
@@ -207,6 +212,7 @@ fn fits<B: Body>(request: &Request<B>, settings: &Settings) -> bool {
 enum ShedReason {
     Recovering,
     ShuttingDown,
+    Failed,
 }
 
 impl ShedReason {
@@ -214,6 +220,7 @@ impl ShedReason {
         match self {
             ShedReason::Recovering => "recovering",
             ShedReason::ShuttingDown => "shutting_down",
+            ShedReason::Failed => "failed",
         }
     }
 
@@ -221,6 +228,7 @@ impl ShedReason {
         match self {
             ShedReason::Recovering => "database unavailable: recovering, retry later",
             ShedReason::ShuttingDown => "database unavailable: the service is shutting down",
+            ShedReason::Failed => "database unavailable: the SSH tunnel failed permanently (see the service log)",
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::layer::{Idempotent, TransientDbFailure};
 struct Harness {
     health: watch::Sender<bool>,
     shutting_down: Arc<AtomicBool>,
+    failed: Arc<AtomicBool>,
     layer: RecoveryLayer,
 }
 
@@ -28,12 +29,16 @@ fn harness(healthy: bool) -> Harness {
     let (health, rx) = watch::channel(healthy);
     let shutting_down = Arc::new(AtomicBool::new(false));
     let flag = shutting_down.clone();
-    let signal = WatchHealth::new(rx, |h: &bool| *h, move || flag.load(Ordering::SeqCst));
+    let failed = Arc::new(AtomicBool::new(false));
+    let failed_flag = failed.clone();
+    let signal = WatchHealth::new(rx, |h: &bool| *h, move || flag.load(Ordering::SeqCst))
+        .with_failed(move || failed_flag.load(Ordering::SeqCst));
     let policy = BackoffPolicy::new(Duration::from_millis(10)).jitter(0.0).max_retries(3);
     let layer = RecoveryLayer::from_signal(Arc::new(signal), policy).max_wait(Duration::from_millis(300));
     Harness {
         health,
         shutting_down,
+        failed,
         layer,
     }
 }
@@ -177,6 +182,35 @@ async fn shutting_down_is_shed_at_once() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(fake.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_permanent_failure_is_shed_at_once_and_during_a_wait() {
+    let h = harness(false);
+    let fake = Fake::new(0);
+    let service = h
+        .layer
+        .clone()
+        .max_wait(Duration::from_secs(60))
+        .layer_service(fake.service());
+    // Unhealthy and waiting; then the tunnel fails for good (e.g. a changed host key).
+    let pending = tokio::spawn(service.clone().oneshot(request(Method::GET, "")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.failed.store(true, Ordering::SeqCst);
+    h.health.send(false).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("the wait ends when the failure is known")
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // A new request is answered without waiting at all.
+    let response = tokio::time::timeout(Duration::from_secs(1), service.oneshot(request(Method::GET, "")))
+        .await
+        .expect("not waiting")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(fake.calls(), 0);
 }
 
