@@ -14,25 +14,14 @@ use sea_orm_tunnel::config::{BackoffPolicy, Config, SessionSettings};
 use sea_orm_tunnel::error::TimeoutKind;
 use sea_orm_tunnel::manager::{ConnectionManager, HealthEvent, TunnelHealth};
 use sea_orm_tunnel::observe::events::{AcquireTimeLayer, with_correlation_id};
-use sea_orm_tunnel::testkit::TempPostgres;
+use sea_orm_tunnel::testkit::{TempPostgres, fast_config};
 use sea_orm_tunnel::{Error, Result};
 use tracing::Instrument;
 use tracing_subscriber::layer::SubscriberExt;
 
 /// A configuration for tests: fast health checks and rechecks, short timeouts.
 fn config(pg: &TempPostgres, prefix: &str) -> Config {
-    Config::new(pg.url())
-        .map_pool(|p| {
-            p.max_connections(4)
-                .acquire_timeout(Duration::from_secs(3))
-                .connect_timeout(Duration::from_secs(3))
-                .application_name(prefix)
-        })
-        .map_health(|h| {
-            h.interval(Duration::from_millis(500))
-                .timeout(Duration::from_secs(2))
-                .recheck(BackoffPolicy::new(Duration::from_millis(100)).max_delay(Duration::from_millis(500)))
-        })
+    fast_config(pg.url(), prefix)
 }
 
 async fn select_one(db: &impl ConnectionTrait) -> std::result::Result<i32, sea_orm::DbErr> {

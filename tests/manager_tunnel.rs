@@ -11,7 +11,7 @@ use sea_orm::{ConnectionTrait, TransactionTrait};
 use sea_orm_tunnel::Error;
 use sea_orm_tunnel::config::{BackoffPolicy, Config, LocalEndpointConfig};
 use sea_orm_tunnel::manager::{ConnectionManager, HealthEvent, TunnelHealth};
-use sea_orm_tunnel::testkit::{OpenSshd, TempPostgres};
+use sea_orm_tunnel::testkit::{OpenSshd, TempPostgres, fast_config};
 use sea_orm_tunnel::tunnel::{TunnelEvent, TunnelState};
 
 fn config(pg: &TempPostgres, sshd: &OpenSshd, prefix: &str) -> Config {
@@ -20,19 +20,7 @@ fn config(pg: &TempPostgres, sshd: &OpenSshd, prefix: &str) -> Config {
         .keepalive_interval(Duration::from_millis(500))
         .keepalive_max(2)
         .reconnect(BackoffPolicy::new(Duration::from_millis(100)).max_delay(Duration::from_secs(1)));
-    Config::new(pg.url())
-        .tunnel(tunnel)
-        .map_pool(|p| {
-            p.max_connections(4)
-                .acquire_timeout(Duration::from_secs(3))
-                .connect_timeout(Duration::from_secs(3))
-                .application_name(prefix)
-        })
-        .map_health(|h| {
-            h.interval(Duration::from_millis(500))
-                .timeout(Duration::from_secs(2))
-                .recheck(BackoffPolicy::new(Duration::from_millis(100)).max_delay(Duration::from_millis(500)))
-        })
+    fast_config(pg.url(), prefix).tunnel(tunnel)
 }
 
 async fn select_one(db: &impl ConnectionTrait) -> Result<i32, sea_orm::DbErr> {

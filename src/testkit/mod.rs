@@ -6,11 +6,13 @@
 mod bastion;
 pub use bastion::{Bastion, BastionOptions};
 mod fault_proxy;
+mod helpers;
 mod postgres;
 mod sandbox;
 mod sshd;
 mod util;
 pub use fault_proxy::FaultProxy;
+pub use helpers::{eventually, fast_config};
 pub use postgres::TempPostgres;
 pub use sandbox::Sandbox;
 pub use sshd::{KeyKind, OpenSshd, SshForward};

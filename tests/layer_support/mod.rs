@@ -5,12 +5,12 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sea_orm_tunnel::ConnectionManager;
-use sea_orm_tunnel::config::{BackoffPolicy, Config};
+use sea_orm_tunnel::config::BackoffPolicy;
 use sea_orm_tunnel::manager::HealthStatus;
-use sea_orm_tunnel::testkit::{OpenSshd, TempPostgres};
+use sea_orm_tunnel::testkit::{OpenSshd, TempPostgres, fast_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::field::{Field, Visit};
@@ -49,24 +49,11 @@ impl Servers {
                     .max_delay(Duration::from_millis(500))
                     .max_retries(0)
             });
-        let config = Config::new(self.pg.url())
-            .tunnel(tunnel)
-            .map_pool(|p| {
-                p.max_connections(4)
-                    .acquire_timeout(Duration::from_secs(3))
-                    .connect_timeout(Duration::from_secs(3))
-                    .application_name(prefix)
-            })
-            .map_health(|h| {
-                h.interval(Duration::from_millis(500))
-                    .timeout(Duration::from_secs(2))
-                    .recheck(BackoffPolicy::new(Duration::from_millis(100)).max_delay(Duration::from_millis(500)))
-            })
-            .recovery(
-                BackoffPolicy::new(Duration::from_millis(50))
-                    .max_delay(Duration::from_millis(500))
-                    .max_retries(4),
-            );
+        let config = fast_config(self.pg.url(), prefix).tunnel(tunnel).recovery(
+            BackoffPolicy::new(Duration::from_millis(50))
+                .max_delay(Duration::from_millis(500))
+                .max_retries(4),
+        );
         ConnectionManager::new(config).await.expect("manager starts")
     }
 }
@@ -177,17 +164,13 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
-/// Polls `f` until it returns true.
-pub async fn eventually<F, Fut>(what: &str, mut f: F)
+/// Polls `f` until it returns true (up to [`PATIENCE`]).
+pub async fn eventually<F, Fut>(what: &str, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let start = Instant::now();
-    while !f().await {
-        assert!(start.elapsed() < PATIENCE, "not {what} after {PATIENCE:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sea_orm_tunnel::testkit::eventually(what, PATIENCE, f).await
 }
 
 // ---- tracing capture -------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement, TryGetable};
@@ -77,17 +77,13 @@ pub async fn wait_event(
     found.unwrap_or_else(|_| panic!("no event: {what} after {PATIENCE:?}"))
 }
 
-/// Polls `f` until it returns true.
-pub async fn eventually<F, Fut>(what: &str, mut f: F)
+/// Polls `f` until it returns true (up to [`PATIENCE`]).
+pub async fn eventually<F, Fut>(what: &str, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let start = Instant::now();
-    while !f().await {
-        assert!(start.elapsed() < PATIENCE, "not {what} after {PATIENCE:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sea_orm_tunnel::testkit::eventually(what, PATIENCE, f).await
 }
 
 // ---- metrics -------------------------------------------------------------------------------
