@@ -32,7 +32,11 @@ async fn initialize_from_env_reads_the_environment_and_env_files() {
     .unwrap();
 
     let output = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "initialize_from_env_reads_the_environment_and_env_files", "--nocapture"])
+        .args([
+            "--exact",
+            "initialize_from_env_reads_the_environment_and_env_files",
+            "--nocapture",
+        ])
         .current_dir(dir.path())
         .env(CHILD, "1")
         .env("DATABASE_URL", pg.url())
@@ -70,7 +74,9 @@ async fn child() {
     let addr = tunnel.local_endpoint().tcp_addr().expect("a TCP endpoint by default");
     let url = std::env::var("DATABASE_URL").unwrap();
     let (credentials, _) = url.rsplit_once('@').unwrap();
-    let db = Database::connect(format!("{credentials}@{addr}/postgres")).await.expect("connects");
+    let db = Database::connect(format!("{credentials}@{addr}/postgres"))
+        .await
+        .expect("connects");
     let row = db
         .query_one_raw(Statement::from_string(DbBackend::Postgres, "SELECT 1::int4"))
         .await

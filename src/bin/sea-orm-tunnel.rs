@@ -311,6 +311,9 @@ fn log_event(event: &TunnelEvent) {
         TunnelEvent::SessionOpened { session, sessions } => log(format_args!(
             "additional SSH session {session} opened ({sessions} open)"
         )),
+        TunnelEvent::SessionClosed { session, sessions } => {
+            log(format_args!("idle SSH session {session} closed ({sessions} open)"))
+        }
         TunnelEvent::Disconnected { session, reason } => log(format_args!("SSH session {session} lost: {reason}")),
         TunnelEvent::Reconnecting { attempt, delay, error } => log(format_args!(
             "reconnecting: attempt {attempt} in {delay:?} (last error: {error})"

@@ -123,6 +123,9 @@ pub struct TunnelConfig {
     /// TCP connect + handshake + auth timeout; also bounds how long a local connection waits for
     /// a session or capacity. Defaults to the pool connection timeout.
     pub connect_timeout: Duration,
+    /// How long an extra SSH session opened for capacity may stay without channels before it is
+    /// closed; the last session is always kept. Default 60 s.
+    pub session_idle_timeout: Duration,
 }
 
 /// SSH authentication sources, tried in order: key file, then agent.
@@ -628,6 +631,7 @@ impl TunnelConfig {
             keepalive_interval: profile::KEEPALIVE_INTERVAL,
             keepalive_max: profile::KEEPALIVE_MAX,
             connect_timeout: d.connect_timeout,
+            session_idle_timeout: Duration::from_secs(60),
         }
     }
 
@@ -756,6 +760,16 @@ impl TunnelConfig {
         self
     }
 
+    /// How long an extra SSH session opened for capacity may stay without channels before it is
+    /// closed (SSH disconnect); the last session is always kept. Default 60 s: a burst that needed
+    /// more sessions does not leave idle sshd processes behind for the tunnel's whole life, and a
+    /// pool that cycles its connections does not reopen a session for every one. Must be above zero.
+    #[must_use]
+    pub fn session_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.session_idle_timeout = timeout;
+        self
+    }
+
     /// The remote target as `host:port` (IPv6 hosts in brackets), for logs and errors.
     pub fn remote_target(&self) -> String {
         if self.remote_host.contains(':') {
@@ -784,6 +798,7 @@ impl fmt::Debug for TunnelConfig {
             .field("keepalive_interval", &self.keepalive_interval)
             .field("keepalive_max", &self.keepalive_max)
             .field("connect_timeout", &self.connect_timeout)
+            .field("session_idle_timeout", &self.session_idle_timeout)
             .finish()
     }
 }

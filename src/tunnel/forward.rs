@@ -159,7 +159,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.session.channels.fetch_sub(1, Ordering::AcqRel);
+        self.session.release_channel();
         // disconnect() resets the counter to 0 after the tasks ended; never wrap below it.
         let _ = self
             .inner

@@ -24,6 +24,10 @@
 //!   free slot (`max_channels` per session). When all are full another session is opened, up to
 //!   `max_sessions`. A connection that finds no slot waits up to `connect_timeout`, then is closed
 //!   and counted ([`TunnelStats::refused_connections`], [`TunnelEvent::CapacityExhausted`]).
+//! - **Idle extra sessions.** A session other than the oldest that has had no channel for
+//!   `session_idle_timeout` is closed with an SSH disconnect ([`TunnelEvent::SessionClosed`]);
+//!   the last session is always kept. This is not a lost session: nothing reconnects and
+//!   [`SshTunnel::last_reconnect_at`] does not move.
 //! - **No session up.** A connection that arrives while the tunnel is reconnecting waits (up to
 //!   `connect_timeout`) for the supervisor instead of being accepted and dropped (DESIGN §7 item 7).
 //! - **Liveness.** Every session is pinged each `keepalive_interval`; without a reply for
@@ -156,6 +160,14 @@ pub enum TunnelEvent {
         /// Session id.
         session: u64,
         /// Sessions now open.
+        sessions: usize,
+    },
+    /// An additional session opened for capacity had no channel for `session_idle_timeout` and
+    /// was closed (SSH disconnect). Not a failure: nothing reconnects, and no connection rode it.
+    SessionClosed {
+        /// Session id.
+        session: u64,
+        /// Sessions still open.
         sessions: usize,
     },
     /// A session ended (lost link, closed by the server, keepalive unanswered).
@@ -699,6 +711,36 @@ impl Inner {
         self.changed.notify_waiters();
     }
 
+    /// Takes `session` out of the tunnel if it is an extra session (not the oldest) idle for
+    /// `session_idle_timeout`.
+    ///
+    /// Channels are reserved only under the same lock and only on listed sessions, so once this
+    /// has seen zero channels and removed the session, no channel can ever be opened on it.
+    pub(crate) fn try_retire(&self, session: &SshSession) -> Retire {
+        let remaining = {
+            let mut sessions = lock(&self.sessions);
+            let Some(pos) = sessions.iter().position(|s| s.id == session.id) else {
+                return Retire::Gone;
+            };
+            if self.is_shutting_down() {
+                return Retire::Gone;
+            }
+            if pos == 0 {
+                // The oldest session is the base: new channels fill it first, keep it.
+                return Retire::Kept;
+            }
+            if !session.idle_for(self.config.session_idle_timeout) {
+                return Retire::Busy;
+            }
+            sessions.remove(pos);
+            sessions.len()
+        };
+        self.gauges();
+        // Waiters for a slot re-check (one may now open a session again).
+        self.changed.notify_waiters();
+        Retire::Retired { remaining }
+    }
+
     /// Reserves a channel slot on the oldest session with room.
     pub(crate) fn try_reserve(&self) -> Option<Arc<SshSession>> {
         let sessions = lock(&self.sessions);
@@ -780,7 +822,26 @@ fn validate(config: &TunnelConfig) -> Result<()> {
     if config.connect_timeout.is_zero() {
         return Err(Error::config("tunnel.connect_timeout", "must be positive"));
     }
+    if config.session_idle_timeout.is_zero() {
+        // Zero would close a session opened for capacity before its waiter could use it.
+        return Err(Error::config("tunnel.session_idle_timeout", "must be positive"));
+    }
     Ok(())
+}
+
+/// What [`Inner::try_retire`] decided.
+pub(crate) enum Retire {
+    /// Removed from the tunnel; `remaining` sessions are left. The caller closes it.
+    Retired {
+        /// Sessions left open.
+        remaining: usize,
+    },
+    /// Not listed any more (lost, or the tunnel is shutting down).
+    Gone,
+    /// The oldest session: always kept.
+    Kept,
+    /// It has channels, or has not been idle long enough.
+    Busy,
 }
 
 /// Locks a std mutex, ignoring poisoning (the data are plain values that stay consistent).

@@ -9,12 +9,13 @@ use std::time::Duration;
 use russh::client::{DisconnectReason, Handle, Handler};
 use russh::keys::{PublicKey, PublicKeyOrCertificate};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::host_key::HostKeyVerifier;
 use super::socket;
-use super::{Inner, LOG_TARGET, lock};
+use super::{Inner, LOG_TARGET, Retire, lock};
 use crate::config::TunnelConfig;
 use crate::error::TimeoutKind;
 use crate::{Error, Result};
@@ -127,8 +128,13 @@ impl Handler for ClientHandler {
 pub(crate) struct SshSession {
     pub(crate) id: u64,
     pub(crate) handle: Handle<ClientHandler>,
-    /// Channels open (or being opened) on this session.
+    /// Channels open (or being opened) on this session. Incremented only under the tunnel's
+    /// session-list lock (`Inner::try_reserve`), which is also where an idle session is retired.
     pub(crate) channels: AtomicUsize,
+    /// When this session was opened or last released a channel: the start of its idle time.
+    last_active: Mutex<Instant>,
+    /// Signalled when the last channel is released, so the monitor arms the idle timer.
+    went_idle: Notify,
     /// Aborts the transport socket; also tells this session's forwarders to stop.
     pub(crate) kill: CancellationToken,
     /// Cancelled when russh's session task has ended.
@@ -139,6 +145,21 @@ pub(crate) struct SshSession {
 impl SshSession {
     pub(crate) fn kill(&self) {
         self.kill.cancel();
+    }
+
+    /// A channel slot is released. The idle clock restarts *before* the count drops, so a
+    /// retirement check that sees zero channels also sees this release's time.
+    pub(crate) fn release_channel(&self) {
+        *lock(&self.last_active) = Instant::now();
+        if self.channels.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.went_idle.notify_one();
+        }
+    }
+
+    /// Whether this session has had no channel for at least `timeout` (call under the session-list
+    /// lock so that no channel can be reserved meanwhile).
+    pub(crate) fn idle_for(&self, timeout: Duration) -> bool {
+        self.channels.load(Ordering::Acquire) == 0 && lock(&self.last_active).elapsed() >= timeout
     }
 
     pub(crate) fn is_dead(&self) -> bool {
@@ -224,6 +245,8 @@ pub(crate) async fn establish(inner: &Inner) -> Result<Arc<SshSession>> {
             id: inner.next_session_id(),
             handle,
             channels: AtomicUsize::new(0),
+            last_active: Mutex::new(Instant::now()),
+            went_idle: Notify::new(),
             kill,
             ended,
             end_reason,
@@ -245,12 +268,18 @@ fn handshake_error(config: &TunnelConfig, e: russh::Error) -> Error {
     }
 }
 
-/// Watches one session until it dies (or the tunnel shuts down), then reports it lost.
+/// Watches one session until it dies (or the tunnel shuts down), then reports it lost; or
+/// retires it once it is an extra session idle for `session_idle_timeout`.
 ///
 /// A ping (`keepalive@openssh.com`) is sent every `keepalive_interval`; the session is dead when
 /// no reply arrived for `keepalive_interval × keepalive_max`. `send_ping` also "succeeds" when its
 /// reply is dropped because the session ended, hence the `is_closed()` check (DESIGN §7 item 4).
 pub(crate) async fn monitor(inner: Arc<Inner>, session: Arc<SshSession>) {
+    let idle_timeout = inner.config.session_idle_timeout;
+    // With one session allowed there is never an extra one to retire.
+    let may_retire = inner.config.max_sessions > 1;
+    // The oldest session is kept; it is checked again only after another full idle period.
+    let mut not_before = Instant::now();
     let interval = inner.config.keepalive_interval;
     let dead_after = interval * u32::try_from(inner.config.keepalive_max.max(1)).unwrap_or(u32::MAX);
     let mut last_alive = Instant::now();
@@ -259,8 +288,25 @@ pub(crate) async fn monitor(inner: Arc<Inner>, session: Arc<SshSession>) {
     let mut ping: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
     let mut ping_sent = Instant::now();
     let reason = loop {
+        // Armed only while no channel is open: a release signals `went_idle` and re-arms it.
+        let idle_armed = may_retire && session.channels.load(Ordering::Acquire) == 0;
+        let idle_at = (*lock(&session.last_active) + idle_timeout).max(not_before);
         tokio::select! {
             () = inner.cancel.cancelled() => return,
+            () = session.went_idle.notified() => {}
+            () = tokio::time::sleep_until(idle_at), if idle_armed => {
+                match inner.try_retire(&session) {
+                    Retire::Retired { remaining } => {
+                        retire(&inner, &session, remaining).await;
+                        return;
+                    }
+                    // Someone else removed it (lost, shutting down): they handle the rest.
+                    Retire::Gone => return,
+                    Retire::Kept => not_before = Instant::now() + idle_timeout,
+                    // A channel came, or a release moved the idle clock: re-evaluate.
+                    Retire::Busy => {}
+                }
+            }
             () = session.kill.cancelled() => break session.end_reason(),
             () = session.ended.cancelled() => break session.end_reason(),
             () = async { ping.as_mut().expect("guarded").await }, if ping.is_some() => {
@@ -293,6 +339,24 @@ pub(crate) async fn monitor(inner: Arc<Inner>, session: Arc<SshSession>) {
     };
     tracing::debug!(target: LOG_TARGET, session = session.id, %reason, "SSH session ended");
     inner.session_lost(session.id, reason);
+}
+
+/// Closes a session that `Inner::try_retire` took out of the tunnel (no channels, none can be
+/// assigned any more): SSH disconnect, then report it. Not a lost session: nothing reconnects and
+/// `last_reconnect_at` stays, since no pooled connection rode it.
+async fn retire(inner: &Inner, session: &SshSession, sessions: usize) {
+    tracing::info!(
+        target: LOG_TARGET,
+        session = session.id,
+        sessions,
+        idle_timeout = ?inner.config.session_idle_timeout,
+        "closing an idle additional SSH session"
+    );
+    session.close_gracefully().await;
+    inner.emit(super::TunnelEvent::SessionClosed {
+        session: session.id,
+        sessions,
+    });
 }
 
 impl std::fmt::Debug for SshSession {
