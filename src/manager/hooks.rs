@@ -412,14 +412,7 @@ impl Hooks {
                 None => (false, false),
             }
         };
-        if stale {
-            self.counters.rejected_stale.fetch_add(1, Ordering::Relaxed);
-            self.forget(n, "stale");
-            return Ok(false);
-        }
-        if expired {
-            self.counters.rejected_expired.fetch_add(1, Ordering::Relaxed);
-            self.forget(n, "expired");
+        if self.rejected(n, stale, expired) {
             return Ok(false);
         }
         if meta.idle_for >= self.test_if_idle_for {
@@ -488,17 +481,22 @@ impl Hooks {
         let correlation = checkout.as_ref().and_then(|c| c.origin.correlation_id.clone());
         events::connection_released(&id, size, correlation.as_deref(), held);
         self.update_gauges(size, active);
-        if stale {
-            self.counters.rejected_stale.fetch_add(1, Ordering::Relaxed);
-            self.forget(n, "stale");
-            return Ok(false);
-        }
-        if expired {
-            self.counters.rejected_expired.fetch_add(1, Ordering::Relaxed);
-            self.forget(n, "expired");
-            return Ok(false);
-        }
-        Ok(true)
+        Ok(!self.rejected(n, stale, expired))
+    }
+
+    /// Counts and forgets connection `n` when it predates the generation cutoff (`stale`) or
+    /// outlived its jittered lifetime (`expired`); `true` means the pool must close it.
+    fn rejected(&self, n: u64, stale: bool, expired: bool) -> bool {
+        let (counter, why) = if stale {
+            (&self.counters.rejected_stale, "stale")
+        } else if expired {
+            (&self.counters.rejected_expired, "expired")
+        } else {
+            return false;
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.forget(n, why);
+        true
     }
 
     // ---- maintenance ----------------------------------------------------------------------
