@@ -930,3 +930,18 @@ fn is_set_sees_the_process_environment_without_returning_values() {
     assert!(is_set("PATH").unwrap());
     assert!(!is_set("SEA_ORM_TUNNEL_SURELY_UNSET_VARIABLE").unwrap());
 }
+
+#[test]
+fn a_huge_bad_value_is_quoted_only_in_part() {
+    let huge = "x".repeat(50_000);
+    let err = Config::from_env_with(|name| match name {
+        "DATABASE_URL" => Some("postgres://u@h/db".to_owned()),
+        "POSTGRES_MAX_CONNECTIONS" => Some(huge.clone()),
+        _ => None,
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("POSTGRES_MAX_CONNECTIONS"), "{err}");
+    assert!(err.contains("50000 bytes"), "{err}");
+    assert!(err.len() < 300, "{} bytes: {}", err.len(), &err[..300]);
+}

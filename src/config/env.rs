@@ -171,6 +171,26 @@ pub fn is_set(name: &str) -> Result<bool> {
     Ok(vars.get(name)?.is_some())
 }
 
+/// Longest bad value repeated in full in an error message.
+const MAX_ECHOED_VALUE: usize = 64;
+
+/// An error that quotes a huge bad value (`{value:?}`) quotes only its start, so a malformed
+/// variable cannot flood the log.
+fn shorten_echoed_value(error: Error, value: &str) -> Error {
+    match error {
+        Error::Config { field, message } if value.chars().count() > MAX_ECHOED_VALUE => {
+            let head: String = value.chars().take(MAX_ECHOED_VALUE).collect();
+            let total = value.len();
+            let short = format!("{head:?}... ({total} bytes)");
+            Error::Config {
+                message: message.replacen(&format!("{value:?}"), &short, 1),
+                field,
+            }
+        }
+        other => other,
+    }
+}
+
 fn current_dir() -> Result<PathBuf> {
     std::env::current_dir().map_err(|source| Error::Io {
         context: "reading the current directory to find .env files".to_owned(),
@@ -230,7 +250,9 @@ impl<'a> Vars<'a> {
     }
 
     fn parse<T>(&self, name: &str, parse: impl FnOnce(&str, &str) -> Result<T>) -> Result<Option<T>> {
-        self.get(name)?.map(|v| parse(name, &v)).transpose()
+        self.get(name)?
+            .map(|v| parse(name, &v).map_err(|e| shorten_echoed_value(e, &v)))
+            .transpose()
     }
 
     fn count<T: FromStr<Err = ParseIntError> + std::fmt::Display>(&self, name: &str, max: T) -> Result<Option<T>> {
