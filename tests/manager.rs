@@ -613,3 +613,40 @@ async fn shutdown_refuses_new_acquisitions_at_once_while_the_log_still_flushes()
     })
     .await;
 }
+
+/// sqlx tops the pool up to `min_connections` only right after its idle reaper closed a
+/// connection. A connection that dies otherwise (here: its backend is terminated under it) left
+/// the pool below its minimum for good while health checks kept the rest busy. The manager
+/// brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_is_brought_back_to_min_connections_after_a_connection_dies() {
+    let pg = TempPostgres::start().await.unwrap();
+    let checker = checker(&pg.url()).await;
+    let manager = ConnectionManager::new(
+        config(&pg, "minkeep").map_pool(|p| p.min_connections(2).test_if_idle_for(Duration::ZERO)),
+    )
+    .await
+    .unwrap();
+    eventually("the pool opens its minimum", || async { manager.stats().size == 2 }).await;
+    let before = backends(&checker, "minkeep").await;
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    // One backend dies under the pool, as after an administrator's pg_terminate_backend.
+    let victim = &before[0];
+    checker
+        .execute_unprepared(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{victim}'"
+        ))
+        .await
+        .unwrap();
+
+    // The health probe finds it dead (its ping fails) and the pool drops to one connection;
+    // then the manager opens a replacement: two live backends again, the victim gone.
+    eventually("back at the minimum with live connections", || async {
+        let now = backends(&checker, "minkeep").await;
+        manager.stats().size == 2 && now.len() == 2 && !now.contains(victim)
+    })
+    .await;
+    assert!(manager.stats().ping_failures >= 1, "{:?}", manager.stats());
+    manager.shutdown(Duration::from_secs(5)).await;
+}

@@ -206,7 +206,36 @@ impl Inner {
             }
         }
         self.publish(status.clone());
+        if healthy {
+            self.top_up_min_connections().await;
+        }
         status
+    }
+
+    /// Brings the pool back to `min_connections` when it fell below.
+    ///
+    /// sqlx opens connections up to its minimum only right after its idle reaper closed one; when
+    /// that top-up fails (a slow connect, a fault) or a connection is closed elsewhere (rejected as
+    /// stale, a broken socket), nothing retries it, and a pool kept busy by health checks may stay
+    /// below the minimum for good. Holding `min_connections` at once makes the pool open the
+    /// missing ones; they are returned right away.
+    async fn top_up_min_connections(&self) {
+        let min = self.config.pool.min_connections;
+        let pool = self.db.get_postgres_connection_pool();
+        if min == 0 || pool.size() >= min || self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let _ = tokio::time::timeout(self.config.health.timeout, async {
+            let mut held = Vec::with_capacity(min as usize);
+            for _ in 0..min {
+                match pool.acquire().await {
+                    Ok(conn) => held.push(conn),
+                    Err(_) => break,
+                }
+            }
+            held
+        })
+        .await;
     }
 
     /// How long after the tunnel gave up (on transient errors) the health loop may start a new
