@@ -311,16 +311,7 @@ async fn health_follows_a_restart_and_an_outage_and_no_stale_connection_is_hande
     eventually("three idle connections", || async { manager.stats().idle >= 3 }).await;
 
     // 1. A restart: the pooled connections die with it.
-    let mut restart_events = manager.subscribe_health();
-    pg.restart().await.unwrap();
-    wait_event(&mut restart_events, "a failed check after the restart", |e| {
-        matches!(e, HealthEvent::HealthCheckFailed(_))
-    })
-    .await;
-    let back = wait_event(&mut restart_events, "a healthy check after the restart", |e| {
-        e.status().healthy
-    })
-    .await;
+    let back = restart_and_wait_for_health(&manager, &pg).await;
     assert!(back.status().database);
     for _ in 0..20 {
         select_one(&db).await.expect("no stale connection after recovery");

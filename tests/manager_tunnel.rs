@@ -144,16 +144,7 @@ async fn health_follows_killed_ssh_sessions_and_a_postgres_restart_without_stale
 
     // 2. PostgreSQL restarts behind the bastion, with connections idle in the pool.
     eventually("idle connections", || async { manager.stats().idle >= 2 }).await;
-    let mut restart_events = manager.subscribe_health();
-    pg.restart().await.unwrap();
-    wait_event(&mut restart_events, "a failed check after the restart", |e| {
-        matches!(e, HealthEvent::HealthCheckFailed(_))
-    })
-    .await;
-    let back = wait_event(&mut restart_events, "a healthy check after the restart", |e| {
-        e.status().healthy
-    })
-    .await;
+    let back = restart_and_wait_for_health(&manager, &pg).await;
     assert_eq!(back.status().tunnel, TunnelHealth::Up);
     for _ in 0..20 {
         select_one(&db).await.expect("no stale connection after the restart");

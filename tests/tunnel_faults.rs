@@ -5,8 +5,8 @@ mod tunnel_support;
 
 use std::time::{Duration, Instant};
 
-use sea_orm_tunnel::config::{BackoffPolicy, HostKeyPolicy};
-use sea_orm_tunnel::testkit::{Bastion, FaultProxy};
+use sea_orm_tunnel::config::{BackoffPolicy, HostKeyPolicy, TunnelConfig};
+use sea_orm_tunnel::testkit::{Bastion, FaultProxy, OpenSshd, TempPostgres};
 use sea_orm_tunnel::tunnel::{SshTunnel, TunnelEvent, TunnelState};
 use tunnel_support::*;
 
@@ -65,23 +65,32 @@ async fn sessions_killed_mid_query_fail_that_query_then_the_tunnel_reconnects_on
     tunnel.disconnect().await;
 }
 
+/// A tunnel that reaches sshd through `proxy`, with the given keepalive. known_hosts names sshd's
+/// own port, so the proxy's port is pinned by fingerprint instead.
+fn through_proxy(
+    sshd: &OpenSshd,
+    pg: &TempPostgres,
+    proxy: &FaultProxy,
+    keepalive_interval: Duration,
+    keepalive_max: usize,
+) -> TunnelConfig {
+    config(sshd, pg)
+        .port(proxy.addr().port())
+        .host_key_policy(HostKeyPolicy::Fingerprint(sshd.host_key_fingerprint()))
+        .keepalive_interval(keepalive_interval)
+        .keepalive_max(keepalive_max)
+        .connect_timeout(Duration::from_secs(2))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_link_is_detected_by_keepalive_and_recovers_when_restored() {
     let (pg, sshd) = servers().await;
     let proxy = FaultProxy::start(sshd.addr()).await.unwrap();
     let interval = Duration::from_millis(500);
     let keepalive_max = 2;
-    let tunnel = SshTunnel::connect(
-        config(&sshd, &pg)
-            .port(proxy.addr().port())
-            // known_hosts names sshd's own port; the proxy's port is pinned by fingerprint instead.
-            .host_key_policy(HostKeyPolicy::Fingerprint(sshd.host_key_fingerprint()))
-            .keepalive_interval(interval)
-            .keepalive_max(keepalive_max)
-            .connect_timeout(Duration::from_secs(2)),
-    )
-    .await
-    .unwrap();
+    let tunnel = SshTunnel::connect(through_proxy(&sshd, &pg, &proxy, interval, keepalive_max))
+        .await
+        .unwrap();
     let db = pool(&url_via(&tunnel, &pg), 1).await;
     assert_eq!(select(&db, 1).await.unwrap(), 1);
     let mut events = tunnel.subscribe();
@@ -330,17 +339,11 @@ async fn three_blackholes_in_a_row_are_each_detected_and_recovered() {
     let interval = Duration::from_millis(300);
     let keepalive_max = 2;
     let tunnel = SshTunnel::connect(
-        config(&sshd, &pg)
-            .port(proxy.addr().port())
-            .host_key_policy(HostKeyPolicy::Fingerprint(sshd.host_key_fingerprint()))
-            .keepalive_interval(interval)
-            .keepalive_max(keepalive_max)
-            .connect_timeout(Duration::from_secs(2))
-            .reconnect(
-                BackoffPolicy::new(Duration::from_millis(100))
-                    .jitter(0.0)
-                    .max_delay(Duration::from_millis(500)),
-            ),
+        through_proxy(&sshd, &pg, &proxy, interval, keepalive_max).reconnect(
+            BackoffPolicy::new(Duration::from_millis(100))
+                .jitter(0.0)
+                .max_delay(Duration::from_millis(500)),
+        ),
     )
     .await
     .unwrap();

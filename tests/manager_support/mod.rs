@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement, TryGetable};
+use sea_orm_tunnel::ConnectionManager;
 use sea_orm_tunnel::manager::{HealthEvent, HealthStatus};
+use sea_orm_tunnel::testkit::TempPostgres;
 use tokio::sync::watch;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::Context;
@@ -75,6 +77,17 @@ pub async fn wait_event(
     })
     .await;
     found.unwrap_or_else(|_| panic!("no event: {what} after {PATIENCE:?}"))
+}
+
+/// Restarts PostgreSQL and waits for a failed health check, then a healthy one (returned).
+pub async fn restart_and_wait_for_health(manager: &ConnectionManager, pg: &TempPostgres) -> HealthEvent {
+    let mut events = manager.subscribe_health();
+    pg.restart().await.unwrap();
+    wait_event(&mut events, "a failed check after the restart", |e| {
+        matches!(e, HealthEvent::HealthCheckFailed(_))
+    })
+    .await;
+    wait_event(&mut events, "a healthy check after the restart", |e| e.status().healthy).await
 }
 
 /// Polls `f` until it returns true (up to [`PATIENCE`]).
