@@ -81,6 +81,7 @@
 
 pub mod config;
 pub mod error;
+pub(crate) mod generation;
 pub mod layer;
 pub mod manager;
 pub mod observe;
