@@ -1,3 +1,4 @@
+#![allow(dead_code)] // TEMP(issue 10 merge): the manager side lands in the pool branch.
 //! The pool generation: one cutoff instant, owned by the manager, before which no pooled
 //! connection is handed out again.
 //!
@@ -43,7 +44,11 @@ impl Generation {
 
     /// Every connection created before `at` is retired. The cutoff never moves back.
     pub(crate) fn retire_before(&self, at: Instant) {
-        let offset = at.saturating_duration_since(self.base).as_nanos().min(u128::from(u64::MAX - 1)) as u64 + 1;
+        let offset = at
+            .saturating_duration_since(self.base)
+            .as_nanos()
+            .min(u128::from(u64::MAX - 1)) as u64
+            + 1;
         self.cutoff.fetch_max(offset, Ordering::AcqRel);
         self.bumps.fetch_add(1, Ordering::Relaxed);
     }

@@ -58,6 +58,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use crate::config::TunnelConfig;
+use crate::generation::Generation;
 use crate::observe::metrics as m;
 use crate::{Error, Result};
 
@@ -300,6 +301,8 @@ pub(crate) struct Inner {
     pub(crate) tracker: TaskTracker,
     next_session_id: AtomicU64,
     last_reconnect_at: Mutex<Option<Instant>>,
+    /// The pool generation this tunnel retires when sessions are lost.
+    generation: Arc<Generation>,
     last_error: Mutex<Option<Arc<Error>>>,
     /// When the supervisor last gave up (entered `Failed`).
     failed_at: Mutex<Option<Instant>>,
@@ -328,6 +331,16 @@ impl SshTunnel {
     /// [`SshTunnel::connect`], with `pool_label` as the `pool` label of the tunnel's metrics
     /// (so a service with several pools can tell their tunnels apart).
     pub async fn connect_labeled(config: TunnelConfig, pool_label: impl Into<String>) -> Result<SshTunnel> {
+        Self::connect_with_generation(config, pool_label, Arc::new(Generation::new())).await
+    }
+
+    /// [`SshTunnel::connect_labeled`], retiring `generation` whenever sessions that may carry
+    /// pooled connections are lost (the manager passes the generation its pool rules read).
+    pub(crate) async fn connect_with_generation(
+        config: TunnelConfig,
+        pool_label: impl Into<String>,
+        generation: Arc<Generation>,
+    ) -> Result<SshTunnel> {
         config.validate()?;
         validate(&config)?;
         let auth_config = config.auth.clone();
@@ -360,6 +373,7 @@ impl SshTunnel {
             tracker: TaskTracker::new(),
             next_session_id: AtomicU64::new(1),
             last_reconnect_at: Mutex::new(None),
+            generation,
             last_error: Mutex::new(None),
             failed_at: Mutex::new(None),
             channel_refusal: Mutex::new(None),
@@ -600,6 +614,14 @@ impl Inner {
         restarted
     }
 
+    /// Records a reconnect (or the loss of one of several sessions): pooled connections made
+    /// before now may ride a dead session.
+    fn mark_reconnect(&self) {
+        let now = Instant::now();
+        *lock(&self.last_reconnect_at) = Some(now);
+        self.generation.retire_before(now);
+    }
+
     /// The bastion refused a channel permanently (or, with `None`, a channel opened).
     pub(crate) fn set_channel_refusal(&self, refusal: Option<Arc<Error>>) {
         let mut current = lock(&self.channel_refusal);
@@ -637,7 +659,7 @@ impl Inner {
         self.gauges();
         if first {
             if reconnect {
-                *lock(&self.last_reconnect_at) = Some(Instant::now());
+                self.mark_reconnect();
                 self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(m::SSH_TUNNEL_RECONNECTS_TOTAL, "pool" => self.pool_label.clone()).increment(1);
             }
@@ -702,7 +724,7 @@ impl Inner {
             });
         } else {
             // The connections of that session died with it; the survivors carry on.
-            *lock(&self.last_reconnect_at) = Some(Instant::now());
+            self.mark_reconnect();
         }
         self.emit(TunnelEvent::Disconnected { session: id, reason });
         if remaining == 0 {
