@@ -88,6 +88,7 @@ pub mod observe;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod tunnel;
+pub mod url;
 
 pub use error::{Error, Result};
 pub use layer::{CorrelationId, InjectDatabaseLayer, RecoveryLayer};

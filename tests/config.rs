@@ -116,6 +116,7 @@ fn profiles_carry_the_spec_numbers() {
             assert_eq!(c.pool.max_lifetime, Duration::from_secs(30 * 60));
             assert_eq!(c.pool.test_if_idle_for, Duration::from_secs(10));
             assert_eq!(c.pool.application_name, "sea-orm-tunnel");
+            assert_eq!(c.pool.pool_label, "default");
             assert_eq!(c.pool.leak_detection_threshold, None);
             assert_eq!(c.shutdown_drain_timeout, ms(5_000));
             assert!(!c.log_to_db);
@@ -525,6 +526,26 @@ fn contradictions_are_rejected() {
             base().map_pool(|p| p.application_name("x".repeat(41))),
             "pool.application_name",
             "at most 40",
+        ),
+        (
+            base().map_pool(|p| p.pool_label("")),
+            "pool.pool_label",
+            "non-empty printable ASCII without spaces",
+        ),
+        (
+            base().map_pool(|p| p.pool_label("read replica")),
+            "pool.pool_label",
+            "\"read replica\" must be non-empty printable ASCII without spaces",
+        ),
+        (
+            base().map_pool(|p| p.pool_label("tab\tbed")),
+            "pool.pool_label",
+            "without spaces",
+        ),
+        (
+            base().map_pool(|p| p.pool_label("réplica")),
+            "pool.pool_label",
+            "printable ASCII",
         ),
         (
             base().map_health(|h| h.interval(Duration::ZERO)),
@@ -944,4 +965,17 @@ fn a_huge_bad_value_is_quoted_only_in_part() {
     assert!(err.contains("POSTGRES_MAX_CONNECTIONS"), "{err}");
     assert!(err.contains("50000 bytes"), "{err}");
     assert!(err.len() < 300, "{} bytes: {}", err.len(), &err[..300]);
+}
+
+#[test]
+fn pool_label_is_one_validated_pool_setting() {
+    assert_eq!(PoolConfig::default().pool_label, "default");
+    assert_eq!(PoolConfig::for_profile(Profile::Production).pool_label, "default");
+    let c = Config::new(url()).map_pool(|p| p.pool_label("replica-1"));
+    assert_eq!(c.pool.pool_label, "replica-1");
+    c.validate().unwrap();
+    for label in ["primary", "billing_db", "eu.west:2/a"] {
+        let c = Config::new(url()).map_pool(|p| p.pool_label(label));
+        c.validate().unwrap_or_else(|e| panic!("{label}: {e}"));
+    }
 }

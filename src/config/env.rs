@@ -1,4 +1,4 @@
-//! `Config::from_env`: the DESIGN §3 variables, from the process environment, `.env.local` and
+//! `Config::from_env`: the configuration variables, from the process environment, `.env.local` and
 //! `.env`.
 //!
 //! The files are read into maps, never into the process environment: edition 2024 makes
@@ -16,15 +16,14 @@ use std::time::Duration;
 use secrecy::SecretString;
 
 use super::validate::Naming;
-use super::{
-    AuthConfig, Config, HostKeyPolicy, LocalEndpointConfig, Profile, TunnelConfig, parse_database_url, tcp_target,
-};
+use super::{AuthConfig, Config, HostKeyPolicy, LocalEndpointConfig, Profile, TunnelConfig};
+use crate::url::{parse_database_url, tcp_target};
 use crate::{Error, Result};
 
 /// The files `from_env` reads, highest precedence first.
 const DOTENV_FILES: [&str; 2] = [".env.local", ".env"];
 
-/// Every variable `from_env` reads (DESIGN §3), plus `HOME` and `SSH_AUTH_SOCK` for defaults.
+/// Every variable `from_env` reads, plus `HOME` and `SSH_AUTH_SOCK` for defaults.
 pub const ENV_VARS: &[&str] = &[
     "APP_ENV",
     "DATABASE_URL",
@@ -59,7 +58,7 @@ pub const ENV_VARS: &[&str] = &[
 ];
 
 impl Config {
-    /// Reads the configuration from the environment (DESIGN §3), after loading `.env.local` and
+    /// Reads the configuration from the environment, after loading `.env.local` and
     /// `.env` from the current directory when present, and validates it.
     ///
     /// The process environment wins over `.env.local`, which wins over `.env`; the files never

@@ -1,7 +1,7 @@
-//! Deployment profiles and the defaults they select (DESIGN §3).
+//! Deployment profiles and the defaults they select.
 //!
-//! The numbers in [`ProfileDefaults::DEVELOPMENT`] and [`ProfileDefaults::PRODUCTION`] are the
-//! spec's; everything that does not depend on the profile is a constant here too, so every
+//! The numbers are in [`ProfileDefaults::DEVELOPMENT`] and [`ProfileDefaults::PRODUCTION`];
+//! everything that does not depend on the profile is a constant here too, so every
 //! default of the crate is written down in one place.
 
 use std::fmt;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::Profile;
 use crate::Error;
 
-/// The profile-dependent defaults (DESIGN §3).
+/// The profile-dependent defaults.
 ///
 /// | | development | production |
 /// |---|---|---|
@@ -19,7 +19,7 @@ use crate::Error;
 /// | idle timeout | 30 000 ms | 30 000 ms |
 /// | connection timeout | 2 000 ms | 3 000 ms |
 /// | health-check interval | 60 000 ms | 30 000 ms |
-/// | ssh max channels (spec maxPoolSize) | 10 | 20 |
+/// | ssh max channels (per session) | 10 | 20 |
 /// | ssh max sessions | 4 | **5** |
 /// | ssh max retries | 3 | 5 |
 /// | ssh retry delay | 1 000 ms | 2 000 ms |
@@ -28,9 +28,9 @@ use crate::Error;
 ///
 /// Validation rejects `max_connections > max_channels × max_sessions`, because a pool larger than
 /// what the tunnel can carry would make the surplus connections wait for a channel until their
-/// acquire timeout. With the spec's production numbers (100 connections, 20 channels per session)
-/// the usual 4 sessions carry only 80 connections, so the spec's own production profile would
-/// be rejected. Production therefore defaults to 5 sessions (20 × 5 = 100); development keeps 4
+/// acquire timeout. With the production numbers (100 connections, 20 channels per session) the
+/// usual 4 sessions carry only 80 connections, so the production profile itself would be
+/// rejected. Production therefore defaults to 5 sessions (20 × 5 = 100); development keeps 4
 /// (10 × 4 = 40 ≥ 20). `SSH_MAX_SESSIONS` still overrides either.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -43,7 +43,7 @@ pub struct ProfileDefaults {
     pub connect_timeout: Duration,
     /// `POSTGRES_HEALTH_CHECK_INTERVAL`.
     pub health_check_interval: Duration,
-    /// `SSH_MAX_CHANNELS`: forwarded connections per SSH session (the spec's `maxPoolSize`).
+    /// `SSH_MAX_CHANNELS`: forwarded connections per SSH session.
     pub max_channels: usize,
     /// `SSH_MAX_SESSIONS`.
     pub max_sessions: usize,
@@ -90,6 +90,8 @@ pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
 pub(crate) const TEST_IF_IDLE_FOR: Duration = Duration::from_secs(10);
 /// `POSTGRES_APPLICATION_NAME`.
 pub(crate) const APPLICATION_NAME: &str = "sea-orm-tunnel";
+/// The `pool` label of the metrics.
+pub(crate) const POOL_LABEL: &str = "default";
 /// `SHUTDOWN_DRAIN_TIMEOUT`.
 pub(crate) const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_millis(5_000);
 /// Timeout of one health probe.

@@ -7,12 +7,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::{
-    AuthConfig, BackoffPolicy, Config, HealthConfig, HostKeyPolicy, PoolConfig, SessionSettings, TunnelConfig,
-    is_sha256_base64,
-};
 use secrecy::ExposeSecret;
 
+use super::tunnel::is_sha256_base64;
+use super::{
+    AuthConfig, BackoffPolicy, Config, HealthConfig, HostKeyPolicy, PoolConfig, SessionSettings, TunnelConfig,
+};
+use crate::url::{parse_database_url, tcp_target};
 use crate::{Error, Result};
 
 /// Whether errors name environment variables or config fields.
@@ -54,13 +55,13 @@ impl Config {
 
     pub(crate) fn validate_as(&self, n: Naming) -> Result<()> {
         let url_field = n.pick("database_url", "DATABASE_URL");
-        let options = super::parse_database_url(self.database_url.expose_secret(), url_field)?;
+        let options = parse_database_url(self.database_url.expose_secret(), url_field)?;
         validate_pool(&self.pool, n)?;
         validate_health(&self.health, n)?;
         validate_backoff(&self.recovery, &|f| format!("recovery.{f}"))?;
         validate_session(&self.session, n)?;
         if let Some(tunnel) = &self.tunnel {
-            if tunnel.remote_host.is_empty() && super::tcp_target(&options).is_none() {
+            if tunnel.remote_host.is_empty() && tcp_target(&options).is_none() {
                 return Err(Error::config(
                     n.pick("tunnel.remote_host", "SSH_REMOTE_HOST"),
                     format!(
@@ -159,6 +160,13 @@ fn validate_pool(p: &PoolConfig, n: Naming) -> Result<()> {
                  within PostgreSQL's 63-byte application_name",
                 name.len()
             ),
+        ));
+    }
+    let label = &p.pool_label;
+    if label.is_empty() || !label.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::config(
+            "pool.pool_label",
+            format!("{label:?} must be non-empty printable ASCII without spaces (it is the `pool` metric label)"),
         ));
     }
     Ok(())

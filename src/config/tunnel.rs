@@ -1,0 +1,531 @@
+//! The SSH tunnel's settings: [`TunnelConfig`], [`AuthConfig`], [`HostKeyPolicy`],
+//! [`LocalEndpointConfig`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use super::{BackoffPolicy, Profile, profile};
+#[cfg(doc)]
+use super::{Config, ProfileDefaults};
+use crate::{Error, Result};
+
+/// The SSH tunnel.
+///
+/// Build it with [`TunnelConfig::new`] or [`TunnelConfig::for_profile`]; the remote side is set
+/// with [`remote`](TunnelConfig::remote) or taken from `DATABASE_URL` by [`Config::tunnel`].
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct TunnelConfig {
+    /// `SSH_HOST`.
+    pub host: String,
+    /// `SSH_PORT`, default 22.
+    pub port: u16,
+    /// `SSH_USER`.
+    pub user: String,
+    /// How to authenticate.
+    pub auth: AuthConfig,
+    /// `SSH_HOST_KEY_POLICY`, default strict.
+    pub host_key_policy: HostKeyPolicy,
+    /// `SSH_KNOWN_HOSTS`, default `~/.ssh/known_hosts`.
+    pub known_hosts: PathBuf,
+    /// `SSH_REMOTE_HOST`: target as seen from the bastion (default: host of DATABASE_URL).
+    /// Empty = not set yet.
+    pub remote_host: String,
+    /// `SSH_REMOTE_PORT`: default: port of DATABASE_URL. 0 = not set yet.
+    pub remote_port: u16,
+    /// `SSH_LOCAL_PORT`: where the local endpoint listens.
+    pub local: LocalEndpointConfig,
+    /// `SSH_MAX_CHANNELS`: forwarded connections per SSH session.
+    pub max_channels: usize,
+    /// `SSH_MAX_SESSIONS`: SSH sessions opened on demand, default 4 (production: 5, see
+    /// [`ProfileDefaults`]).
+    pub max_sessions: usize,
+    /// Reconnect backoff; `initial_delay` = `SSH_RETRY_DELAY`, `max_retries` = `SSH_MAX_RETRIES` (0 = forever).
+    pub reconnect: BackoffPolicy,
+    /// `SSH_KEEPALIVE_INTERVAL`, default 5 s.
+    pub keepalive_interval: Duration,
+    /// `SSH_KEEPALIVE_MAX`: missed replies before the link counts as dead, default 3.
+    pub keepalive_max: usize,
+    /// TCP connect + handshake + auth timeout; also bounds how long a local connection waits for
+    /// a session or capacity. Defaults to the pool connection timeout.
+    pub connect_timeout: Duration,
+    /// How long an extra SSH session opened for capacity may stay without channels before it is
+    /// closed; the last session is always kept. Default 60 s.
+    pub session_idle_timeout: Duration,
+}
+
+/// SSH authentication sources, tried in order: key file, then agent.
+///
+/// `Debug` shows whether a passphrase is set, never the passphrase.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct AuthConfig {
+    /// `SSH_KEY_PATH` (`~` expanded). `None` = no key file.
+    pub key_path: Option<PathBuf>,
+    /// `SSH_KEY_PASSPHRASE`.
+    pub passphrase: Option<SecretString>,
+    /// `SSH_USE_AGENT`: try the agent at `SSH_AUTH_SOCK`.
+    pub use_agent: bool,
+    /// The ssh-agent socket to use instead of `SSH_AUTH_SOCK` (read when the tunnel connects).
+    /// Default `None`.
+    pub agent_socket: Option<PathBuf>,
+}
+
+/// How the bastion's host key is verified.
+///
+/// Parses from the `SSH_HOST_KEY_POLICY` spellings: `strict`, `accept-new`, `SHA256:<base64>`
+/// and `insecure-accept-any`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum HostKeyPolicy {
+    /// Must be in known_hosts (OpenSSH `StrictHostKeyChecking yes`).
+    #[default]
+    Strict,
+    /// Learn an unknown host (append to known_hosts), reject a changed key.
+    AcceptNew,
+    /// Must match this `SHA256:...` fingerprint (with the prefix, base64 unpadded, as
+    /// `ssh-keygen -lf` prints it).
+    Fingerprint(String),
+    /// Accept any key. Insecure: logs a warning on every connect.
+    InsecureAcceptAny,
+}
+
+/// Where the tunnel's local endpoint listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LocalEndpointConfig {
+    /// `127.0.0.1:port`; 0 = ephemeral.
+    Tcp(u16),
+    /// A Unix socket in a private 0700 directory (created in the temp dir).
+    Unix,
+}
+
+impl TunnelConfig {
+    /// A tunnel through `user@host:22` with the development profile's defaults.
+    ///
+    /// The remote side is unset until [`remote`](Self::remote) sets it or [`Config::tunnel`]
+    /// takes it from `DATABASE_URL`. Authentication defaults to [`AuthConfig::new`]
+    /// (`~/.ssh/id_ed25519` if it exists, and the agent if `SSH_AUTH_SOCK` points at a socket).
+    pub fn new(host: impl Into<String>, user: impl Into<String>) -> Self {
+        Self::for_profile(Profile::Development, host, user)
+    }
+
+    /// A tunnel through `user@host:22` with `profile`'s defaults (see [`ProfileDefaults`]).
+    pub fn for_profile(profile: Profile, host: impl Into<String>, user: impl Into<String>) -> Self {
+        let d = profile.defaults();
+        TunnelConfig {
+            host: host.into(),
+            port: profile::SSH_PORT,
+            user: user.into(),
+            auth: AuthConfig::new(),
+            // Verify like OpenSSH does by default; anything weaker must be chosen explicitly.
+            host_key_policy: HostKeyPolicy::Strict,
+            known_hosts: home_dir().map_or_else(|| PathBuf::from(".ssh/known_hosts"), |h| h.join(".ssh/known_hosts")),
+            remote_host: String::new(),
+            remote_port: 0,
+            // An ephemeral loopback port never collides with another process or a second tunnel.
+            local: LocalEndpointConfig::Tcp(0),
+            max_channels: d.max_channels,
+            max_sessions: d.max_sessions,
+            reconnect: BackoffPolicy::reconnect(profile),
+            keepalive_interval: profile::KEEPALIVE_INTERVAL,
+            keepalive_max: profile::KEEPALIVE_MAX,
+            connect_timeout: d.connect_timeout,
+            session_idle_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// `SSH_HOST`: the bastion.
+    #[must_use]
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.host = host.into();
+        self
+    }
+
+    /// `SSH_PORT`. Default 22, the SSH standard port.
+    #[must_use]
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// `SSH_USER`.
+    #[must_use]
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = user.into();
+        self
+    }
+
+    /// Authentication sources. Default [`AuthConfig::new`].
+    #[must_use]
+    pub fn auth(mut self, auth: AuthConfig) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Changes the authentication sources in place.
+    #[must_use]
+    pub fn map_auth(mut self, f: impl FnOnce(AuthConfig) -> AuthConfig) -> Self {
+        self.auth = f(self.auth);
+        self
+    }
+
+    /// `SSH_HOST_KEY_POLICY`. Default [`HostKeyPolicy::Strict`]: the key must already be in
+    /// known_hosts, as OpenSSH requires by default; TOFU and pinning are opt-in.
+    #[must_use]
+    pub fn host_key_policy(mut self, policy: HostKeyPolicy) -> Self {
+        self.host_key_policy = policy;
+        self
+    }
+
+    /// `SSH_KNOWN_HOSTS` (a leading `~/` is expanded with `$HOME`). Default `~/.ssh/known_hosts`,
+    /// the file OpenSSH uses, so hosts the user already trusts are trusted here.
+    #[must_use]
+    pub fn known_hosts(mut self, path: impl Into<PathBuf>) -> Self {
+        self.known_hosts = expand_home(path.into());
+        self
+    }
+
+    /// `SSH_REMOTE_HOST` / `SSH_REMOTE_PORT`: the PostgreSQL server as seen from the bastion.
+    /// Default: host and port of `DATABASE_URL` (filled in by [`Config::tunnel`]).
+    #[must_use]
+    pub fn remote(mut self, host: impl Into<String>, port: u16) -> Self {
+        self.remote_host = host.into();
+        self.remote_port = port;
+        self
+    }
+
+    /// `SSH_LOCAL_PORT`: where the local endpoint listens. Default `Tcp(0)`: an ephemeral
+    /// loopback port, which never collides with another process or another tunnel.
+    #[must_use]
+    pub fn local(mut self, local: LocalEndpointConfig) -> Self {
+        self.local = local;
+        self
+    }
+
+    /// `SSH_MAX_CHANNELS`: forwarded connections per SSH session. Default from the profile
+    /// (10 / 20): sshd serves each session in one process, so this
+    /// bounds how much crypto one process does.
+    #[must_use]
+    pub fn max_channels(mut self, max: usize) -> Self {
+        self.max_channels = max;
+        self
+    }
+
+    /// `SSH_MAX_SESSIONS`: SSH sessions opened on demand when every session is full. Default 4
+    /// (production 5, see [`ProfileDefaults`]): enough for the profile's pool, few enough not to
+    /// look like a connection flood to the bastion.
+    #[must_use]
+    pub fn max_sessions(mut self, max: usize) -> Self {
+        self.max_sessions = max;
+        self
+    }
+
+    /// Reconnect backoff. Default [`BackoffPolicy::reconnect`] for the profile.
+    #[must_use]
+    pub fn reconnect(mut self, policy: BackoffPolicy) -> Self {
+        self.reconnect = policy;
+        self
+    }
+
+    /// Changes the reconnect backoff in place.
+    #[must_use]
+    pub fn map_reconnect(mut self, f: impl FnOnce(BackoffPolicy) -> BackoffPolicy) -> Self {
+        self.reconnect = f(self.reconnect);
+        self
+    }
+
+    /// `SSH_KEEPALIVE_INTERVAL`. Default 5 s: with 3 missed replies a silent dead link is found
+    /// in about 20 s, long before the 30–60 s health interval, at one tiny packet per 5 s.
+    #[must_use]
+    pub fn keepalive_interval(mut self, interval: Duration) -> Self {
+        self.keepalive_interval = interval;
+        self
+    }
+
+    /// `SSH_KEEPALIVE_MAX`: missed keepalive replies before the link counts as dead. Default 3
+    /// (OpenSSH's `ServerAliveCountMax`): one lost packet on a busy link is not an outage.
+    #[must_use]
+    pub fn keepalive_max(mut self, max: usize) -> Self {
+        self.keepalive_max = max;
+        self
+    }
+
+    /// TCP connect + handshake + auth timeout, also the bound on how long a local connection
+    /// waits for a session or a free channel. Default: the profile's connection timeout (2 s /
+    /// 3 s), so the tunnel never waits longer than the pool would for a connection.
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long an extra SSH session opened for capacity may stay without channels before it is
+    /// closed (SSH disconnect); the last session is always kept. Default 60 s: a burst that needed
+    /// more sessions does not leave idle sshd processes behind for the tunnel's whole life, and a
+    /// pool that cycles its connections does not reopen a session for every one. Must be above zero.
+    #[must_use]
+    pub fn session_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.session_idle_timeout = timeout;
+        self
+    }
+
+    /// The remote target as `host:port` (IPv6 hosts in brackets), for logs and errors.
+    pub fn remote_target(&self) -> String {
+        if self.remote_host.contains(':') {
+            format!("[{}]:{}", self.remote_host, self.remote_port)
+        } else {
+            format!("{}:{}", self.remote_host, self.remote_port)
+        }
+    }
+}
+
+impl fmt::Debug for TunnelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TunnelConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("auth", &self.auth)
+            .field("host_key_policy", &self.host_key_policy)
+            .field("known_hosts", &self.known_hosts)
+            .field("remote_host", &self.remote_host)
+            .field("remote_port", &self.remote_port)
+            .field("local", &self.local)
+            .field("max_channels", &self.max_channels)
+            .field("max_sessions", &self.max_sessions)
+            .field("reconnect", &self.reconnect)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("keepalive_max", &self.keepalive_max)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("session_idle_timeout", &self.session_idle_timeout)
+            .finish()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AuthConfig
+// ---------------------------------------------------------------------------------------------
+
+impl AuthConfig {
+    /// What `ssh` would try: `~/.ssh/id_ed25519` if that file exists, and the agent if
+    /// `SSH_AUTH_SOCK` points at an existing socket. Reads `HOME` and `SSH_AUTH_SOCK` from the
+    /// process environment.
+    pub fn new() -> Self {
+        let key = home_dir().map(|h| h.join(".ssh/id_ed25519")).filter(|p| p.exists());
+        let agent = std::env::var_os("SSH_AUTH_SOCK").is_some_and(|s| Path::new(&s).exists());
+        AuthConfig {
+            key_path: key,
+            passphrase: None,
+            use_agent: agent,
+            agent_socket: None,
+        }
+    }
+
+    /// Only this private key (a leading `~/` is expanded with `$HOME`), no agent.
+    pub fn key_file(path: impl Into<PathBuf>) -> Self {
+        AuthConfig {
+            key_path: Some(expand_home(path.into())),
+            passphrase: None,
+            use_agent: false,
+            agent_socket: None,
+        }
+    }
+
+    /// Only the agent at `SSH_AUTH_SOCK`, no key file.
+    pub fn agent() -> Self {
+        AuthConfig {
+            key_path: None,
+            passphrase: None,
+            use_agent: true,
+            agent_socket: None,
+        }
+    }
+
+    /// `SSH_KEY_PATH`: the private key to offer first (a leading `~/` is expanded with `$HOME`).
+    #[must_use]
+    pub fn key_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.key_path = Some(expand_home(path.into()));
+        self
+    }
+
+    /// Offers no key file (agent only, if enabled).
+    #[must_use]
+    pub fn without_key(mut self) -> Self {
+        self.key_path = None;
+        self.passphrase = None;
+        self
+    }
+
+    /// `SSH_KEY_PASSPHRASE`: decrypts an encrypted key. Default none.
+    #[must_use]
+    pub fn passphrase(mut self, passphrase: impl Into<String>) -> Self {
+        self.passphrase = Some(SecretString::from(passphrase.into()));
+        self
+    }
+
+    /// `SSH_USE_AGENT`: also try the keys of the agent at `SSH_AUTH_SOCK`. Default: on when that
+    /// socket exists, as `ssh` does.
+    #[must_use]
+    pub fn use_agent(mut self, enabled: bool) -> Self {
+        self.use_agent = enabled;
+        self
+    }
+
+    /// Use the ssh-agent listening on `socket` instead of the one `SSH_AUTH_SOCK` names, and
+    /// enable the agent. For services that run their own agent, and for tests.
+    #[must_use]
+    pub fn agent_socket(mut self, socket: impl Into<PathBuf>) -> Self {
+        self.agent_socket = Some(socket.into());
+        self.use_agent = true;
+        self
+    }
+}
+
+impl Default for AuthConfig {
+    /// Same as [`AuthConfig::new`].
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("key_path", &self.key_path)
+            .field("passphrase", &self.passphrase.as_ref().map(|_| Redacted))
+            .field("use_agent", &self.use_agent)
+            .field("agent_socket", &self.agent_socket)
+            .finish()
+    }
+}
+
+/// `$HOME` from the process environment.
+fn home_dir() -> Option<PathBuf> {
+    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from)
+}
+
+/// Expands a leading `~` / `~/` with the process's `$HOME`; other paths are returned unchanged.
+fn expand_home(path: PathBuf) -> PathBuf {
+    match (path.strip_prefix("~"), home_dir()) {
+        (Ok(rest), Some(home)) => home.join(rest),
+        _ => path,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HostKeyPolicy, LocalEndpointConfig
+// ---------------------------------------------------------------------------------------------
+
+impl HostKeyPolicy {
+    /// Pins a `SHA256:<base64>` fingerprint as `ssh-keygen -lf KEY` prints it. Base64 padding
+    /// (`=`) is removed; anything that is not a SHA-256 fingerprint is an error.
+    pub fn fingerprint(fingerprint: &str) -> Result<Self> {
+        let fp = fingerprint.trim();
+        let body = fp.strip_prefix("SHA256:").or_else(|| {
+            fp.get(..7)
+                .filter(|p| p.eq_ignore_ascii_case("sha256:"))
+                .map(|_| &fp[7..])
+        });
+        match body.map(|b| b.trim_end_matches('=')) {
+            Some(b) if is_sha256_base64(b) => Ok(HostKeyPolicy::Fingerprint(format!("SHA256:{b}"))),
+            _ => Err(Error::config(
+                "SSH_HOST_KEY_POLICY",
+                format!(
+                    "{fp:?} is not a host key fingerprint of the form SHA256:<43 base64 characters> \
+                     (see `ssh-keygen -lf KEY`), nor one of strict, accept-new, insecure-accept-any"
+                ),
+            )),
+        }
+    }
+}
+
+/// Whether `b` is the unpadded base64 of 32 bytes: 43 characters of the standard alphabet, the
+/// last of which carries only 2 data bits (so a typo in it is caught too).
+pub(crate) fn is_sha256_base64(b: &str) -> bool {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = b.as_bytes();
+    bytes.len() == 43
+        && bytes.iter().all(|c| ALPHABET.contains(c))
+        && ALPHABET
+            .iter()
+            .position(|c| *c == bytes[42])
+            .is_some_and(|i| i % 4 == 0)
+}
+
+impl FromStr for HostKeyPolicy {
+    type Err = Error;
+
+    /// `strict`, `accept-new`, `insecure-accept-any` (case-insensitive) or `SHA256:<base64>`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "strict" => Ok(HostKeyPolicy::Strict),
+            "accept-new" => Ok(HostKeyPolicy::AcceptNew),
+            "insecure-accept-any" => Ok(HostKeyPolicy::InsecureAcceptAny),
+            _ => HostKeyPolicy::fingerprint(s),
+        }
+    }
+}
+
+impl fmt::Display for HostKeyPolicy {
+    /// The `SSH_HOST_KEY_POLICY` spelling.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostKeyPolicy::Strict => f.write_str("strict"),
+            HostKeyPolicy::AcceptNew => f.write_str("accept-new"),
+            HostKeyPolicy::Fingerprint(fp) => f.write_str(fp),
+            HostKeyPolicy::InsecureAcceptAny => f.write_str("insecure-accept-any"),
+        }
+    }
+}
+
+impl Default for LocalEndpointConfig {
+    /// `Tcp(0)`: an ephemeral loopback port.
+    fn default() -> Self {
+        LocalEndpointConfig::Tcp(0)
+    }
+}
+
+impl fmt::Display for LocalEndpointConfig {
+    /// The `SSH_LOCAL_PORT` spelling: a port number or `unix`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LocalEndpointConfig::Tcp(port) => write!(f, "{port}"),
+            LocalEndpointConfig::Unix => f.write_str("unix"),
+        }
+    }
+}
+
+struct Redacted;
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_shape() {
+        let good = "SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s";
+        assert_eq!(
+            HostKeyPolicy::from_str(good).unwrap(),
+            HostKeyPolicy::Fingerprint(good.into())
+        );
+        assert_eq!(
+            HostKeyPolicy::from_str(&format!("{good}=")).unwrap(),
+            HostKeyPolicy::Fingerprint(good.into())
+        );
+        // Last character carries bits that a 32-byte value cannot have.
+        assert!(HostKeyPolicy::from_str("SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2t").is_err());
+        assert!(HostKeyPolicy::from_str("SHA256:short").is_err());
+        assert!(HostKeyPolicy::from_str("MD5:aa:bb").is_err());
+    }
+}

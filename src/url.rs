@@ -1,0 +1,660 @@
+//! Database URLs: validation, redaction for logs, the URL through the tunnel's local endpoint,
+//! and the password taken out of a URL.
+//!
+//! Every function here reads a `postgres://` URL the way sqlx's parser (the `url` crate) does, so
+//! a rewritten URL means to sqlx what the original meant: the authority ends at the first `/`,
+//! `?` or `#` after `://`, the user info ends at the *last* `@` inside the authority, and the
+//! password starts after the first `:` of the user info. A password may therefore hold `@` and
+//! `:` as they are; `/`, `?`, `#` and `%` must be percent-encoded (`%2F`, `%3F`, `%23`, `%25`).
+//! [`redact_url`] is the exception: it must hide a password in *any* input, so where a URL is
+//! malformed it hides more rather than less.
+//!
+//! ```
+//! use sea_orm_tunnel::LocalEndpoint;
+//! use sea_orm_tunnel::url::{local_database_url, redact_url};
+//!
+//! let endpoint = LocalEndpoint::Tcp(([127, 0, 0, 1], 40000).into());
+//! let url = local_database_url("postgres://app:s3cret@db.internal:5432/app?sslmode=disable", &endpoint, 5432)?;
+//! assert_eq!(url, "postgres://app:s3cret@127.0.0.1:40000/app?sslmode=disable");
+//! assert_eq!(redact_url(&url), "postgres://app:***@127.0.0.1:40000/app?sslmode=disable");
+//! # Ok::<(), sea_orm_tunnel::Error>(())
+//! ```
+
+use std::borrow::Cow;
+use std::str::FromStr;
+
+use sea_orm::sqlx::postgres::PgConnectOptions;
+use secrecy::SecretString;
+
+use crate::tunnel::LocalEndpoint;
+use crate::{Error, Result};
+
+/// Query parameters that choose the server (sqlx reads `host`, `hostaddr` and `port` from the
+/// query and lets them override the authority); dropped when the URL is pointed elsewhere.
+const TARGET_PARAMS: [&str; 3] = ["host", "hostaddr", "port"];
+
+// ---------------------------------------------------------------------------------------------
+// Parsing
+// ---------------------------------------------------------------------------------------------
+
+/// Parses a `postgres://` URL, naming `field` in errors and never echoing the password.
+pub(crate) fn parse_database_url(url: &str, field: &str) -> Result<PgConnectOptions> {
+    let url = url.trim();
+    if url.is_empty() {
+        return Err(Error::config(
+            field,
+            "is not set (expected postgres://user:password@host:port/database)",
+        ));
+    }
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+    match scheme {
+        Some(s) if s.eq_ignore_ascii_case("postgres") || s.eq_ignore_ascii_case("postgresql") => {}
+        Some(s) if s.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) => {
+            return Err(Error::config(
+                field,
+                format!("scheme {s:?} is not postgres:// or postgresql:// (PostgreSQL is the only database supported)"),
+            ));
+        }
+        _ => {
+            return Err(Error::config(
+                field,
+                "is not a URL: expected postgres://user:password@host:port/database (value not shown: it may contain a password)",
+            ));
+        }
+    }
+    PgConnectOptions::from_str(url).map_err(|e| {
+        // sqlx's messages name the part that failed (port, sslmode, UTF-8), never the password.
+        // An '@' after the authority usually means a '/', '?' or '#' in the password ended it early.
+        let hint = match Parts::split(url) {
+            Some(p) if p.after_authority().contains('@') => {
+                "; a '/', '?' or '#' in the password must be percent-encoded (%2F, %3F, %23)"
+            }
+            _ => "",
+        };
+        Error::config(
+            field,
+            format!("is not a valid PostgreSQL URL: {e}{hint} (value not shown: it may contain a password)"),
+        )
+    })
+}
+
+/// TCP host and port of parsed options; `None` for a Unix socket.
+pub(crate) fn tcp_target(options: &PgConnectOptions) -> Option<(String, u16)> {
+    if options.get_socket().is_some() {
+        return None;
+    }
+    let host = options.get_host();
+    // sqlx falls back to a socket directory (e.g. /var/run/postgresql) as the "host" when the
+    // URL names none and a local server's socket exists.
+    if host.is_empty() || host.starts_with('/') {
+        return None;
+    }
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    Some((host.to_owned(), options.get_port()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The URL through the local endpoint
+// ---------------------------------------------------------------------------------------------
+
+/// `database_url` pointed at the tunnel's local endpoint, everything else kept: user, password,
+/// database, query parameters and fragment, byte for byte.
+///
+/// - [`LocalEndpoint::Tcp`]: `host[:port]` becomes the endpoint's address (`127.0.0.1:40000`,
+///   or `[::1]:40000`).
+/// - [`LocalEndpoint::Unix`]: the authority becomes `localhost:<remote_port>` and the socket's
+///   directory is added as a percent-encoded `host=` query parameter, which libpq and sqlx read
+///   as a socket directory. The port names the socket file (`.s.PGSQL.<remote_port>`), so it must
+///   be the remote port the tunnel was opened for.
+///
+/// `host`, `hostaddr` and `port` query parameters of the original are dropped: sqlx lets them
+/// override the authority, which would bypass the endpoint.
+///
+/// The result contains the password: pass it to [`redact_url`] before showing it. Errors are
+/// [`Error::Config`] for `database_url` (the URL must be a valid `postgres://` URL) and never
+/// repeat the password.
+pub fn local_database_url(database_url: &str, endpoint: &LocalEndpoint, remote_port: u16) -> Result<String> {
+    parse_database_url(database_url, "database_url")?;
+    let url = database_url.trim();
+    // Validation above accepted the URL, so it has a scheme and an authority.
+    let parts = Parts::split(url).ok_or_else(|| {
+        Error::config(
+            "database_url",
+            "expected postgres://[user[:password]@]host[:port]/database",
+        )
+    })?;
+    let mut query: Vec<Cow<'_, str>> = parts
+        .query_pairs()
+        .filter(|pair| !TARGET_PARAMS.contains(&param_name(pair).as_ref()))
+        .map(Cow::Borrowed)
+        .collect();
+    let host_port = match endpoint {
+        LocalEndpoint::Tcp(addr) => addr.to_string(),
+        LocalEndpoint::Unix(path) => {
+            let socket_port = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(".s.PGSQL."))
+                .and_then(|p| p.parse::<u16>().ok());
+            if socket_port.is_some_and(|p| p != remote_port) {
+                return Err(Error::config(
+                    "remote_port",
+                    format!(
+                        "{remote_port} does not name the socket {} (the port is part of its file name)",
+                        path.display()
+                    ),
+                ));
+            }
+            let dir = endpoint
+                .unix_dir()
+                .filter(|d| !d.as_os_str().is_empty())
+                .and_then(|d| d.to_str())
+                .ok_or_else(|| {
+                    Error::config(
+                        "local endpoint",
+                        format!("{} has no UTF-8 directory to name in a URL", path.display()),
+                    )
+                })?;
+            query.push(Cow::Owned(format!("host={}", percent_encode(dir))));
+            format!("localhost:{remote_port}")
+        }
+    };
+    Ok(parts.join(parts.userinfo, &host_port, &query))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The password out of the URL
+// ---------------------------------------------------------------------------------------------
+
+/// Takes the password out of a URL: returns the URL without it (no `:password` in the user
+/// info, no `password=` query parameter) and the percent-decoded password, for code that hands
+/// the password to sqlx separately so the URL it keeps (and may log) has none.
+///
+/// As in sqlx, a `password=` query parameter wins over the user info's, and the last one wins.
+/// A string that is not a `scheme://` URL is returned unchanged, without a password.
+#[allow(dead_code)] // The manager's pool options use it.
+pub(crate) fn split_password(url: &str) -> (String, Option<SecretString>) {
+    let url = url.trim();
+    let Some(parts) = Parts::split(url) else {
+        return (url.to_owned(), None);
+    };
+    let mut password = None;
+    let user = parts.userinfo.map(|info| match info.split_once(':') {
+        Some((user, pw)) => {
+            // As the URL parser does, an empty password is none.
+            password = Some(percent_decode(pw, false)).filter(|p| !p.is_empty());
+            user
+        }
+        None => info,
+    });
+    let query: Vec<Cow<'_, str>> = parts
+        .query_pairs()
+        .filter(|pair| {
+            if param_name(pair) != "password" {
+                return true;
+            }
+            let value = pair.split_once('=').map_or("", |(_, v)| v);
+            password = Some(percent_decode(value, true));
+            false
+        })
+        .map(Cow::Borrowed)
+        .collect();
+    (
+        parts.join(user, parts.host_port, &query),
+        password.map(SecretString::from),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parts
+// ---------------------------------------------------------------------------------------------
+
+/// A `scheme://` URL cut into slices by sqlx's rules (see the module docs).
+#[derive(Debug, PartialEq, Eq)]
+struct Parts<'a> {
+    /// Up to and including `://`.
+    scheme: &'a str,
+    /// Before the last `@` of the authority, without it.
+    userinfo: Option<&'a str>,
+    /// The rest of the authority: `host`, `host:port`, `[v6]:port`.
+    host_port: &'a str,
+    /// From the end of the authority up to `?` or `#`.
+    path: &'a str,
+    /// After `?`, up to `#`.
+    query: Option<&'a str>,
+    /// From `#` on, with it.
+    fragment: &'a str,
+}
+
+impl<'a> Parts<'a> {
+    fn split(url: &'a str) -> Option<Self> {
+        let scheme_end = url.find("://")? + 3;
+        let (scheme, rest) = url.split_at(scheme_end);
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        let (userinfo, host_port) = match authority.rfind('@') {
+            Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
+            None => (None, authority),
+        };
+        let (tail, fragment) = tail.split_at(tail.find('#').unwrap_or(tail.len()));
+        let (path, query) = match tail.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (tail, None),
+        };
+        Some(Parts {
+            scheme,
+            userinfo,
+            host_port,
+            path,
+            query,
+            fragment,
+        })
+    }
+
+    /// Everything after the authority.
+    fn after_authority(&self) -> String {
+        let query = self.query.map(|q| format!("?{q}")).unwrap_or_default();
+        format!("{}{query}{}", self.path, self.fragment)
+    }
+
+    /// The `name=value` pairs of the query, as written; empty pairs (`a=1&&b=2`) skipped.
+    fn query_pairs(&self) -> impl Iterator<Item = &'a str> + use<'a> {
+        self.query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter(|p| !p.is_empty())
+    }
+
+    /// The URL with this user info, authority and query, and the original path and fragment.
+    fn join(&self, userinfo: Option<&str>, host_port: &str, query: &[Cow<'_, str>]) -> String {
+        let mut out = String::with_capacity(self.scheme.len() + host_port.len() + 64);
+        out.push_str(self.scheme);
+        if let Some(info) = userinfo {
+            out.push_str(info);
+            out.push('@');
+        }
+        out.push_str(host_port);
+        out.push_str(self.path);
+        if !query.is_empty() {
+            out.push('?');
+            out.push_str(&query.join("&"));
+        }
+        out.push_str(self.fragment);
+        out
+    }
+}
+
+/// The decoded name of a `name=value` query pair, as sqlx matches it.
+fn param_name(pair: &str) -> String {
+    percent_decode(pair.split_once('=').map_or(pair, |(name, _)| name), true)
+}
+
+/// Decodes `%XX` escapes (an invalid escape stays as written); with `plus_is_space`, `+` is a
+/// space, as in a query string.
+fn percent_decode(s: &str, plus_is_space: bool) -> String {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(match bytes[i] {
+            b'+' if plus_is_space => b' ',
+            b => b,
+        });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Encodes every byte except the unreserved ones (`A-Z a-z 0-9 - . _ ~`).
+fn percent_encode(s: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redaction
+// ---------------------------------------------------------------------------------------------
+
+/// A URL with its password replaced by `***`, safe to log.
+///
+/// Handles `scheme://user:password@host/...`, a `password=` query parameter, and malformed input
+/// conservatively: when it is unclear where a password ends, more is hidden rather than less.
+///
+/// ```
+/// use sea_orm_tunnel::config::redact_url;
+/// assert_eq!(redact_url("postgres://app:s3cret@db:5432/app"), "postgres://app:***@db:5432/app");
+/// assert_eq!(redact_url("postgres://db/app?user=app&password=s3cret"), "postgres://db/app?user=app&password=***");
+/// assert_eq!(redact_url("postgres://app@db/app"), "postgres://app@db/app");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let (head, rest) = url.split_at(start);
+    let mut out = String::with_capacity(url.len() + 3);
+    out.push_str(head);
+
+    // A password-like query parameter hides everything from its value to the end: an unencoded
+    // '&', '#' or '@' may sit inside it, and nothing after it is worth a leak.
+    let (rest, hide_tail) = match secret_param_value(rest) {
+        Some(value_start) => (&rest[..value_start], true),
+        None => (rest, false),
+    };
+
+    if let Some(at) = rest.rfind('@') {
+        // The last '@' (before any password parameter) ends the user info even when an
+        // unencoded '@', '/', '?' or '#' sits in the password.
+        let userinfo = &rest[..at];
+        match userinfo.find(':') {
+            Some(colon) => {
+                out.push_str(&userinfo[..colon]);
+                out.push_str(":***");
+            }
+            None => out.push_str(userinfo),
+        }
+        out.push_str(&rest[at..]);
+    } else {
+        // No '@': `user:password` without a host looks like `host:port`. Keep a numeric port (or
+        // an IPv6 literal); otherwise hide everything after the colon, since the password may
+        // start with '/', '?' or '#'.
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let authority = &rest[..end];
+        match authority.find(':') {
+            Some(colon)
+                if !authority.starts_with('[')
+                    && (colon + 1 == authority.len()
+                        || !authority[colon + 1..].bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                out.push_str(&authority[..colon]);
+                out.push_str(":***");
+                return out;
+            }
+            _ => out.push_str(rest),
+        }
+    }
+    if hide_tail {
+        out.push_str("***");
+        // Parameters after the password stay visible only when they are unmistakably
+        // parameters (`&name=value`, no '#', '@' or stray '&'); otherwise they may be the rest of
+        // an unencoded password and stay hidden.
+        let value = &url[start + rest.len()..];
+        if let Some(amp) = value.find('&') {
+            let tail = &value[amp + 1..];
+            if tail.split('&').all(is_plain_param) {
+                out.push_str(&value[amp..]);
+            }
+        }
+    }
+    out
+}
+
+fn is_plain_param(pair: &str) -> bool {
+    let Some((key, value)) = pair.split_once('=') else {
+        return false;
+    };
+    !key.is_empty()
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !key.to_ascii_lowercase().contains("pass")
+        && !value.contains(['#', '@', '='])
+}
+
+/// Start of the value of the first query parameter whose name contains "pass" (any case).
+fn secret_param_value(rest: &str) -> Option<usize> {
+    rest.char_indices()
+        .filter(|&(_, c)| c == '?' || c == '&')
+        .find_map(|(i, _)| {
+            let tail = &rest[i + 1..];
+            let eq = tail.find(['=', '&'])?;
+            (tail.as_bytes()[eq] == b'=' && tail[..eq].to_ascii_lowercase().contains("pass")).then_some(i + 1 + eq + 1)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    fn tcp(port: u16) -> LocalEndpoint {
+        LocalEndpoint::Tcp(([127, 0, 0, 1], port).into())
+    }
+
+    fn unix(dir: &str, port: u16) -> LocalEndpoint {
+        LocalEndpoint::Unix(PathBuf::from(dir).join(format!(".s.PGSQL.{port}")))
+    }
+
+    fn options(url: &str) -> PgConnectOptions {
+        url.parse().unwrap_or_else(|e| panic!("{url}: {e}"))
+    }
+
+    #[test]
+    fn tcp_replaces_the_authority_and_keeps_the_rest() {
+        let cases = [
+            (
+                "postgres://u:p@db.internal:5432/app?sslmode=disable",
+                "postgres://u:p@127.0.0.1:4000/app?sslmode=disable",
+            ),
+            ("postgres://db/app", "postgres://127.0.0.1:4000/app"),
+            ("postgres://h", "postgres://127.0.0.1:4000"),
+            ("postgresql://u@h:1/app#frag", "postgresql://u@127.0.0.1:4000/app#frag"),
+            (
+                "postgres://u@h?sslmode=disable",
+                "postgres://u@127.0.0.1:4000?sslmode=disable",
+            ),
+            // IPv6 literal in the original.
+            (
+                "postgres://u:p%40x@[::1]:5432/app",
+                "postgres://u:p%40x@127.0.0.1:4000/app",
+            ),
+            // Surrounding whitespace is not part of the URL (as for validation).
+            (" postgres://u@h/app\n", "postgres://u@127.0.0.1:4000/app"),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(
+                local_database_url(input, &tcp(4000), 5432).unwrap(),
+                expected,
+                "{input}"
+            );
+            let o = options(expected);
+            assert_eq!((o.get_host(), o.get_port()), ("127.0.0.1", 4000), "{expected}");
+        }
+        let v6 = LocalEndpoint::Tcp("[::1]:4001".parse().unwrap());
+        let url = local_database_url("postgres://u:p@db:5432/app", &v6, 5432).unwrap();
+        assert_eq!(url, "postgres://u:p@[::1]:4001/app");
+        assert_eq!(options(&url).get_port(), 4001);
+    }
+
+    #[test]
+    fn passwords_with_url_delimiters_survive() {
+        // '@' and ':' may stand as they are (the last '@' ends the user info); '/', '#' and '?'
+        // are percent-encoded. sqlx must read the same password from the rewritten URL.
+        let original = "postgres://us%3Aer:p@ss:w%2Fo%23r%3Fd%25@db.internal:5432/app?application_name=x#f";
+        let expected = "postgres://us%3Aer:p@ss:w%2Fo%23r%3Fd%25@127.0.0.1:4000/app?application_name=x#f";
+        let url = local_database_url(original, &tcp(4000), 5432).unwrap();
+        assert_eq!(url, expected);
+        let before = options(original);
+        let after = options(&url);
+        assert_eq!(after.get_username(), "us:er");
+        assert_eq!(after.get_username(), before.get_username());
+        assert_eq!(after.get_database(), before.get_database());
+        assert_eq!((after.get_host(), after.get_port()), ("127.0.0.1", 4000));
+
+        let (without, pw) = split_password(&url);
+        assert_eq!(without, "postgres://us%3Aer@127.0.0.1:4000/app?application_name=x#f");
+        assert_eq!(pw.unwrap().expose_secret(), "p@ss:w/o#r?d%");
+    }
+
+    #[test]
+    fn unix_socket_dir_goes_into_the_query() {
+        let url = local_database_url("postgres://u:pw@db:5432/app?x=1#f", &unix("/tmp/a b", 6543), 6543).unwrap();
+        assert_eq!(url, "postgres://u:pw@localhost:6543/app?x=1&host=%2Ftmp%2Fa%20b#f");
+        let o = options(&url);
+        assert_eq!(o.get_socket().map(|p| p.to_str().unwrap()), Some("/tmp/a b"));
+        assert_eq!(o.get_port(), 6543, "the port names the socket file");
+
+        // Characters that mean something in a query (or to a form decoder) are encoded.
+        let dir = "/tmp/x%y+z&w=v#q?é";
+        let url = local_database_url("postgres://u@db/app", &unix(dir, 5432), 5432).unwrap();
+        assert_eq!(
+            options(&url).get_socket().map(|p| p.to_str().unwrap()),
+            Some(dir),
+            "{url}"
+        );
+
+        // No query yet: one is started.
+        let url = local_database_url("postgres://db/app", &unix("/run/t", 5432), 5432).unwrap();
+        assert_eq!(url, "postgres://localhost:5432/app?host=%2Frun%2Ft");
+
+        // The remote port must be the one in the socket's name.
+        let e = local_database_url("postgres://db/app", &unix("/run/t", 5432), 5433).unwrap_err();
+        assert!(e.to_string().contains(".s.PGSQL.5432"), "{e}");
+    }
+
+    #[test]
+    fn target_parameters_of_the_original_are_dropped() {
+        // sqlx lets `host`/`hostaddr`/`port` in the query override the authority: kept, they would
+        // send the connection past the tunnel.
+        let original = "postgres://u@db/app?host=/var/run/postgresql&sslmode=disable&port=6000&hostaddr=10.0.0.1";
+        let url = local_database_url(original, &tcp(4000), 5432).unwrap();
+        assert_eq!(url, "postgres://u@127.0.0.1:4000/app?sslmode=disable");
+        let o = options(&url);
+        assert!(o.get_socket().is_none());
+        assert_eq!((o.get_host(), o.get_port()), ("127.0.0.1", 4000));
+
+        let url = local_database_url("postgres://u@db/app?ho%73t=/elsewhere", &unix("/run/t", 5432), 5432).unwrap();
+        assert_eq!(url, "postgres://u@localhost:5432/app?host=%2Frun%2Ft");
+    }
+
+    #[test]
+    fn errors_never_repeat_the_password() {
+        for bad in [
+            "postgres://u:s3cretpw@db:notaport/app",
+            "mysql://u:s3cretpw@db/app",
+            "u:s3cretpw@db/app",
+            "postgres://u:s3cret/pw@db:5432/app",
+            "",
+        ] {
+            let e = local_database_url(bad, &tcp(4000), 5432).unwrap_err().to_string();
+            assert!(e.contains("database_url"), "{e}");
+            assert!(!e.contains("s3cret"), "{bad}: {e}");
+        }
+        // An unencoded '/' in the password gets a hint.
+        let e = local_database_url("postgres://u:s3cret/pw@db:5432/app", &tcp(4000), 5432)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("percent-encoded"), "{e}");
+    }
+
+    #[test]
+    fn the_password_is_taken_out_of_the_url() {
+        let (url, pw) = split_password("postgres://u:p%40ss@127.0.0.1:5432/app?sslmode=disable");
+        assert_eq!(url, "postgres://u@127.0.0.1:5432/app?sslmode=disable");
+        assert_eq!(pw.unwrap().expose_secret(), "p@ss");
+        let (url, pw) = split_password("postgres://u@h/app?password=s%3Dcret&sslmode=disable");
+        assert_eq!(url, "postgres://u@h/app?sslmode=disable");
+        assert_eq!(pw.unwrap().expose_secret(), "s=cret");
+        let (url, pw) = split_password("postgres://h/app?password=x");
+        assert_eq!(url, "postgres://h/app");
+        assert_eq!(pw.unwrap().expose_secret(), "x");
+        let (url, pw) = split_password("postgres://u@h:1/app");
+        assert_eq!(url, "postgres://u@h:1/app");
+        assert!(pw.is_none());
+        // An unencoded '@' in the password: the last '@' of the authority ends the user info.
+        let (url, pw) = split_password("postgres://u:p@ss@[::1]:5432/app#f");
+        assert_eq!(url, "postgres://u@[::1]:5432/app#f");
+        assert_eq!(pw.unwrap().expose_secret(), "p@ss");
+        // As in sqlx: the query's password wins over the user info's, the last one wins, and
+        // '+' in a query value is a space.
+        let (url, pw) = split_password("postgres://u:a@h/app?password=b&x=1&password=c+d");
+        assert_eq!(url, "postgres://u@h/app?x=1");
+        assert_eq!(pw.unwrap().expose_secret(), "c d");
+        // Not a URL: unchanged.
+        let (url, pw) = split_password("not a url");
+        assert_eq!(url, "not a url");
+        assert!(pw.is_none());
+        // An empty password in the user info is none (the URL parser drops it); in the query it
+        // is an empty password.
+        let (url, pw) = split_password("postgres://u:@h/app");
+        assert_eq!(url, "postgres://u@h/app");
+        assert!(pw.is_none());
+        let (url, pw) = split_password("postgres://u@h/app?password=");
+        assert_eq!(url, "postgres://u@h/app");
+        assert_eq!(pw.unwrap().expose_secret(), "");
+    }
+
+    #[test]
+    fn the_cli_line_is_redacted() {
+        let url = local_database_url("postgres://app:s3cret@db.internal:5432/app", &tcp(4000), 5432).unwrap();
+        assert_eq!(redact_url(&url), "postgres://app:***@127.0.0.1:4000/app");
+    }
+
+    #[test]
+    fn url_parts() {
+        let p = Parts::split("postgres://u:p@h:1/db?a=1&&b=2#f").unwrap();
+        assert_eq!(
+            p,
+            Parts {
+                scheme: "postgres://",
+                userinfo: Some("u:p"),
+                host_port: "h:1",
+                path: "/db",
+                query: Some("a=1&&b=2"),
+                fragment: "#f",
+            }
+        );
+        assert_eq!(p.query_pairs().collect::<Vec<_>>(), ["a=1", "b=2"]);
+        assert_eq!(p.after_authority(), "/db?a=1&&b=2#f");
+        assert!(Parts::split("h:1/db").is_none());
+        assert_eq!(param_name("ho%73t=x"), "host");
+        assert_eq!(percent_decode("a%2", false), "a%2");
+        assert_eq!(percent_decode("a+%zz%41", false), "a+%zzA");
+        assert_eq!(percent_encode("/a-b_c.d~e f"), "%2Fa-b_c.d~e%20f");
+    }
+
+    #[test]
+    fn redact_url_hides_every_password_form() {
+        let cases = [
+            ("postgres://u:pw@h:5432/db", "postgres://u:***@h:5432/db"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            ("postgres://h/db", "postgres://h/db"),
+            (
+                "postgres://h:5432/db?sslmode=disable",
+                "postgres://h:5432/db?sslmode=disable",
+            ),
+            ("postgres://u:p@ss/w#rd@h/db", "postgres://u:***@h/db"),
+            ("postgres://u:pw", "postgres://u:***"),
+            ("postgres://[::1]:5432/db", "postgres://[::1]:5432/db"),
+            (
+                "postgres://h/db?user=u&password=pw&x=1",
+                "postgres://h/db?user=u&password=***&x=1",
+            ),
+            // '#' may be part of an unencoded password: hidden with it.
+            ("postgres://h/db?PassWord=pw#frag", "postgres://h/db?PassWord=***"),
+            ("postgres://h/db?password=pw&Secret", "postgres://h/db?password=***"),
+            ("postgres://h/db?password=p&w=x#y", "postgres://h/db?password=***"),
+            ("u:pw@h/db", "u:***@h/db"),
+        ];
+        for (input, expected) in cases {
+            let got = redact_url(input);
+            assert_eq!(got, expected, "{input}");
+            assert!(!got.contains("pw"), "{got}");
+        }
+    }
+}
