@@ -255,9 +255,23 @@ mod tests {
 
     #[test]
     fn delays_are_exact_and_capped() {
-        let p = BackoffPolicy::new(ms(100)).factor(1.5).jitter(0.0).max_delay(ms(400)).max_retries(6);
+        let p = BackoffPolicy::new(ms(100))
+            .factor(1.5)
+            .jitter(0.0)
+            .max_delay(ms(400))
+            .max_retries(6);
         let got: Vec<_> = p.delays().collect();
-        assert_eq!(got, [ms(100), ms(150), ms(225), Duration::from_micros(337_500), ms(400), ms(400)]);
+        assert_eq!(
+            got,
+            [
+                ms(100),
+                ms(150),
+                ms(225),
+                Duration::from_micros(337_500),
+                ms(400),
+                ms(400)
+            ]
+        );
         // The cap applies to the first delay as well.
         let p = BackoffPolicy::new(ms(100)).jitter(0.0).max_delay(ms(50)).max_retries(2);
         assert_eq!(p.delays().collect::<Vec<_>>(), [ms(50), ms(50)]);
@@ -266,7 +280,11 @@ mod tests {
     #[test]
     fn max_elapsed_ends_the_schedule_for_good() {
         // 100 + 100 = 200 <= 250; the third would pass it, and nothing follows.
-        let mut d = BackoffPolicy::new(ms(100)).factor(1.0).jitter(0.0).max_elapsed(ms(250)).delays();
+        let mut d = BackoffPolicy::new(ms(100))
+            .factor(1.0)
+            .jitter(0.0)
+            .max_elapsed(ms(250))
+            .delays();
         assert_eq!((d.next(), d.next(), d.next()), (Some(ms(100)), Some(ms(100)), None));
         assert_eq!(d.next(), None);
     }
@@ -277,7 +295,10 @@ mod tests {
         let p = BackoffPolicy::new(huge).max_delay(huge).factor(f64::MAX).jitter(1.0);
         let got: Vec<_> = p.delays().take(3).collect();
         assert_eq!(got.len(), 3);
-        assert!(got.iter().all(|d| *d >= Duration::from_secs(500 * 365 * 86_400)), "{got:?}");
+        assert!(
+            got.iter().all(|d| *d >= Duration::from_secs(500 * 365 * 86_400)),
+            "{got:?}"
+        );
         // A factor below 1 counts as 1, a negative jitter as 0.
         let p = BackoffPolicy::new(ms(10)).factor(0.5).jitter(-1.0).max_retries(3);
         assert_eq!(p.delays().collect::<Vec<_>>(), [ms(10), ms(10), ms(10)]);

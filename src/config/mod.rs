@@ -256,8 +256,9 @@ impl Config {
 
     /// `DATABASE_URL` parsed into sqlx's connect options.
     ///
-    /// Errors are [`Error::Config`] for `database_url` and never contain the password; a URL
-    /// that does not parse is not repeated at all (it cannot be reliably redacted).
+    /// Errors are [`Error::Config`](crate::Error::Config) for `database_url` and never contain
+    /// the password; a URL that does not parse is not repeated at all (it cannot be reliably
+    /// redacted).
     pub fn database_options(&self) -> Result<sea_orm::sqlx::postgres::PgConnectOptions> {
         parse_database_url(self.database_url.expose_secret(), "database_url")
     }
