@@ -54,13 +54,6 @@ struct Checkout {
     leak_reported: bool,
 }
 
-/// What the last failed connection setup said, to explain a failing connect.
-#[derive(Debug, Clone)]
-pub(crate) struct SetupError {
-    pub(crate) message: String,
-    pub(crate) code: Option<String>,
-}
-
 /// The rules of one pool, fixed when its sqlx options are built (see [`install`]).
 #[derive(Debug, Clone, Copy)]
 struct Rules {
@@ -95,7 +88,6 @@ pub(crate) struct Hooks {
     pool: Mutex<Option<PgPool>>,
     pub(crate) counters: Counters,
     sink: Mutex<Option<LogSink>>,
-    last_setup_error: Mutex<Option<SetupError>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -125,7 +117,6 @@ impl Hooks {
             pool: Mutex::new(None),
             counters: Counters::default(),
             sink: Mutex::new(None),
-            last_setup_error: Mutex::new(None),
         }
     }
 
@@ -133,18 +124,9 @@ impl Hooks {
         self.pool_label
     }
 
-    /// A `LIKE` pattern (escape `\`) matching the `application_name` of every connection of these
-    /// hooks and of nothing else.
-    pub(crate) fn id_pattern(&self) -> String {
-        let mut pattern = String::with_capacity(self.id_base.len() + 4);
-        for c in self.id_base.chars() {
-            if matches!(c, '\\' | '%' | '_') {
-                pattern.push('\\');
-            }
-            pattern.push(c);
-        }
-        pattern.push_str("-%");
-        pattern
+    /// `<prefix>-<tag>`, followed by `-<n>` in every id of these hooks.
+    pub(crate) fn id_base(&self) -> &str {
+        &self.id_base
     }
 
     pub(crate) fn attach_pool(&self, pool: Option<PgPool>) {
@@ -165,10 +147,6 @@ impl Hooks {
         if let Some(sink) = sink {
             sink.record(event);
         }
-    }
-
-    pub(crate) fn last_setup_error(&self) -> Option<SetupError> {
-        lock(&self.last_setup_error).clone()
     }
 
     /// The id of the connection created `age` ago (see the module docs).
@@ -264,14 +242,6 @@ impl Hooks {
         let sql = format!("SET application_name = {}", quote_literal(&id));
         if let Err(error) = conn.execute(sqlx::AssertSqlSafe(sql)).await {
             self.counters.setup_failures.fetch_add(1, Ordering::Relaxed);
-            let code = match &error {
-                sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
-                _ => None,
-            };
-            *lock(&self.last_setup_error) = Some(SetupError {
-                message: error.to_string(),
-                code,
-            });
             self.failed(Some(&id), "setup", &error);
             return Err(error);
         }
@@ -428,7 +398,7 @@ mod tests {
     }
 
     #[test]
-    fn ids_carry_a_random_tag_and_the_pattern_matches_only_them() {
+    fn ids_carry_a_random_tag() {
         let a = hooks("svc_1%");
         let b = hooks("svc_1%");
         let tag = a.id_base.strip_prefix("svc_1%-").unwrap();
@@ -438,7 +408,6 @@ mod tests {
             "{tag}"
         );
         assert_ne!(a.id_base, b.id_base, "two managers, two tags");
-        assert_eq!(a.id_pattern(), format!("svc\\_1\\%-{tag}-%"));
         assert_eq!(quote_literal("it's"), "'it''s'");
     }
 

@@ -444,18 +444,8 @@ impl ConnectionManager {
 impl Inner {
     /// The error `new` returns when the first health check failed.
     async fn first_check_error(&self, status: &HealthStatus) -> Error {
-        if let Some(setup) = self.hooks.last_setup_error() {
-            let permanent = setup
-                .code
-                .as_deref()
-                .is_some_and(|c| !crate::error::sqlstate_is_transient(c));
-            if permanent {
-                return Error::config(
-                    "session",
-                    format!("setting up a new connection failed: {}", setup.message),
-                );
-            }
-        }
+        // A refused session setting (a role that does not exist) fails the connect itself, so
+        // the server's own error says which.
         // Ask once more, directly, for the real error (the probe's message is a summary).
         let probe = self.db.execute_unprepared("SELECT 1").await;
         match probe {

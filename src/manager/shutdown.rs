@@ -93,7 +93,7 @@ impl Inner {
             forced = pool.size().saturating_sub(pool.num_idle() as u32);
             // 4. Force: end the server side of every connection of ours, idle ones included
             //    (the pool only closes idle connections once all checked-out ones are back).
-            let pattern = self.hooks.id_pattern();
+            let pattern = like_prefix(self.hooks.id_base());
             match tokio::time::timeout(FORCE_BUDGET, terminate_backends(&pool, &pattern)).await {
                 Ok(Ok(n)) => events::manager_lifecycle(
                     "forced connections",
@@ -130,6 +130,19 @@ impl Inner {
     }
 }
 
+/// A `LIKE` pattern (default escape `\`) for `<base>-` followed by anything.
+fn like_prefix(base: &str) -> String {
+    let mut pattern = String::with_capacity(base.len() + 4);
+    for c in base.chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push_str("-%");
+    pattern
+}
+
 /// Ends the server processes whose `application_name` is `LIKE pattern` over one fresh
 /// connection made with the pool's own connect options (so it goes the same way: through the
 /// tunnel when there is one) but without the pool's hooks. Returns how many were terminated.
@@ -149,4 +162,12 @@ async fn terminate_backends(pool: &sqlx::PgPool, pattern: &str) -> Result<i64, s
     .await?;
     let _ = conn.close().await;
     Ok(terminated)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_pattern_matches_only_the_tagged_ids() {
+        assert_eq!(super::like_prefix("svc_1%\\-ab12cd"), "svc\\_1\\%\\\\-ab12cd-%");
+    }
 }
