@@ -1,4 +1,3 @@
-#![allow(dead_code)] // TEMP(issue 10 merge): the manager side lands in the pool branch.
 //! The pool generation: one cutoff instant, owned by the manager, before which no pooled
 //! connection is handed out again.
 //!

@@ -165,7 +165,11 @@ impl Inner {
                         // The server (or the path to it) failed under a live connection: every
                         // pooled connection may be dead the same way. Replace them all rather
                         // than hand them out one by one to find out.
-                        self.hooks.invalidate_all();
+                        self.generation.retire_all();
+                        events::manager_lifecycle(
+                            "pool generation retired",
+                            &format_args!("after a failed probe ({} retirements so far)", self.generation.bumps()),
+                        );
                     }
                     error = Some(match self.tunnel.as_ref().and_then(|t| t.permanent_error()) {
                         // The driver saw a closed socket; say why it was closed.
@@ -214,11 +218,11 @@ impl Inner {
 
     /// Brings the pool back to `min_connections` when it fell below.
     ///
-    /// sqlx opens connections up to its minimum only right after its idle reaper closed one; when
-    /// that top-up fails (a slow connect, a fault) or a connection is closed elsewhere (rejected as
-    /// stale, a broken socket), nothing retries it, and a pool kept busy by health checks may stay
-    /// below the minimum for good. Holding `min_connections` at once makes the pool open the
-    /// missing ones; they are returned right away.
+    /// sqlx's own minimum is off (see `ConnectionManager::start`): sqlx opens up to it only right
+    /// after its idle reaper closed a connection (never for a lazy pool that lost one otherwise),
+    /// and hands those connections to the pool without a checkout hook. Holding
+    /// `min_connections` at once makes the pool open the missing ones through an ordinary
+    /// acquire; they are returned right away.
     async fn top_up_min_connections(&self) {
         let min = self.config.pool.min_connections;
         let pool = self.db.get_postgres_connection_pool();

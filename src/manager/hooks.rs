@@ -1,66 +1,50 @@
-//! Per-connection pool hooks: connection ids, session settings, the generation rule, jittered
-//! lifetimes, idle-only pings, and checkout tracking for events, metrics and leak detection.
+//! Per-connection pool rules, connection ids, and checkout tracking for events, metrics and leak
+//! detection.
 //!
-//! sqlx gives its hooks only `&mut PgConnection` and [`PoolConnectionMetadata`] (`age`,
-//! `idle_for`); a `PgConnection` exposes no identity (its backend pid is private). So:
+//! The rules read only sqlx's [`PoolConnectionMetadata`] (`age`, `idle_for`), so they hold
+//! whatever the hooks remember: a connection created before the [`Generation`] cutoff is closed
+//! instead of handed out or taken back; so is one older than `max_lifetime` minus up to 10 % (a
+//! fraction drawn from its creation instant, so connections opened together do not expire
+//! together); only one idle at least `test_if_idle_for` is pinged before use.
 //!
-//! - `after_connect` assigns the id `<application_name prefix>-<n>`, sends it as the
-//!   connection's `application_name` together with every session setting (one round trip), and
-//!   records the instant the setup finished. sqlx stamps the connection's creation time right after
-//!   the hook returns, so `now - meta.age` seen by a later hook lands within microseconds after
-//!   that instant.
-//! - Setups are spaced at least [`SPACING`] apart (a new connection waits at most that long, only
-//!   when another one finished setting up just before), so at most one recorded instant falls in
-//!   any [`TOLERANCE`] window, and the later hooks find their connection with a map lookup and no
-//!   round trip.
-//! - When the lookup is not unique or finds nothing (the hook thread was descheduled for more
-//!   than the tolerance, or the registry lost track), the hook asks the server:
-//!   `current_setting('application_name')` is the authoritative id. A connection whose id cannot
-//!   be established that way is closed and replaced rather than used anonymously.
+//! Session settings are startup options (see `pool`), so `after_connect` sends one statement:
+//! `SET application_name = '<prefix>-<tag>-<n>'`, `<tag>` random per hooks instance.
+//!
+//! Identity serves events and leak reports only. A `PgConnection` exposes none, so `after_connect`
+//! records the instant it finished with the id; sqlx stamps the connection's creation right after
+//! the hook returns, so later hooks take the latest record at or before `now - meta.age`. Two
+//! setups finishing within microseconds may be mistaken for one another, and a connection not
+//! found is named `<prefix>-<tag>-?`; neither costs a round trip or closes a connection.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use sea_orm::sqlx;
 use sea_orm::sqlx::pool::PoolConnectionMetadata;
-use sea_orm::sqlx::postgres::PgConnection;
+use sea_orm::sqlx::postgres::{PgConnection, PgPool};
 
-use crate::config::{PoolConfig, SessionSettings};
+use super::Counters;
+use crate::config::PoolConfig;
+use crate::generation::Generation;
 use crate::observe::events::{self, CheckoutOrigin};
 use crate::observe::log_sink::{ConnectionLogEvent, LogSink};
 use crate::observe::metrics as m;
 
-/// How far `now - meta.age` may lie after the instant recorded at the end of `after_connect`
-/// for the lookup to trust it without asking the server.
-pub(crate) const TOLERANCE: Duration = Duration::from_millis(2);
-/// Minimum distance between two recorded setup instants; larger than [`TOLERANCE`] so a window
-/// never holds two of them.
-pub(crate) const SPACING: Duration = Duration::from_micros(2500);
-
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Source of the tunnel generation: the instant of the latest SSH reconnect, if any.
-pub(crate) type GenerationSource = Arc<dyn Fn() -> Option<Instant> + Send + Sync>;
-
-/// Counters a user can read without a metrics stack (see `PoolStats`).
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) opened: AtomicU64,
-    pub(crate) closed: AtomicU64,
-    pub(crate) acquired: AtomicU64,
-    pub(crate) released: AtomicU64,
-    pub(crate) rejected_stale: AtomicU64,
-    pub(crate) rejected_expired: AtomicU64,
-    pub(crate) idle_pings: AtomicU64,
-    pub(crate) ping_failures: AtomicU64,
-    pub(crate) setup_failures: AtomicU64,
-    pub(crate) leaks: AtomicU64,
-    pub(crate) server_lookups: AtomicU64,
-}
+/// Farthest a recorded setup instant may lie before `now - meta.age` and still name the
+/// connection; farther means its record was pruned, and the id is reported as unknown.
+const IDENTITY_WINDOW: Duration = Duration::from_secs(1);
+/// Width of the creation-time buckets the lifetime jitter is drawn from: much wider than the
+/// microseconds by which `now - meta.age` varies between two hooks of one connection.
+const JITTER_BUCKET: Duration = Duration::from_millis(10);
+/// Without a lifetime, records older than twice this are dropped (their connections, if still
+/// open, are then named as unknown).
+const PRUNE_WITHOUT_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// A checkout in progress.
 #[derive(Debug)]
@@ -70,125 +54,69 @@ struct Checkout {
     leak_reported: bool,
 }
 
-/// One physical connection known to the hooks.
-#[derive(Debug)]
-struct Entry {
-    id: Arc<str>,
-    /// The server process serving this connection (to terminate it at a forced shutdown).
-    pid: i32,
-    /// End of `after_connect`: a lower bound of sqlx's creation instant, and the lookup key.
-    created: Instant,
-    /// This connection's own lifetime: the configured maximum minus a small random amount.
-    lifetime: Duration,
-    checkout: Option<Checkout>,
-    /// Handed out by `after_connect` and not seen by `before_acquire` since: it may in fact be
-    /// idle (sqlx opens `min_connections` without a caller).
-    fresh: bool,
-    released_at: Option<Instant>,
+/// The rules of one pool, fixed when its sqlx options are built (see [`install`]).
+#[derive(Debug, Clone, Copy)]
+struct Rules {
+    /// `None`: connections live as long as they work.
+    max_lifetime: Option<Duration>,
+    /// `None` when sqlx already pings on every acquire.
+    idle_ping: Option<Duration>,
 }
 
 #[derive(Debug, Default)]
-struct Registry {
-    entries: HashMap<u64, Entry>,
-    by_created: BTreeMap<(Instant, u64), ()>,
-    last_setup: Option<Instant>,
-}
-
-impl Registry {
-    fn insert(&mut self, n: u64, entry: Entry) {
-        self.by_created.insert((entry.created, n), ());
-        self.entries.insert(n, entry);
-    }
-
-    fn remove(&mut self, n: u64) -> Option<Entry> {
-        let entry = self.entries.remove(&n)?;
-        self.by_created.remove(&(entry.created, n));
-        Some(entry)
-    }
-
-    fn checked_out(&self) -> u32 {
-        self.entries.values().filter(|e| e.checkout.is_some()).count() as u32
-    }
-
-    /// The one connection whose recorded setup instant lies in `[estimate - TOLERANCE, estimate]`.
-    fn find_unique(&self, estimate: Instant) -> Option<u64> {
-        let low = estimate.checked_sub(TOLERANCE).unwrap_or(estimate);
-        let mut hits = self
-            .by_created
-            .range((low, 0)..=(estimate, u64::MAX))
-            .map(|((_, n), _)| *n);
-        match (hits.next(), hits.next()) {
-            (Some(n), None) => Some(n),
-            _ => None,
-        }
-    }
-}
-
-/// A leak found by [`Hooks::scan_leaks`].
-#[derive(Debug, Clone)]
-pub(crate) struct Leak {
-    pub(crate) connection_id: Arc<str>,
-    pub(crate) held: Duration,
-    pub(crate) origin: CheckoutOrigin,
-}
-
-/// What the last failed connection setup said, to explain a failing connect.
-#[derive(Debug, Clone)]
-pub(crate) struct SetupError {
-    pub(crate) message: String,
-    pub(crate) code: Option<String>,
+struct Known {
+    /// End of each connection's `after_connect` → its id.
+    born: BTreeMap<Instant, Arc<str>>,
+    checkouts: HashMap<Arc<str>, Checkout>,
 }
 
 /// State shared by every hook closure of one pool.
+#[derive(Debug)]
 pub(crate) struct Hooks {
     pool_label: &'static str,
-    prefix: String,
-    /// `SET ...;` statements for the session settings, without `application_name`.
-    settings_sql: String,
-    max_lifetime: Duration,
-    test_if_idle_for: Duration,
-    max_connections: u32,
+    /// `<prefix>-<tag>`: every connection id of these hooks starts with it.
+    id_base: Arc<str>,
     next_id: Arc<AtomicU64>,
-    generation: Option<GenerationSource>,
-    /// Connections set up before this instant are stale (the database went away after it).
-    invalidated_before: Mutex<Option<Instant>>,
-    registry: Mutex<Registry>,
+    generation: Arc<Generation>,
+    test_if_idle_for: Duration,
+    /// Reference instant and seed of the lifetime jitter.
+    base: Instant,
+    seed: u64,
+    known: Mutex<Known>,
+    /// The pool these hooks serve, for the `pool_size` of events (cleared when the manager goes,
+    /// as the pool holds the hooks).
+    pool: Mutex<Option<PgPool>>,
     pub(crate) counters: Counters,
     sink: Mutex<Option<LogSink>>,
-    last_setup_error: Mutex<Option<SetupError>>,
 }
 
-impl std::fmt::Debug for Hooks {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hooks")
-            .field("prefix", &self.prefix)
-            .field("max_lifetime", &self.max_lifetime)
-            .field("test_if_idle_for", &self.test_if_idle_for)
-            .finish_non_exhaustive()
-    }
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Six random lowercase letters and digits.
+fn random_tag() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..6)
+        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
+        .collect()
 }
 
 impl Hooks {
-    pub(crate) fn new(
-        pool: &PoolConfig,
-        session: &SessionSettings,
-        next_id: Arc<AtomicU64>,
-        generation: Option<GenerationSource>,
-    ) -> Hooks {
+    /// Hooks with a fresh random tag; ids take their numbers from `next_id`.
+    pub(crate) fn new(pool: &PoolConfig, next_id: Arc<AtomicU64>, generation: Arc<Generation>) -> Hooks {
         Hooks {
             pool_label: m::DEFAULT_POOL,
-            prefix: pool.application_name.clone(),
-            settings_sql: session_sql(session),
-            max_lifetime: pool.max_lifetime,
-            test_if_idle_for: pool.test_if_idle_for,
-            max_connections: pool.max_connections,
+            id_base: format!("{}-{}", pool.application_name, random_tag()).into(),
             next_id,
             generation,
-            invalidated_before: Mutex::new(None),
-            registry: Mutex::new(Registry::default()),
+            test_if_idle_for: pool.test_if_idle_for,
+            base: Instant::now(),
+            seed: fastrand::u64(..),
+            known: Mutex::new(Known::default()),
+            pool: Mutex::new(None),
             counters: Counters::default(),
             sink: Mutex::new(None),
-            last_setup_error: Mutex::new(None),
         }
     }
 
@@ -196,463 +124,259 @@ impl Hooks {
         self.pool_label
     }
 
-    pub(crate) fn set_sink(&self, sink: Option<LogSink>) -> Option<LogSink> {
-        std::mem::replace(&mut *self.sink.lock().unwrap_or_else(|e| e.into_inner()), sink)
+    /// `<prefix>-<tag>`, followed by `-<n>` in every id of these hooks.
+    pub(crate) fn id_base(&self) -> &str {
+        &self.id_base
     }
 
-    fn record(&self, event: ConnectionLogEvent) {
-        let sink = self.sink.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    pub(crate) fn attach_pool(&self, pool: Option<PgPool>) {
+        *lock(&self.pool) = pool;
+    }
+
+    fn pool_size(&self) -> u32 {
+        lock(&self.pool).as_ref().map_or(0, |p| p.size())
+    }
+
+    pub(crate) fn set_sink(&self, sink: Option<LogSink>) -> Option<LogSink> {
+        std::mem::replace(&mut *lock(&self.sink), sink)
+    }
+
+    /// Sends an event to the connection log, if one is attached.
+    pub(crate) fn log(&self, event: ConnectionLogEvent) {
+        let sink = lock(&self.sink).clone();
         if let Some(sink) = sink {
             sink.record(event);
         }
     }
 
-    /// Sends an event to the connection log, if one is attached.
-    pub(crate) fn log(&self, event: ConnectionLogEvent) {
-        self.record(event);
-    }
-
-    /// Every connection set up before now is stale: reject it at its next acquire or release.
-    pub(crate) fn invalidate_all(&self) {
-        *self.invalidated_before.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-    }
-
-    fn cutoff(&self) -> Option<Instant> {
-        let db = *self.invalidated_before.lock().unwrap_or_else(|e| e.into_inner());
-        let tunnel = self.generation.as_ref().and_then(|g| g());
-        match (db, tunnel) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    pub(crate) fn last_setup_error(&self) -> Option<SetupError> {
-        self.last_setup_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// (physical connections known, of which checked out).
-    pub(crate) fn sizes(&self) -> (u32, u32) {
-        let reg = self.lock();
-        (reg.entries.len() as u32, reg.checked_out())
-    }
-
-    fn update_gauges(&self, size: u32, active: u32) {
-        let pool = self.pool_label;
-        metrics::gauge!(m::DB_POOL_CONNECTIONS_ACTIVE, m::POOL_LABEL => pool).set(active as f64);
-        metrics::gauge!(m::DB_POOL_CONNECTIONS_IDLE, m::POOL_LABEL => pool).set(size.saturating_sub(active) as f64);
-        metrics::gauge!(m::DB_POOL_CONNECTIONS_MAX, m::POOL_LABEL => pool).set(self.max_connections as f64);
-    }
-
-    fn parse_id(&self, name: &str) -> Option<u64> {
-        let n = name
-            .strip_prefix(self.prefix.as_str())?
-            .strip_prefix('-')?
-            .parse::<u64>()
-            .ok()?;
-        (n > 0 && n <= self.next_id.load(Ordering::SeqCst)).then_some(n)
-    }
-
-    /// Finds which registered connection `conn` is (see the module docs).
-    async fn identify(&self, conn: &mut PgConnection, age: Duration) -> Result<Option<u64>, sqlx::Error> {
+    /// The id of the connection created `age` ago (see the module docs).
+    fn identify(&self, age: Duration) -> Arc<str> {
         let now = Instant::now();
-        let estimate = now.checked_sub(age).unwrap_or(now);
-        if let Some(n) = self.lock().find_unique(estimate) {
-            return Ok(Some(n));
-        }
-        self.counters.server_lookups.fetch_add(1, Ordering::Relaxed);
-        let (name, pid): (String, i32) = sqlx::query_as("SELECT current_setting('application_name'), pg_backend_pid()")
-            .fetch_one(&mut *conn)
-            .await?;
-        let Some(n) = self.parse_id(&name) else {
-            return Ok(None);
-        };
-        let mut reg = self.lock();
-        if !reg.entries.contains_key(&n) {
-            // Known to the server but forgotten here (reconciled away): take it back.
-            let entry = Entry {
-                id: name.into(),
-                pid,
-                created: estimate,
-                lifetime: self.jittered_lifetime(),
-                checkout: None,
-                fresh: false,
-                released_at: Some(now),
-            };
-            reg.insert(n, entry);
-        }
-        Ok(Some(n))
+        let created = now.checked_sub(age).unwrap_or(now);
+        let found = lock(&self.known)
+            .born
+            .range(..=created)
+            .next_back()
+            .filter(|(at, _)| created.saturating_duration_since(**at) <= IDENTITY_WINDOW)
+            .map(|(_, id)| id.clone());
+        found.unwrap_or_else(|| format!("{}-?", self.id_base).into())
     }
 
-    fn jittered_lifetime(&self) -> Duration {
-        // Up to 10 % shorter, so connections opened together do not all expire together.
-        self.max_lifetime.mul_f64(1.0 - 0.1 * fastrand::f64())
+    /// `max_lifetime` minus a fraction (0–10 %) that is the same at every hook of one connection
+    /// (it depends only on the creation instant) and spread across connections.
+    fn lifetime(&self, max_lifetime: Duration, age: Duration) -> Duration {
+        let now = Instant::now();
+        max_lifetime.mul_f64(1.0 - 0.1 * self.jitter(now.checked_sub(age).unwrap_or(now)))
     }
 
-    /// Removes a connection the hooks are about to close (or found gone) and reports it.
-    fn forget(&self, n: u64, reason: &'static str) {
-        let (entry, size, active) = {
-            let mut reg = self.lock();
-            let entry = reg.remove(n);
-            (entry, reg.entries.len() as u32, reg.checked_out())
-        };
-        if let Some(entry) = entry {
-            self.report_closed(&entry, reason, size);
+    /// A fraction in `[0, 1)` drawn from the creation instant's bucket.
+    fn jitter(&self, created: Instant) -> f64 {
+        let bucket = (created.saturating_duration_since(self.base).as_nanos() / JITTER_BUCKET.as_nanos()) as u64;
+        // splitmix64: consecutive buckets get unrelated fractions.
+        let mut z = bucket ^ self.seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Why a connection must be closed rather than used or kept, if it must.
+    fn verdict(&self, meta: &PoolConnectionMetadata, rules: Rules) -> Option<&'static str> {
+        if self.generation.is_retired(meta.age) {
+            self.counters.rejected_stale.fetch_add(1, Ordering::Relaxed);
+            Some("stale")
+        } else if rules
+            .max_lifetime
+            .is_some_and(|max| meta.age > self.lifetime(max, meta.age))
+        {
+            self.counters.rejected_expired.fetch_add(1, Ordering::Relaxed);
+            Some("expired")
+        } else {
+            None
         }
-        self.update_gauges(size, active);
     }
 
-    fn report_closed(&self, entry: &Entry, reason: &'static str, size: u32) {
-        let lifetime = entry.created.elapsed();
+    /// Reports a connection the hooks are closing (or found dead) and forgets it.
+    fn closed(&self, id: &Arc<str>, reason: &'static str, age: Duration) {
+        {
+            let mut known = lock(&self.known);
+            known.checkouts.remove(id);
+            known.born.retain(|_, v| v != id);
+        }
         self.counters.closed.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!(m::DB_CONNECTION_LIFETIME_SECONDS, m::POOL_LABEL => self.pool_label)
-            .record(lifetime.as_secs_f64());
-        events::connection_closed(&entry.id, size, reason, Some(lifetime));
-        self.record(
-            ConnectionLogEvent::new(entry.id.to_string(), "disconnected")
+            .record(age.as_secs_f64());
+        events::connection_closed(id, self.pool_size(), reason, Some(age));
+        self.log(
+            ConnectionLogEvent::new(id.to_string(), "disconnected")
                 .with_metadata(meta_json(&[("reason", reason), ("pool", self.pool_label)])),
         );
     }
 
-    fn count_error(&self, kind: &'static str) {
+    fn failed(&self, id: Option<&str>, kind: &'static str, error: &sqlx::Error) {
         metrics::counter!(m::DB_CONNECTION_ERRORS_TOTAL, m::POOL_LABEL => self.pool_label, "kind" => kind).increment(1);
+        events::connection_error(id, self.pool_size(), kind, error);
+        if let Some(id) = id {
+            self.log(ConnectionLogEvent::new(id.to_string(), "error").with_error(error.to_string()));
+        }
+    }
+
+    fn check_out(&self, id: &Arc<str>, origin: CheckoutOrigin) {
+        let checkout = Checkout {
+            since: Instant::now(),
+            origin,
+            leak_reported: false,
+        };
+        lock(&self.known).checkouts.insert(id.clone(), checkout);
+        self.counters.acquired.fetch_add(1, Ordering::Relaxed);
     }
 
     // ---- the three sqlx hooks -------------------------------------------------------------
 
-    async fn after_connect(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        use sqlx::{Executor as _, Row as _};
+    async fn after_connect(&self, conn: &mut PgConnection, rules: Rules) -> Result<(), sqlx::Error> {
+        use sqlx::Executor as _;
 
         let started = Instant::now();
         let n = self.next_id.fetch_add(1, Ordering::SeqCst) + 1;
-        let id: Arc<str> = format!("{}-{n}", self.prefix).into();
-        // One round trip (simple query protocol): the settings, the id, and the backend pid.
-        let sql = format!(
-            "{}SET application_name = {}; SELECT pg_backend_pid()",
-            self.settings_sql,
-            quote_literal(&id)
-        );
-        let setup = match conn.fetch_one(sqlx::AssertSqlSafe(sql)).await {
-            Ok(row) => row.try_get::<i32, _>(0),
-            Err(e) => Err(e),
-        };
-        let pid = match setup {
-            Ok(pid) => pid,
-            Err(error) => {
-                self.counters.setup_failures.fetch_add(1, Ordering::Relaxed);
-                self.count_error("setup");
-                let code = match &error {
-                    sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
-                    _ => None,
-                };
-                *self.last_setup_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(SetupError {
-                    message: error.to_string(),
-                    code,
-                });
-                let size = self.sizes().0;
-                events::connection_error(Some(&id), size, "setup", &error);
-                self.record(ConnectionLogEvent::new(id.to_string(), "error").with_error(error.to_string()));
-                return Err(error);
-            }
-        };
-
-        // Space the recorded instants (see the module docs). No `.await` between taking the
-        // instant and returning, so sqlx's own stamp follows within microseconds.
-        let (size, active) = loop {
-            let wait = {
-                let mut reg = self.lock();
-                let now = Instant::now();
-                match reg.last_setup.map(|last| last + SPACING).filter(|next| *next > now) {
-                    Some(next) => next - now,
-                    None => {
-                        reg.last_setup = Some(now);
-                        let entry = Entry {
-                            id: id.clone(),
-                            pid,
-                            created: now,
-                            lifetime: self.jittered_lifetime(),
-                            checkout: Some(Checkout {
-                                since: now,
-                                origin: CheckoutOrigin::capture(),
-                                leak_reported: false,
-                            }),
-                            fresh: true,
-                            released_at: None,
-                        };
-                        reg.insert(n, entry);
-                        break (reg.entries.len() as u32, reg.checked_out());
-                    }
-                }
-            };
-            tokio::time::sleep(wait).await;
-        };
-        self.counters.opened.fetch_add(1, Ordering::Relaxed);
-        self.counters.acquired.fetch_add(1, Ordering::Relaxed);
-        self.update_gauges(size, active);
-        events::connection_opened(&id, size, started.elapsed());
-        events::connection_acquired(&id, size, &CheckoutOrigin::capture(), Duration::ZERO);
-        self.record(
+        let id: Arc<str> = format!("{}-{n}", self.id_base).into();
+        let sql = format!("SET application_name = {}", quote_literal(&id));
+        if let Err(error) = conn.execute(sqlx::AssertSqlSafe(sql)).await {
+            self.counters.setup_failures.fetch_add(1, Ordering::Relaxed);
+            self.failed(Some(&id), "setup", &error);
+            return Err(error);
+        }
+        // sqlx hands a new connection straight to the acquire that opened it (the manager keeps
+        // sqlx's own `min_connections` at 0), so its checkout starts here.
+        let origin = CheckoutOrigin::capture();
+        events::connection_opened(&id, self.pool_size(), started.elapsed());
+        events::connection_acquired(&id, self.pool_size(), &origin, Duration::ZERO);
+        self.log(
             ConnectionLogEvent::new(id.to_string(), "connected").with_metadata(meta_json(&[("pool", self.pool_label)])),
         );
+        self.counters.opened.fetch_add(1, Ordering::Relaxed);
+        self.check_out(&id, origin);
+        // Last, with no `.await` until the hook returns: sqlx stamps the creation just after.
+        let now = Instant::now();
+        let mut known = lock(&self.known);
+        // Records of connections that outlived any lifetime twice over are dropped: those
+        // connections are closed by now, or leaked and long reported.
+        let lifetime = rules.max_lifetime.unwrap_or(PRUNE_WITHOUT_LIFETIME);
+        if let Some(horizon) = now.checked_sub(lifetime * 2) {
+            let kept = known.born.split_off(&horizon);
+            for (_, old) in std::mem::replace(&mut known.born, kept) {
+                known.checkouts.remove(&old);
+            }
+        }
+        known.born.insert(now, id);
         Ok(())
     }
 
-    async fn before_acquire(&self, conn: &mut PgConnection, meta: PoolConnectionMetadata) -> Result<bool, sqlx::Error> {
-        let Some(n) = self.identify(conn, meta.age).await? else {
-            return Ok(false);
-        };
-        let cutoff = self.cutoff();
-        let (stale, expired) = {
-            let reg = self.lock();
-            match reg.entries.get(&n) {
-                Some(e) => (cutoff.is_some_and(|c| e.created < c), meta.age > e.lifetime),
-                None => (false, false),
-            }
-        };
-        if self.rejected(n, stale, expired) {
+    async fn before_acquire(
+        &self,
+        conn: &mut PgConnection,
+        meta: PoolConnectionMetadata,
+        rules: Rules,
+    ) -> Result<bool, sqlx::Error> {
+        let id = self.identify(meta.age);
+        if let Some(reason) = self.verdict(&meta, rules) {
+            self.closed(&id, reason, meta.age);
             return Ok(false);
         }
-        if meta.idle_for >= self.test_if_idle_for {
+        if let Some(idle) = rules.idle_ping
+            && meta.idle_for >= idle
+        {
             self.counters.idle_pings.fetch_add(1, Ordering::Relaxed);
             if let Err(error) = sqlx::Connection::ping(&mut *conn).await {
                 self.counters.ping_failures.fetch_add(1, Ordering::Relaxed);
-                self.count_error("ping");
-                let id = self.lock().entries.get(&n).map(|e| e.id.clone());
-                let size = self.sizes().0;
-                events::connection_error(id.as_deref(), size, "ping", &error);
-                if let Some(id) = id {
-                    self.record(ConnectionLogEvent::new(id.to_string(), "error").with_error(error.to_string()));
-                }
-                self.forget(n, "ping failed");
+                self.failed(Some(&id), "ping", &error);
+                self.closed(&id, "ping failed", meta.age);
                 return Err(error);
             }
         }
-
         let origin = CheckoutOrigin::capture();
-        let (id, size, active) = {
-            let mut reg = self.lock();
-            let id = match reg.entries.get_mut(&n) {
-                Some(e) => {
-                    e.fresh = false;
-                    e.checkout = Some(Checkout {
-                        since: Instant::now(),
-                        origin: origin.clone(),
-                        leak_reported: false,
-                    });
-                    e.id.clone()
-                }
-                None => return Ok(false),
-            };
-            (id, reg.entries.len() as u32, reg.checked_out())
-        };
-        self.counters.acquired.fetch_add(1, Ordering::Relaxed);
-        self.update_gauges(size, active);
-        events::connection_acquired(&id, size, &origin, meta.idle_for);
+        events::connection_acquired(&id, self.pool_size(), &origin, meta.idle_for);
+        self.check_out(&id, origin);
         Ok(true)
     }
 
-    async fn after_release(&self, conn: &mut PgConnection, meta: PoolConnectionMetadata) -> Result<bool, sqlx::Error> {
-        let Some(n) = self.identify(conn, meta.age).await? else {
-            return Ok(false);
-        };
-        let cutoff = self.cutoff();
-        let now = Instant::now();
-        let (id, checkout, stale, expired, size, active) = {
-            let mut reg = self.lock();
-            let Some(e) = reg.entries.get_mut(&n) else {
-                return Ok(false);
-            };
-            let checkout = e.checkout.take();
-            e.fresh = false;
-            e.released_at = Some(now);
-            let out = (
-                e.id.clone(),
-                checkout,
-                cutoff.is_some_and(|c| e.created < c),
-                meta.age > e.lifetime,
-            );
-            (out.0, out.1, out.2, out.3, reg.entries.len() as u32, reg.checked_out())
-        };
+    async fn after_release(&self, meta: PoolConnectionMetadata, rules: Rules) -> Result<bool, sqlx::Error> {
+        let id = self.identify(meta.age);
+        let checkout = lock(&self.known).checkouts.remove(&id);
         self.counters.released.fetch_add(1, Ordering::Relaxed);
-        let held = checkout.as_ref().map(|c| now.saturating_duration_since(c.since));
+        let held = checkout.as_ref().map(|c| c.since.elapsed());
         let correlation = checkout.as_ref().and_then(|c| c.origin.correlation_id.clone());
-        events::connection_released(&id, size, correlation.as_deref(), held);
-        self.update_gauges(size, active);
-        Ok(!self.rejected(n, stale, expired))
-    }
-
-    /// Counts and forgets connection `n` when it predates the generation cutoff (`stale`) or
-    /// outlived its jittered lifetime (`expired`); `true` means the pool must close it.
-    fn rejected(&self, n: u64, stale: bool, expired: bool) -> bool {
-        let (counter, why) = if stale {
-            (&self.counters.rejected_stale, "stale")
-        } else if expired {
-            (&self.counters.rejected_expired, "expired")
-        } else {
-            return false;
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        self.forget(n, why);
-        true
-    }
-
-    // ---- maintenance ----------------------------------------------------------------------
-
-    /// Drops registry entries of connections the pool closed without a hook seeing it (idle
-    /// timeout, a failed ping on release, a dropped connect): when the registry holds more
-    /// connections than the pool, the excess is forgotten, least recently used first.
-    pub(crate) fn reconcile(&self, pool_size: u32) {
-        let gone: Vec<(Entry, u32)> = {
-            let mut reg = self.lock();
-            let excess = (reg.entries.len() as u32).saturating_sub(pool_size) as usize;
-            if excess == 0 {
-                return;
+        events::connection_released(&id, self.pool_size(), correlation.as_deref(), held);
+        match self.verdict(&meta, rules) {
+            Some(reason) => {
+                self.closed(&id, reason, meta.age);
+                Ok(false)
             }
-            let mut order: Vec<(u8, Instant, u64)> = reg
-                .entries
-                .iter()
-                .map(|(n, e)| match &e.checkout {
-                    None => (0, e.released_at.unwrap_or(e.created), *n),
-                    Some(c) if e.fresh => (1, c.since, *n),
-                    Some(c) => (2, c.since, *n),
-                })
-                .collect();
-            order.sort();
-            let victims: Vec<u64> = order.into_iter().take(excess).map(|(_, _, n)| n).collect();
-            let mut out = Vec::new();
-            for n in victims {
-                if let Some(e) = reg.remove(n) {
-                    out.push((e, 0));
-                }
-            }
-            let size = reg.entries.len() as u32;
-            out.into_iter().map(|(e, _)| (e, size)).collect()
-        };
-        for (entry, size) in gone {
-            self.report_closed(&entry, "gone", size);
+            None => Ok(true),
         }
     }
 
-    /// Checkouts held longer than `threshold` and not reported yet; each is reported once.
-    /// `pool_active` (from the pool) tells whether some "fresh" entries may really be idle.
-    pub(crate) fn scan_leaks(&self, threshold: Duration, pool_active: u32) -> Vec<Leak> {
-        let mut reg = self.lock();
-        let phantoms_possible = reg.checked_out() > pool_active;
-        let mut leaks = Vec::new();
-        for e in reg.entries.values_mut() {
-            let fresh = e.fresh;
-            let Some(c) = e.checkout.as_mut() else { continue };
-            if c.leak_reported || (fresh && phantoms_possible) {
-                continue;
-            }
-            let held = c.since.elapsed();
-            if held > threshold {
+    /// Reports checkouts held longer than `threshold`, each once.
+    pub(crate) fn scan_leaks(&self, threshold: Duration) {
+        let leaks: Vec<(Arc<str>, Duration, CheckoutOrigin)> = lock(&self.known)
+            .checkouts
+            .iter_mut()
+            .filter(|(_, c)| !c.leak_reported && c.since.elapsed() > threshold)
+            .map(|(id, c)| {
                 c.leak_reported = true;
-                leaks.push(Leak {
-                    connection_id: e.id.clone(),
-                    held,
-                    origin: c.origin.clone(),
-                });
-            }
-        }
-        drop(reg);
-        for leak in &leaks {
+                (id.clone(), c.since.elapsed(), c.origin.clone())
+            })
+            .collect();
+        for (id, held, origin) in leaks {
             self.counters.leaks.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(m::DB_CONNECTION_LEAKS_TOTAL, m::POOL_LABEL => self.pool_label).increment(1);
-            let size = self.sizes().0;
-            events::connection_leaked(&leak.connection_id, size, leak.held, &leak.origin);
-            let mut meta = vec![("pool", self.pool_label.to_string())];
-            meta.push(("held_ms", leak.held.as_millis().to_string()));
-            if let Some(span) = leak.origin.span {
-                meta.push(("span", span.to_string()));
-            }
-            if let Some(c) = &leak.origin.correlation_id {
-                meta.push(("correlation_id", c.to_string()));
-            }
-            self.record(
-                ConnectionLogEvent::new(leak.connection_id.to_string(), "leak").with_metadata(
-                    sea_orm::JsonValue::Object(meta.into_iter().map(|(k, v)| (k.to_string(), v.into())).collect()),
-                ),
-            );
+            events::connection_leaked(&id, self.pool_size(), held, &origin);
+            let held_ms = held.as_millis().to_string();
+            let mut meta = vec![("pool", self.pool_label), ("held_ms", &held_ms)];
+            meta.extend(origin.span.map(|span| ("span", span)));
+            meta.extend(origin.correlation_id.as_deref().map(|c| ("correlation_id", c)));
+            self.log(ConnectionLogEvent::new(id.to_string(), "leak").with_metadata(meta_json(&meta)));
         }
-        leaks
-    }
-
-    /// Server process ids of the connections currently known.
-    pub(crate) fn known_pids(&self) -> Vec<i32> {
-        self.lock().entries.values().map(|e| e.pid).collect()
-    }
-
-    /// Forgets every connection (the pool is closed), reporting each as closed with `reason`.
-    pub(crate) fn forget_all(&self, reason: &'static str) {
-        let all: Vec<Entry> = {
-            let mut reg = self.lock();
-            let ns: Vec<u64> = reg.entries.keys().copied().collect();
-            ns.into_iter().filter_map(|n| reg.remove(n)).collect()
-        };
-        for entry in all {
-            self.report_closed(&entry, reason, 0);
-        }
-        self.update_gauges(0, 0);
     }
 }
 
-/// Installs the hooks on sqlx pool options: our `after_connect`, `before_acquire` and
-/// `after_release` (replacing SeaORM's, whose work ours includes), ping-on-acquire off, and no
-/// sqlx max lifetime (ours is per connection and checked in the hooks; sqlx's would close
-/// connections on release without calling `after_release`, so a checkout would never end).
+/// Installs the hooks on sqlx pool options, keeping what was set on the SeaORM options (ours:
+/// see `pool::connect_options`, then the user's):
+///
+/// - `max_lifetime` becomes the hooks' lifetime (jittered), and sqlx's own is turned off: sqlx
+///   closes a connection past it on return without calling `after_release`, so that checkout
+///   would never end;
+/// - `test_before_acquire` stays as set; when it is on, sqlx pings every acquire and the idle
+///   ping is skipped.
+///
+/// sqlx has one slot per hook and no getter, so a SeaORM `set_schema_search_path`,
+/// `test_before_acquire_if_idle_for` or `map_sqlx_postgres_before_acquire` (all installed in those
+/// slots) are replaced.
 pub(crate) fn install(
     hooks: &Arc<Hooks>,
     options: sqlx::pool::PoolOptions<sqlx::Postgres>,
 ) -> sqlx::pool::PoolOptions<sqlx::Postgres> {
+    let rules = Rules {
+        max_lifetime: options.get_max_lifetime(),
+        idle_ping: (!options.get_test_before_acquire()).then_some(hooks.test_if_idle_for),
+    };
     let on_connect = hooks.clone();
     let on_acquire = hooks.clone();
     let on_release = hooks.clone();
     options
-        .test_before_acquire(false)
         .max_lifetime(None)
         .acquire_time_level(log::LevelFilter::Trace)
         .after_connect(move |conn, _meta| -> BoxFuture<'_, Result<(), sqlx::Error>> {
             let hooks = on_connect.clone();
-            Box::pin(async move { hooks.after_connect(conn).await })
+            Box::pin(async move { hooks.after_connect(conn, rules).await })
         })
         .before_acquire(move |conn, meta| -> BoxFuture<'_, Result<bool, sqlx::Error>> {
             let hooks = on_acquire.clone();
-            Box::pin(async move { hooks.before_acquire(conn, meta).await })
+            Box::pin(async move { hooks.before_acquire(conn, meta, rules).await })
         })
-        .after_release(move |conn, meta| -> BoxFuture<'_, Result<bool, sqlx::Error>> {
+        .after_release(move |_conn, meta| -> BoxFuture<'_, Result<bool, sqlx::Error>> {
             let hooks = on_release.clone();
-            Box::pin(async move { hooks.after_release(conn, meta).await })
+            Box::pin(async move { hooks.after_release(meta, rules).await })
         })
-}
-
-/// `SET` statements for the session settings (each ending in `; `).
-pub(crate) fn session_sql(session: &SessionSettings) -> String {
-    let mut sql = String::new();
-    if let Some(role) = &session.role {
-        sql.push_str(&format!("SET ROLE {}; ", quote_ident(role)));
-    }
-    if let Some(t) = session.statement_timeout {
-        sql.push_str(&format!("SET statement_timeout = {}; ", t.as_millis()));
-    }
-    if let Some(t) = session.idle_in_transaction_session_timeout {
-        sql.push_str(&format!(
-            "SET idle_in_transaction_session_timeout = {}; ",
-            t.as_millis()
-        ));
-    }
-    if session.read_only {
-        sql.push_str("SET default_transaction_read_only = on; ");
-    }
-    sql
-}
-
-/// A PostgreSQL identifier in double quotes.
-pub(crate) fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// A PostgreSQL string literal (standard_conforming_strings is on since 9.1).
@@ -668,53 +392,57 @@ fn meta_json(pairs: &[(&str, &str)]) -> sea_orm::JsonValue {
 mod tests {
     use super::*;
 
+    fn hooks(prefix: &str) -> Hooks {
+        let pool = PoolConfig::default().application_name(prefix);
+        Hooks::new(&pool, Arc::default(), Arc::new(Generation::new()))
+    }
+
     #[test]
-    fn session_settings_render_as_set_statements() {
-        let s = SessionSettings::new()
-            .role("app \"ro\"")
-            .statement_timeout(Duration::from_secs(5))
-            .idle_in_transaction_session_timeout(Duration::from_millis(1500))
-            .read_only(true);
-        assert_eq!(
-            session_sql(&s),
-            "SET ROLE \"app \"\"ro\"\"\"; SET statement_timeout = 5000; \
-             SET idle_in_transaction_session_timeout = 1500; SET default_transaction_read_only = on; "
+    fn ids_carry_a_random_tag() {
+        let a = hooks("svc_1%");
+        let b = hooks("svc_1%");
+        let tag = a.id_base.strip_prefix("svc_1%-").unwrap();
+        assert_eq!(tag.len(), 6);
+        assert!(
+            tag.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()),
+            "{tag}"
         );
-        assert_eq!(session_sql(&SessionSettings::new()), "");
+        assert_ne!(a.id_base, b.id_base, "two managers, two tags");
         assert_eq!(quote_literal("it's"), "'it''s'");
     }
 
     #[test]
-    fn lookup_window_is_unique_or_nothing() {
-        let mut reg = Registry::default();
-        let t0 = Instant::now();
-        let entry = |created| Entry {
-            id: "x".into(),
-            pid: 0,
-            created,
-            lifetime: Duration::from_secs(60),
-            checkout: None,
-            fresh: false,
-            released_at: None,
-        };
-        reg.insert(1, entry(t0));
-        reg.insert(2, entry(t0 + SPACING));
-        assert_eq!(reg.find_unique(t0 + Duration::from_micros(10)), Some(1));
-        assert_eq!(reg.find_unique(t0 + SPACING + Duration::from_micros(10)), Some(2));
-        // Too late for either: ask the server.
-        assert_eq!(reg.find_unique(t0 + SPACING * 4), None);
-        // Two inside one window (spacing violated): ambiguous, ask the server.
-        reg.insert(3, entry(t0 + SPACING + Duration::from_micros(100)));
-        assert_eq!(reg.find_unique(t0 + SPACING + Duration::from_micros(200)), None);
+    fn lifetimes_are_stable_per_connection_and_spread_within_ten_percent() {
+        let h = hooks("svc");
+        let fractions: Vec<f64> = (0..200u64)
+            .map(|i| {
+                // A bucket's start, and the same connection seen a few microseconds later.
+                let created = h.base + JITTER_BUCKET * (i as u32);
+                let first = h.jitter(created);
+                assert_eq!(h.jitter(created + Duration::from_micros(50)), first);
+                first
+            })
+            .collect();
+        assert!(fractions.iter().all(|f| (0.0..1.0).contains(f)));
+        let mean = fractions.iter().sum::<f64>() / fractions.len() as f64;
+        assert!((0.35..0.65).contains(&mean), "spread evenly: mean {mean}");
+        let max = Duration::from_secs(100);
+        let lifetime = h.lifetime(max, Duration::from_secs(1));
+        assert!(lifetime <= max && lifetime >= max.mul_f64(0.9), "{lifetime:?}");
     }
 
     #[test]
-    fn ids_parse_only_with_our_prefix() {
-        let pool = PoolConfig::default().application_name("svc");
-        let hooks = Hooks::new(&pool, &SessionSettings::new(), Arc::new(AtomicU64::new(5)), None);
-        assert_eq!(hooks.parse_id("svc-3"), Some(3));
-        assert_eq!(hooks.parse_id("svc-9"), None, "never issued");
-        assert_eq!(hooks.parse_id("other-3"), None);
-        assert_eq!(hooks.parse_id("svc-x"), None);
+    fn a_connection_is_found_by_its_creation_instant_and_a_miss_is_unknown() {
+        let h = hooks("svc");
+        let t0 = Instant::now();
+        lock(&h.known).born.insert(t0, "svc-x-1".into());
+        std::thread::sleep(Duration::from_millis(5));
+        lock(&h.known).born.insert(Instant::now(), "svc-x-2".into());
+        // sqlx's stamp follows the record by microseconds: `age` measured from just after it.
+        let age = t0.elapsed() - Duration::from_micros(1);
+        assert_eq!(&*h.identify(age), "svc-x-1");
+        assert_eq!(&*h.identify(Duration::ZERO), "svc-x-2");
+        let unknown = h.identify(t0.elapsed() + Duration::from_secs(5));
+        assert_eq!(*unknown, format!("{}-?", h.id_base));
     }
 }

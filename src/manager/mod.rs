@@ -32,15 +32,19 @@
 //! Built with SeaORM 2 on sqlx (see [`connect_options`](ConnectionManager::connect_options)),
 //! with per-connection hooks instead of a ping on every acquire:
 //!
-//! - every new physical connection gets an id `<application_name prefix>-<n>`, set as its
-//!   `application_name` together with the session settings (role, `statement_timeout`,
-//!   `idle_in_transaction_session_timeout`, read-only) in one round trip; the id appears in every
-//!   event, in `pg_stat_activity` and in `connection_logs`;
+//! - the session settings (role, `statement_timeout`, `idle_in_transaction_session_timeout`,
+//!   read-only) are PostgreSQL startup options, in force from a connection's first statement;
+//! - every new physical connection gets an id `<application_name prefix>-<tag>-<n>` (`<tag>`:
+//!   six random characters per manager, so replicas sharing a prefix never mix up their
+//!   connections), set as its `application_name`; the id appears in events, in
+//!   `pg_stat_activity` and in `connection_logs`;
 //! - a connection made before the tunnel's latest reconnect, or before a health probe found the
 //!   database gone, is never handed out again (the generation rule);
-//! - each connection lives at most `max_lifetime` minus up to 10 % at random, so connections
-//!   opened together do not all expire together;
-//! - only connections idle at least `test_if_idle_for` are pinged before use.
+//! - each connection lives at most `max_lifetime` minus up to 10 %, so connections opened
+//!   together do not all expire together;
+//! - only connections idle at least `test_if_idle_for` are pinged before use;
+//! - the manager keeps `min_connections` open itself (sqlx opens its minimum only after reaping
+//!   a connection, and bypasses the checkout hooks when it does).
 //!
 //! # Acquisition time
 //!
@@ -69,6 +73,7 @@ pub use shutdown::ShutdownReport;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::generation::Generation;
 use crate::observe::events;
 use crate::observe::log_sink::{ConnectionLogEvent, LogSink, LogSinkOptions};
 use crate::observe::metrics as m;
@@ -108,8 +113,21 @@ pub struct PoolStats {
     pub setup_failures: u64,
     /// Checkouts reported as leaks.
     pub leaks_total: u64,
-    /// Times a hook had to ask the server which connection it was holding (see `hooks`).
-    pub server_id_lookups: u64,
+}
+
+/// Counters a user can read without a metrics stack (the source of [`PoolStats`]).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) opened: AtomicU64,
+    pub(crate) closed: AtomicU64,
+    pub(crate) acquired: AtomicU64,
+    pub(crate) released: AtomicU64,
+    pub(crate) rejected_stale: AtomicU64,
+    pub(crate) rejected_expired: AtomicU64,
+    pub(crate) idle_pings: AtomicU64,
+    pub(crate) ping_failures: AtomicU64,
+    pub(crate) setup_failures: AtomicU64,
+    pub(crate) leaks: AtomicU64,
 }
 
 /// A managed SeaORM connection over an optional SSH tunnel. Cheap to clone; all clones share
@@ -139,6 +157,9 @@ pub(crate) struct Inner {
     endpoint: Endpoint,
     hooks: Arc<Hooks>,
     next_id: Arc<AtomicU64>,
+    /// The pool's one generation cutoff: retired by the tunnel on lost sessions and by the
+    /// health check on a failed probe, read by the hooks.
+    generation: Arc<Generation>,
     sink: Option<LogSink>,
     /// The connection log's own one-connection pool (see `pool::sink_connect_options`).
     sink_db: Option<DatabaseConnection>,
@@ -153,8 +174,9 @@ pub(crate) struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.cancel.cancel();
-        // The sink holds the pool and the pool holds the hooks: break the cycle.
+        // The sink holds the pool and the pool holds the hooks: break the cycles.
         self.hooks.set_sink(None);
+        self.hooks.attach_pool(None);
     }
 }
 
@@ -173,11 +195,14 @@ impl ConnectionManager {
     /// such instead of surfacing later as pool timeouts.
     pub async fn new(config: Config) -> Result<ConnectionManager> {
         config.validate()?;
+        let generation = Arc::new(Generation::new());
         let tunnel = match &config.tunnel {
-            Some(tc) => Some(SshTunnel::connect(tc.clone()).await?),
+            Some(tc) => {
+                Some(SshTunnel::connect_with_generation(tc.clone(), m::DEFAULT_POOL, generation.clone()).await?)
+            }
             None => None,
         };
-        match Self::start(config, tunnel.clone()).await {
+        match Self::start(config, tunnel.clone(), generation).await {
             Ok(manager) => Ok(manager),
             Err(e) => {
                 if let Some(t) = tunnel {
@@ -193,23 +218,25 @@ impl ConnectionManager {
         Self::new(Config::from_env()?).await
     }
 
-    async fn start(config: Config, tunnel: Option<SshTunnel>) -> Result<ConnectionManager> {
+    async fn start(
+        config: Config,
+        tunnel: Option<SshTunnel>,
+        generation: Arc<Generation>,
+    ) -> Result<ConnectionManager> {
         let endpoint = match (&tunnel, &config.tunnel) {
             (Some(t), Some(tc)) => Endpoint::from_tunnel(t.local_endpoint(), tc.remote_port),
             _ => Endpoint::Direct,
         };
         let next_id = Arc::new(AtomicU64::new(0));
-        let hooks = Arc::new(Hooks::new(
-            &config.pool,
-            &config.session,
-            next_id.clone(),
-            generation_source(&tunnel),
-        ));
+        let hooks = Arc::new(Hooks::new(&config.pool, next_id.clone(), generation.clone()));
         let mut options = pool::connect_options(&config, &endpoint, hooks.clone())?;
         // Lazy, so the connection log (when enabled) sees the very first connection too; the
-        // first health check below opens it and reports what went wrong.
-        options.connect_lazy(true);
+        // first health check below opens it and reports what went wrong. sqlx's own minimum is
+        // 0: the connections it opens for it reach the pool without any checkout hook, so
+        // the health loop keeps the minimum instead, by acquiring.
+        options.connect_lazy(true).min_connections(0);
         let db = Database::connect(options).await?;
+        hooks.attach_pool(Some(db.get_postgres_connection_pool().clone()));
         let sink_db = if config.log_to_db {
             let mut options = pool::sink_connect_options(&config, &endpoint)?;
             options.connect_lazy(true);
@@ -231,6 +258,7 @@ impl ConnectionManager {
             endpoint,
             hooks,
             next_id,
+            generation,
             sink,
             sink_db,
             health,
@@ -288,22 +316,26 @@ impl ConnectionManager {
     }
 
     /// Ready SeaORM options for building your own pool over the same tunnel, with the same
-    /// limits, timeouts, session settings and per-connection hooks (ids continue the manager's
-    /// sequence). Health checks, leak detection and shutdown cover only the managed pool.
+    /// limits, timeouts, session settings and per-connection hooks (ids get a tag of their own
+    /// and continue the manager's numbering; the generation rule is shared). Health checks, leak
+    /// detection and shutdown cover only the managed pool.
     ///
     /// The URL points at the tunnel's local endpoint (a Unix endpoint is given as the socket
     /// directory plus the remote port). Its password is in it: do not log the options' `Debug`.
     ///
-    /// Do not call `set_schema_search_path` on them: its hook would be replaced by ours (sqlx has
-    /// one `after_connect` slot, DESIGN §7.6). Put `options=-csearch_path%3Dmy_schema` in
-    /// `DATABASE_URL` instead; PostgreSQL applies it at connection startup.
+    /// What you set on them composes with ours where sqlx allows: `max_lifetime` (jittered like
+    /// ours), `test_before_acquire`, `statement_timeout` and `min_connections` apply. sqlx has one
+    /// slot per hook and no way to read it back, so `set_schema_search_path`,
+    /// `test_before_acquire_if_idle_for` and `map_sqlx_postgres_before_acquire` would be replaced
+    /// by our hooks, and `map_sqlx_postgres_opts` / `map_sqlx_postgres_pool_opts` would replace
+    /// ours: put `options=-csearch_path%3Dmy_schema` in `DATABASE_URL` instead (PostgreSQL applies
+    /// it at connection startup), and use `pool.test_if_idle_for`.
     pub fn connect_options(&self) -> ConnectOptions {
         let inner = &self.inner;
         let hooks = Arc::new(Hooks::new(
             &inner.config.pool,
-            &inner.config.session,
             inner.next_id.clone(),
-            generation_source(&inner.tunnel),
+            inner.generation.clone(),
         ));
         pool::connect_options(&inner.config, &inner.endpoint, hooks)
             .expect("the configuration was validated when the manager started")
@@ -361,7 +393,6 @@ impl ConnectionManager {
             ping_failures: get(&c.ping_failures),
             setup_failures: get(&c.setup_failures),
             leaks_total: get(&c.leaks),
-            server_id_lookups: get(&c.server_lookups),
         }
     }
 
@@ -413,18 +444,8 @@ impl ConnectionManager {
 impl Inner {
     /// The error `new` returns when the first health check failed.
     async fn first_check_error(&self, status: &HealthStatus) -> Error {
-        if let Some(setup) = self.hooks.last_setup_error() {
-            let permanent = setup
-                .code
-                .as_deref()
-                .is_some_and(|c| !crate::error::sqlstate_is_transient(c));
-            if permanent {
-                return Error::config(
-                    "session",
-                    format!("setting up a new connection failed: {}", setup.message),
-                );
-            }
-        }
+        // A refused session setting (a role that does not exist) fails the connect itself, so
+        // the server's own error says which.
         // Ask once more, directly, for the real error (the probe's message is a summary).
         let probe = self.db.execute_unprepared("SELECT 1").await;
         match probe {
@@ -439,14 +460,8 @@ impl Inner {
     }
 }
 
-fn generation_source(tunnel: &Option<SshTunnel>) -> Option<hooks::GenerationSource> {
-    tunnel
-        .clone()
-        .map(|t| Arc::new(move || t.last_reconnect_at()) as hooks::GenerationSource)
-}
-
-/// Once a second: forget connections the pool closed silently, refresh the gauges from the
-/// pool, and report leaks.
+/// Once a second (more often with a short leak threshold): set the pool gauges from the pool
+/// (their only writer besides `start`, which sets the maximum) and report leaks.
 async fn maintenance(inner: Weak<Inner>, cancel: CancellationToken) {
     let tick = match inner.upgrade().and_then(|i| i.config.pool.leak_detection_threshold) {
         Some(t) => (t / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
@@ -463,13 +478,12 @@ async fn maintenance(inner: Weak<Inner>, cancel: CancellationToken) {
         let pool = inner.db.get_postgres_connection_pool();
         let size = pool.size();
         let idle = pool.num_idle() as u32;
-        inner.hooks.reconcile(size);
         let label = inner.hooks.pool_label();
         metrics::gauge!(m::DB_POOL_CONNECTIONS_ACTIVE, m::POOL_LABEL => label)
             .set(f64::from(size.saturating_sub(idle)));
         metrics::gauge!(m::DB_POOL_CONNECTIONS_IDLE, m::POOL_LABEL => label).set(f64::from(idle));
         if let Some(threshold) = inner.config.pool.leak_detection_threshold {
-            inner.hooks.scan_leaks(threshold, size.saturating_sub(idle));
+            inner.hooks.scan_leaks(threshold);
         }
     }
 }

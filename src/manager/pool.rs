@@ -5,13 +5,17 @@
 //! - the URL points at the tunnel's local endpoint (loopback TCP, or the private Unix socket
 //!   directory + the remote port), or stays as configured for a direct connection;
 //! - `max_connections`, `min_connections`, `idle_timeout`, `acquire_timeout` (= sqlx's only
-//!   connect bound, DESIGN §7.7) from [`PoolConfig`](crate::config::PoolConfig);
+//!   connect bound, DESIGN §7.7), `max_lifetime` from [`PoolConfig`](crate::config::PoolConfig)
+//!   (the hooks read the last two back, so a value set later on the SeaORM options wins);
 //! - sqlx statement logging off (the crate's own events say what happened to connections);
+//! - the session settings as PostgreSQL startup options (`-c role=...`, `statement_timeout`,
+//!   `idle_in_transaction_session_timeout`, `default_transaction_read_only`): in force from the
+//!   first statement, no round trip;
 //! - `application_name` = the configured prefix at startup, then the connection id per connection;
 //! - no ping on every acquire (`test_before_acquire` off, DESIGN §7.8): only connections idle
 //!   longer than `pool.test_if_idle_for` are pinged;
-//! - our per-connection hooks (see [`hooks`](super::hooks)): session settings, connection ids,
-//!   the generation rule, jittered lifetimes, checkout tracking.
+//! - our per-connection hooks (see [`hooks`](super::hooks)): connection ids, the generation rule,
+//!   jittered lifetimes, checkout tracking.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,7 +25,7 @@ use sea_orm::ConnectOptions;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::hooks::{self, Hooks};
-use crate::config::Config;
+use crate::config::{Config, SessionSettings};
 use crate::error::{Error, Result};
 use crate::tunnel::LocalEndpoint;
 
@@ -55,6 +59,7 @@ pub(crate) fn connect_options(config: &Config, endpoint: &Endpoint, hooks: Arc<H
     options
         .max_connections(pool.max_connections)
         .min_connections(pool.min_connections)
+        .max_lifetime(pool.max_lifetime)
         .test_before_acquire(false)
         .set_application_name(pool.application_name.clone());
     options.map_sqlx_postgres_pool_opts(move |o| hooks::install(&hooks, o));
@@ -62,40 +67,25 @@ pub(crate) fn connect_options(config: &Config, endpoint: &Endpoint, hooks: Arc<H
 }
 
 /// The connection log's own pool: one connection (opened when the first batch is written),
-/// `application_name` `<prefix>-log`, the session settings, and a ping before each use (the
+/// `application_name` `<prefix>-log`, the session settings (startup options, as for the managed
+/// pool), and a ping before each use (the
 /// writer is in the background, so a stale connection after a reconnect costs a round trip,
 /// not an error).
 ///
 /// Separate from the managed pool so that shutdown can refuse every application acquisition
 /// at once while the log is still flushed, and so the log never takes an application's slot.
 pub(crate) fn sink_connect_options(config: &Config, endpoint: &Endpoint) -> Result<ConnectOptions> {
-    use sea_orm::sqlx::Executor as _;
-
     let mut options = base_options(config, endpoint)?;
     options
         .max_connections(1)
         .min_connections(0)
         .test_before_acquire(true)
         .set_application_name(format!("{}-log", config.pool.application_name));
-    let settings: Arc<str> = hooks::session_sql(&config.session).into();
-    if !settings.is_empty() {
-        options.map_sqlx_postgres_pool_opts(move |o| {
-            let settings = settings.clone();
-            o.after_connect(move |conn, _meta| {
-                let settings = settings.clone();
-                Box::pin(async move {
-                    conn.execute(sea_orm::sqlx::AssertSqlSafe(settings.to_string()))
-                        .await
-                        .map(|_| ())
-                })
-            })
-        });
-    }
     Ok(options)
 }
 
 /// What both pools share: the URL (pointed at the tunnel), the password handed over out of
-/// band, timeouts, quiet sqlx logging.
+/// band, the session settings, timeouts, quiet sqlx logging.
 fn base_options(config: &Config, endpoint: &Endpoint) -> Result<ConnectOptions> {
     // Validates the URL (the error never repeats the password).
     config.database_options()?;
@@ -122,7 +112,10 @@ fn base_options(config: &Config, endpoint: &Endpoint) -> Result<ConnectOptions> 
     // The URL above already points there; setting it on the parsed options as well keeps it
     // right even if the URL carries its own `host=`/`port=` query parameters.
     let target = endpoint.clone();
+    let session = session_options(&config.session);
     options.map_sqlx_postgres_opts(move |o| {
+        // Appended after what SeaORM set (its own `statement_timeout`), so ours win where both are set.
+        let o = o.options(session.iter().map(|(k, v)| (k, v)));
         let o = match &target {
             Endpoint::Direct => o,
             Endpoint::Tcp(addr) => o.host(&addr.ip().to_string()).port(addr.port()),
@@ -134,6 +127,25 @@ fn base_options(config: &Config, endpoint: &Endpoint) -> Result<ConnectOptions> 
         }
     });
     Ok(options)
+}
+
+/// The session settings as startup options: `(name, value)` for `-c name=value`. PostgreSQL
+/// applies each before the first statement; `role` takes the role's name as is (no quoting).
+pub(crate) fn session_options(session: &SessionSettings) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(role) = &session.role {
+        out.push(("role", role.clone()));
+    }
+    if let Some(t) = session.statement_timeout {
+        out.push(("statement_timeout", t.as_millis().to_string()));
+    }
+    if let Some(t) = session.idle_in_transaction_session_timeout {
+        out.push(("idle_in_transaction_session_timeout", t.as_millis().to_string()));
+    }
+    if session.read_only {
+        out.push(("default_transaction_read_only", "on".to_owned()));
+    }
+    out
 }
 
 /// Replaces `host[:port]` of a `scheme://[userinfo@]host[:port]/...` URL.
@@ -255,6 +267,8 @@ fn percent_encode(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -276,11 +290,29 @@ mod tests {
     #[test]
     fn connect_options_debug_has_no_password() {
         let config = Config::new("postgres://app:hunter2-secret@db.internal:5432/app");
-        let hooks = Arc::new(Hooks::new(&config.pool, &config.session, Default::default(), None));
+        let hooks = Arc::new(Hooks::new(&config.pool, Default::default(), Default::default()));
         let options = connect_options(&config, &Endpoint::Tcp("127.0.0.1:40000".parse().unwrap()), hooks).unwrap();
         let debug = format!("{options:?}");
         assert!(!debug.contains("hunter2"), "{debug}");
         assert!(debug.contains("127.0.0.1:40000"), "{debug}");
+    }
+
+    #[test]
+    fn session_settings_become_startup_options() {
+        let s = SessionSettings::new()
+            .role("app \"ro\"")
+            .statement_timeout(Duration::from_secs(5))
+            .idle_in_transaction_session_timeout(Duration::from_millis(1500))
+            .read_only(true);
+        let pg = sea_orm::sqlx::postgres::PgConnectOptions::new().options(session_options(&s));
+        assert_eq!(
+            pg.get_options(),
+            Some(
+                "-c role=app\\ \"ro\" -c statement_timeout=5000 \
+                 -c idle_in_transaction_session_timeout=1500 -c default_transaction_read_only=on"
+            )
+        );
+        assert!(session_options(&SessionSettings::new()).is_empty());
     }
 
     #[test]

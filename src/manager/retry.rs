@@ -92,8 +92,7 @@ impl ConnectionManager {
 }
 
 impl super::Inner {
-    /// Adds what the manager knows to an error: a pool timeout names the limit and the last
-    /// connection setup failure; a closed pool during shutdown is [`Error::ShutDown`]; a
+    /// Adds what the manager knows to an error: a pool timeout names the limit; a closed pool during shutdown is [`Error::ShutDown`]; a
     /// transient-looking error while the tunnel has a permanent problem is that problem
     /// ([`Error::TunnelFailed`] around the tunnel's error, or the permanent
     /// [`Error::ChannelRefused`]).
@@ -113,14 +112,11 @@ impl super::Inner {
                 let size = pool.size();
                 let idle = pool.num_idle() as u32;
                 let max = self.config.pool.max_connections;
-                let mut detail = if size >= max && idle == 0 {
+                let detail = if size >= max && idle == 0 {
                     format!(" (pool max {max} connections, all {size} checked out)")
                 } else {
                     format!(" (pool max {max} connections, {size} open, {idle} idle)")
                 };
-                if let Some(setup) = self.hooks.last_setup_error() {
-                    detail.push_str(&format!("; last connection setup error: {}", setup.message));
-                }
                 Error::Timeout {
                     kind: crate::error::TimeoutKind::Acquire,
                     after: self.config.pool.acquire_timeout,

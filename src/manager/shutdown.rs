@@ -10,10 +10,11 @@
 //! 3. Wait up to the deadline for every checked-out connection to come back, and meanwhile
 //!    flush the connection log: it writes through its own one-connection pool, so it is not
 //!    refused with the application.
-//! 4. If some did not come back: they are forced. The server processes of all our connections are
-//!    ended with `pg_terminate_backend` over one fresh, unpooled connection (through the tunnel,
-//!    which is still up), so nothing of ours stays in `pg_stat_activity` and the holders get an
-//!    error instead of hanging.
+//! 4. If some did not come back: they are forced. The server processes of all our connections
+//!    (found by the manager's tag in `application_name`, so another replica sharing the prefix is
+//!    left alone) are ended with `pg_terminate_backend` over one fresh, unpooled connection
+//!    (through the tunnel, which is still up), so nothing of ours stays in `pg_stat_activity` and
+//!    the holders get an error instead of hanging.
 //! 5. Close the connection log and its pool, disconnect the tunnel, report.
 
 use std::sync::atomic::Ordering;
@@ -92,8 +93,8 @@ impl Inner {
             forced = pool.size().saturating_sub(pool.num_idle() as u32);
             // 4. Force: end the server side of every connection of ours, idle ones included
             //    (the pool only closes idle connections once all checked-out ones are back).
-            let pids = self.hooks.known_pids();
-            match tokio::time::timeout(FORCE_BUDGET, terminate_backends(&pool, &pids)).await {
+            let pattern = like_prefix(self.hooks.id_base());
+            match tokio::time::timeout(FORCE_BUDGET, terminate_backends(&pool, &pattern)).await {
                 Ok(Ok(n)) => events::manager_lifecycle(
                     "forced connections",
                     &format_args!("{forced} checked out, {n} backends terminated"),
@@ -108,7 +109,6 @@ impl Inner {
             let _ = tokio::time::timeout(FORCE_BUDGET, pool.close()).await;
         }
         let drained = checked_out_at_start.saturating_sub(forced);
-        self.hooks.forget_all("shutdown");
 
         // 5. Log, tunnel.
         if let Some(sink) = self.hooks.set_sink(None) {
@@ -130,24 +130,44 @@ impl Inner {
     }
 }
 
-/// Ends the server processes `pids` over one fresh connection made with the pool's own connect
-/// options (so it goes the same way: through the tunnel when there is one) but without the pool's
-/// hooks. Returns how many were terminated.
-async fn terminate_backends(pool: &sqlx::PgPool, pids: &[i32]) -> Result<i64, sqlx::Error> {
+/// A `LIKE` pattern (default escape `\`) for `<base>-` followed by anything.
+fn like_prefix(base: &str) -> String {
+    let mut pattern = String::with_capacity(base.len() + 4);
+    for c in base.chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push_str("-%");
+    pattern
+}
+
+/// Ends the server processes whose `application_name` is `LIKE pattern` over one fresh
+/// connection made with the pool's own connect options (so it goes the same way: through the
+/// tunnel when there is one) but without the pool's hooks. Returns how many were terminated.
+async fn terminate_backends(pool: &sqlx::PgPool, pattern: &str) -> Result<i64, sqlx::Error> {
     use sqlx::{ConnectOptions as _, Connection as _};
 
-    if pids.is_empty() {
-        return Ok(0);
-    }
-    let options = pool.connect_options();
+    // As the login user, not the configured role: only a member of the role that logged in may
+    // end its backends (a later `-c` overrides the pool's).
+    let options = (*pool.connect_options()).clone().options([("role", "none")]);
     let mut conn = options.connect().await?;
     let terminated: i64 = sqlx::query_scalar(
-        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 2000)) FROM unnest($1::int4[]) AS t(pid) \
-         WHERE pid <> pg_backend_pid()",
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 2000)) FROM pg_stat_activity \
+         WHERE application_name LIKE $1 AND pid <> pg_backend_pid()",
     )
-    .bind(pids)
+    .bind(pattern)
     .fetch_one(&mut conn)
     .await?;
     let _ = conn.close().await;
     Ok(terminated)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_pattern_matches_only_the_tagged_ids() {
+        assert_eq!(super::like_prefix("svc_1%\\-ab12cd"), "svc\\_1\\%\\\\-ab12cd-%");
+    }
 }
