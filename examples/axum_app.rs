@@ -36,9 +36,9 @@ use sea_orm_tunnel::layer::{Db, InjectDatabaseLayer, RecoveryLayer};
 use sea_orm_tunnel::observe::events::AcquireTimeLayer;
 use sea_orm_tunnel::observe::metrics::describe_metrics;
 use sea_orm_tunnel::{ConnectionManager, Error, HealthStatus};
-use tracing_subscriber::{EnvFilter, Layer as _};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -223,9 +223,15 @@ fn print_summary(manager: &ConnectionManager, sandbox: Option<&Sandbox>) {
             );
             let bastion_kind = if sandbox.is_some() { "in-process" } else { "yours" };
             println!("   bastion      {}@{}:{} ({bastion_kind})", t.user, t.host, t.port);
-            println!("   host key     {}", host_key_summary(&t.host_key_policy, &t.known_hosts));
+            println!(
+                "   host key     {}",
+                host_key_summary(&t.host_key_policy, &t.known_hosts)
+            );
             if let Some(sandbox) = sandbox {
-                println!("                the bastion's key is {}", sandbox.bastion().host_key_fingerprint());
+                println!(
+                    "                the bastion's key is {}",
+                    sandbox.bastion().host_key_fingerprint()
+                );
             }
             println!(
                 "   tunnel       local endpoint {} -> {}:{}, up to {} SSH session(s) x {} channels",
@@ -242,7 +248,6 @@ fn print_summary(manager: &ConnectionManager, sandbox: Option<&Sandbox>) {
         "   pool         up to {} connections (min {}), acquire timeout {:?}, health check every {:?}",
         config.pool.max_connections, config.pool.min_connections, config.pool.acquire_timeout, config.health.interval
     );
-    println!("   database     {}", config.redacted_database_url());
 }
 
 /// The host-key policy in words.

@@ -85,7 +85,7 @@ where
                     .any(|l| l.key() == POOL_LABEL && l.value() == DEFAULT_POOL)
         })
         .flat_map(|(.., value)| match value {
-            DebugValue::Histogram(samples) => samples.into_iter().map(|s| s.into_inner()).collect(),
+            DebugValue::Histogram(samples) => samples.into_iter().map(|s| s.into_inner()).collect::<Vec<f64>>(),
             other => panic!("{DB_CONNECTION_ACQUIRE_SECONDS} is not a histogram: {other:?}"),
         })
         .collect()
@@ -128,7 +128,10 @@ fn acquire_histogram_fills_under_an_info_log_filter() {
         !text.contains("sqlx::pool::acquire") && !text.contains("acquired connection"),
         "the acquire layer must not let TRACE events into the log:\n{text}"
     );
-    assert!(!text.contains(" DEBUG ") && !text.contains(" TRACE "), "nothing below INFO:\n{text}");
+    assert!(
+        !text.contains(" DEBUG ") && !text.contains(" TRACE "),
+        "nothing below INFO:\n{text}"
+    );
 
     // The setup the examples had: a global `info` filter on the registry drops the TRACE event
     // before any layer sees it. This is why the documented setup filters per layer.

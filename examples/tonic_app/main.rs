@@ -33,9 +33,9 @@ use sea_orm_tunnel::layer::{CorrelationId, InjectDatabaseLayer, RecoveryLayer};
 use sea_orm_tunnel::observe::events::AcquireTimeLayer;
 use sea_orm_tunnel::{ConnectionManager, Error};
 use tonic::{Request, Response, Status};
-use tracing_subscriber::{EnvFilter, Layer as _};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// The handlers. They hold nothing: the layers put the connection, the manager and the
 /// correlation id into every request's extensions.
