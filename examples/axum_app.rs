@@ -8,7 +8,8 @@
 //!
 //! - `APP_ADDR`: where to listen, default `127.0.0.1:3000`;
 //! - `RUST_LOG`: log filter, default `info`. Logs are JSON lines; every line of a request carries
-//!   its `correlation_id` (the `x-request-id` header, or a generated id echoed back).
+//!   its `correlation_id` (the `x-request-id` header, or a generated id echoed back). The filter
+//!   applies to the log only: `/metrics` has `db_connection_acquire_seconds` at any level.
 //!
 //! Routes:
 //!
@@ -35,24 +36,26 @@ use sea_orm_tunnel::layer::{Db, InjectDatabaseLayer, RecoveryLayer};
 use sea_orm_tunnel::observe::events::AcquireTimeLayer;
 use sea_orm_tunnel::observe::metrics::describe_metrics;
 use sea_orm_tunnel::{ConnectionManager, Error, HealthStatus};
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // The log filter is the fmt layer's own (a per-layer filter), not the registry's: a global
+    // `info` filter would drop sqlx's TRACE acquire event, and db_connection_acquire_seconds with it.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::registry()
-        .with(filter)
         // JSON lines with the current span's fields, so each line shows its request's correlation_id.
         .with(
             tracing_subscriber::fmt::layer()
                 .json()
                 .with_current_span(true)
-                .with_span_list(false),
+                .with_span_list(false)
+                .with_filter(filter),
         )
-        // Feeds db_connection_acquire_seconds from every acquire SeaORM makes.
-        .with(AcquireTimeLayer::new())
+        // Feeds db_connection_acquire_seconds from every acquire SeaORM makes, whatever RUST_LOG says.
+        .with(AcquireTimeLayer::filtered())
         .init();
 
     match run().await {

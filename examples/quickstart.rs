@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusBuilder;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
-use sea_orm_tunnel::config::{self, Config};
+use sea_orm_tunnel::config::{self, Config, HostKeyPolicy};
 use sea_orm_tunnel::manager::{ConnectionManager, HealthEvent};
 use sea_orm_tunnel::observe::events::AcquireTimeLayer;
 use sea_orm_tunnel::observe::metrics::describe_metrics;
@@ -41,8 +41,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // a recorder. Here: Prometheus text, rendered at the end.
     let prometheus = PrometheusBuilder::new().install_recorder()?;
     describe_metrics();
-    // Tracing: errors on stderr (RUST_LOG overrides), plus the layer that turns
-    // sqlx's acquire timings into the `db_connection_acquire_seconds` histogram.
+    // Tracing: errors on stderr (RUST_LOG overrides; the filter is the fmt layer's own, so it
+    // does not decide what the metrics see), plus the layer that turns sqlx's acquire timings
+    // into the `db_connection_acquire_seconds` histogram.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("error"));
     tracing_subscriber::registry()
         .with(
@@ -50,7 +51,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .with_writer(std::io::stderr)
                 .with_filter(filter),
         )
-        .with(AcquireTimeLayer::new())
+        .with(AcquireTimeLayer::filtered())
         .init();
 
     step("configuration");
@@ -63,30 +64,19 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         println!("   no DATABASE_URL / SSH_HOST: starting a throwaway PostgreSQL and an SSH bastion on loopback");
         let sandbox = Sandbox::start().await?;
-        println!(
-            "   PostgreSQL on 127.0.0.1:{}, bastion on {} (host key {})",
-            sandbox.postgres().port(),
-            sandbox.bastion().addr(),
-            sandbox.bastion().host_key_fingerprint()
-        );
         let config = sandbox
             .config()
             .map_pool(|p| p.max_connections(8))
             .map_health(|h| h.interval(Duration::from_secs(2)));
         (Some(sandbox), config)
     };
-    println!("   {config:?}");
 
     step("tunnel and pool");
     let started = Instant::now();
     let manager = ConnectionManager::new(config).await?;
     println!("   connected in {:?}", started.elapsed());
+    print_summary(&manager, sandbox.as_ref());
     if let Some(tunnel) = manager.tunnel() {
-        println!(
-            "   local endpoint {} -> {}",
-            tunnel.local_endpoint(),
-            tunnel.config().remote_target()
-        );
         let mut events = tunnel.subscribe();
         tokio::spawn(async move {
             while let Ok(event) = events.recv().await {
@@ -219,6 +209,59 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     drop(sandbox);
     println!("\ndone.");
     Ok(())
+}
+
+/// What the run is connected to, one line per part (the whole `Config` is `{:?}` away).
+fn print_summary(manager: &ConnectionManager, sandbox: Option<&Sandbox>) {
+    let config = manager.config();
+    let origin = if sandbox.is_some() { "throwaway" } else { "yours" };
+    match (manager.tunnel(), config.tunnel.as_ref()) {
+        (Some(tunnel), Some(t)) => {
+            println!(
+                "   PostgreSQL   {}:{} ({origin}), reached from the bastion",
+                t.remote_host, t.remote_port
+            );
+            let bastion_kind = if sandbox.is_some() { "in-process" } else { "yours" };
+            println!("   bastion      {}@{}:{} ({bastion_kind})", t.user, t.host, t.port);
+            println!(
+                "   host key     {}",
+                host_key_summary(&t.host_key_policy, &t.known_hosts)
+            );
+            if let Some(sandbox) = sandbox {
+                println!(
+                    "                the bastion's key is {}",
+                    sandbox.bastion().host_key_fingerprint()
+                );
+            }
+            println!(
+                "   tunnel       local endpoint {} -> {}:{}, up to {} SSH session(s) x {} channels",
+                tunnel.local_endpoint(),
+                t.remote_host,
+                t.remote_port,
+                t.max_sessions,
+                t.max_channels
+            );
+        }
+        _ => println!("   PostgreSQL   {} ({origin}), direct", config.redacted_database_url()),
+    }
+    println!(
+        "   pool         up to {} connections (min {}), acquire timeout {:?}, health check every {:?}",
+        config.pool.max_connections, config.pool.min_connections, config.pool.acquire_timeout, config.health.interval
+    );
+}
+
+/// The host-key policy in words.
+fn host_key_summary(policy: &HostKeyPolicy, known_hosts: &std::path::Path) -> String {
+    match policy {
+        HostKeyPolicy::Strict => format!("strict: the bastion's key must be in {}", known_hosts.display()),
+        HostKeyPolicy::AcceptNew => format!(
+            "accept-new: an unknown key is learnt into {}, a changed one refused",
+            known_hosts.display()
+        ),
+        HostKeyPolicy::Fingerprint(fingerprint) => format!("pinned: the bastion's key must be {fingerprint}"),
+        HostKeyPolicy::InsecureAcceptAny => "insecure-accept-any: any key is accepted (not for production)".to_owned(),
+        other => other.to_string(),
+    }
 }
 
 fn print_latencies(what: &str, latencies: &mut [Duration]) {

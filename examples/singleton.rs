@@ -1,6 +1,6 @@
 //! Run with: `cargo run --example singleton`
 //!
-//! The spec's singleton flow: `initialize_instance` / `get_instance` / `reset_instance`.
+//! The process-wide tunnel: `initialize_instance` / `get_instance` / `reset_instance`.
 //!
 //! With `SSH_HOST` (and `SSH_USER`, `DATABASE_URL`, ...) set, the tunnel comes from the
 //! environment (`SshTunnel::initialize_from_env`). Without them a throwaway PostgreSQL and an

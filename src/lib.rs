@@ -64,7 +64,7 @@
 //! ## Modules
 //!
 //! - [`config`]: [`Config`](config::Config) builders, environment (`from_env`, `.env.local`), profiles, validation.
-//! - [`tunnel`]: the SSH tunnel and the spec's singleton facade (`SshTunnel::initialize_instance`, ...).
+//! - [`tunnel`]: the SSH tunnel and a process-wide singleton facade (`SshTunnel::initialize_instance`, ...).
 //! - [`manager`]: the pool over the tunnel, health checks, retry, leak detection, shutdown.
 //! - [`layer`]: tower layers for axum and tonic.
 //! - [`observe`]: tracing events, metric names, the `connection_logs` sink.

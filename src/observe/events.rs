@@ -1,4 +1,5 @@
-//! Tracing events of the connection manager (DESIGN §4).
+//! Tracing events of the connection manager, and the layer that turns sqlx's acquire timing
+//! into a metric.
 //!
 //! Every event carries a field `event` whose value is one of the [`EventKind`] names, so a log
 //! pipeline can filter on it without parsing messages. Connection events also carry
@@ -298,30 +299,64 @@ pub(crate) fn manager_lifecycle(what: &str, detail: &dyn fmt::Display) {
 ///
 /// sqlx measures each `Pool::acquire` from the call until a connection is handed out (waiting for
 /// a free slot, the idle ping, opening a new connection) and, in pools built by the manager,
-/// reports it as a TRACE event with target `sqlx::pool::acquire` (a WARN event past 2 s). This
-/// layer turns those events into the histogram, with `pool="default"` (the event does not say
-/// which pool it came from). Nothing else is recorded or printed.
+/// reports it as a TRACE event with target `sqlx::pool::acquire` (a WARN event past 2 s). That
+/// event is the only place sqlx exposes the number: its pool has no callback, and its hooks run
+/// after the wait. This layer turns those events into the histogram, with `pool="default"` (the
+/// event does not say which pool it came from). Nothing else is recorded or printed.
 ///
-/// The event is TRACE: give this layer its own filter (or none), not a global one that stops
-/// TRACE for `sqlx::pool::acquire` before it arrives.
+/// Add it with [`AcquireTimeLayer::filtered`], next to a log layer that carries its own
+/// filter, so a log filter such as `info` never decides whether the metric exists:
 ///
 /// ```
 /// use tracing_subscriber::layer::SubscriberExt;
+/// use tracing_subscriber::{EnvFilter, Layer};
 /// use sea_orm_tunnel::observe::events::AcquireTimeLayer;
 ///
-/// let subscriber = tracing_subscriber::registry().with(AcquireTimeLayer::new());
+/// let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// let subscriber = tracing_subscriber::registry()
+///     // The log filter applies to the log output only ...
+///     .with(tracing_subscriber::fmt::layer().with_filter(log_filter))
+///     // ... and this layer sees sqlx's TRACE acquire event whatever that filter says.
+///     .with(AcquireTimeLayer::filtered());
 /// tracing::subscriber::set_global_default(subscriber).ok();
 /// ```
+///
+/// A filter added to the registry itself (`registry().with(EnvFilter::new("info"))`) is global:
+/// it drops the TRACE event before any layer sees it, and the histogram stays empty.
 #[derive(Debug, Clone, Default)]
 pub struct AcquireTimeLayer {
     _private: (),
 }
 
 impl AcquireTimeLayer {
-    /// The layer.
+    /// The bare layer, without a filter of its own.
+    ///
+    /// It records the same samples as [`AcquireTimeLayer::filtered`], but as an unfiltered layer
+    /// it makes every event of every level and target reach the subscriber (it cannot opt out of
+    /// some without disabling them for the other layers too). Prefer
+    /// [`filtered`](AcquireTimeLayer::filtered).
     pub fn new() -> Self {
         AcquireTimeLayer::default()
     }
+
+    /// The layer behind its own per-layer filter, which admits sqlx's acquire timing events
+    /// (target `sqlx::pool::acquire`, any level) and nothing else.
+    ///
+    /// Other layers keep their own filters: this one neither hides their events nor makes
+    /// other TRACE events reach them. Callsites no layer wants stay disabled, so the cost of a
+    /// TRACE event elsewhere in the program does not change.
+    pub fn filtered<S>() -> impl tracing_subscriber::Layer<S> + Send + Sync + 'static
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        use tracing_subscriber::Layer as _;
+        AcquireTimeLayer::new().with_filter(tracing_subscriber::filter::filter_fn(is_sqlx_acquire_event))
+    }
+}
+
+/// Whether `metadata` is one of sqlx's acquire timing events.
+fn is_sqlx_acquire_event(metadata: &tracing::Metadata<'_>) -> bool {
+    metadata.is_event() && metadata.target() == SQLX_ACQUIRE_TARGET
 }
 
 /// Target of sqlx's acquire timing events.
@@ -329,7 +364,7 @@ const SQLX_ACQUIRE_TARGET: &str = "sqlx::pool::acquire";
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AcquireTimeLayer {
     fn on_event(&self, event: &tracing::Event<'_>, _ctx: tracing_subscriber::layer::Context<'_, S>) {
-        if event.metadata().target() != SQLX_ACQUIRE_TARGET {
+        if !is_sqlx_acquire_event(event.metadata()) {
             return;
         }
         struct Seconds(Option<f64>);

@@ -1,4 +1,4 @@
-//! Metric names (DESIGN §4). Every metric carries a `pool` label.
+//! Metric names and their descriptions. Every metric carries a `pool` label.
 //!
 //! The crate records through the [`metrics`](https://docs.rs/metrics) facade only and never
 //! installs a recorder.
@@ -66,10 +66,11 @@ pub const DEFAULT_POOL: &str = "default";
 /// - `db_connection_acquire_seconds`: time one `Pool::acquire` took, from the call until a
 ///   connection was handed out — waiting for a free slot, the idle ping (if any) and opening a new
 ///   connection (if needed) included, as measured by sqlx itself. Fed by every acquire SeaORM
-///   makes once [`AcquireTimeLayer`](crate::observe::events::AcquireTimeLayer) is in the tracing
-///   subscriber (it reads sqlx's `sqlx::pool::acquire` timing event; sqlx's hooks cannot see when
-///   an acquire started, so there is no other way to include the wait). Without the layer it stays
-///   empty.
+///   makes once [`AcquireTimeLayer::filtered`](crate::observe::events::AcquireTimeLayer::filtered)
+///   is in the tracing subscriber (it reads sqlx's `sqlx::pool::acquire` timing event; sqlx's
+///   hooks cannot see when an acquire started, so there is no other way to include the wait).
+///   Without the layer it stays empty; see [`observe`](crate::observe#subscriber-setup) for a
+///   setup in which the log filter does not hide the event.
 /// - `db_connection_lifetime_seconds`: age of a physical connection when the manager saw it close:
 ///   rejected as stale (made before a tunnel reconnect or a database failure) or expired, failed
 ///   its idle ping, closed at shutdown, or found gone from the pool by the once-a-second check
