@@ -57,6 +57,7 @@ struct Cli {
     command: Cmd,
 }
 
+// Verbatim: without clap's `wrap_help` feature the long help keeps these line breaks.
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Hold the tunnel so any client (psql, pgbench, another language) can use it
@@ -66,14 +67,15 @@ enum Cmd {
     /// DATABASE_URL (password redacted) once the local endpoint is bound; logs tunnel events to
     /// stderr; stops cleanly on Ctrl-C or SIGTERM (exit 0). After a reconnect round gives up on a
     /// transient error, starts another one instead of exiting.
+    #[command(verbatim_doc_comment)]
     Forward(ForwardArgs),
-    /// Diagnose step by step: TCP reach, SSH handshake, host key, authentication, channel open,
-    /// database login, SELECT 1
+    /// Diagnose step by step, from TCP reach to SELECT 1; exit 11-17 names the failed step
     ///
     /// Diagnoses step by step: TCP reach, SSH handshake, host key, authentication, channel open,
     /// database login, SELECT 1. Prints each step with its time and a verdict. Exit 0 when
     /// everything works; 10 + the step number when a step fails (11 TCP reach ... 17 SELECT 1);
     /// 1 for a configuration error.
+    #[command(verbatim_doc_comment)]
     Check,
 }
 
