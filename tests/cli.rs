@@ -1,14 +1,17 @@
 //! The `sea-orm-tunnel` binary against real servers: OpenSSH `sshd` and PostgreSQL from the
 //! test kit. `check` diagnoses, `forward` holds a tunnel other clients use, SIGTERM stops it.
 
+use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait as _, Database};
+use sea_orm_tunnel::config::Config;
 use sea_orm_tunnel::testkit::{KeyKind, OpenSshd, TempPostgres};
+use sea_orm_tunnel::tunnel::diagnose::{Outcome, Route, StepKind, diagnose, diagnose_with};
 
 /// Generous liveness bound for a loaded CI machine.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -17,25 +20,56 @@ fn binary() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sea-orm-tunnel"))
 }
 
-/// The binary configured for `sshd` + `pg` through the environment only (the way users run it),
-/// in a directory without `.env` files.
-fn configured(sshd: &OpenSshd, pg: &TempPostgres, known_hosts: &Path) -> Command {
+/// The environment that configures `sshd` + `pg`: what users set.
+fn settings(sshd: &OpenSshd, pg: &TempPostgres, known_hosts: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", pg.url()),
+        ("SSH_HOST", sshd.host().to_owned()),
+        ("SSH_PORT", sshd.port().to_string()),
+        ("SSH_USER", sshd.user().to_owned()),
+        ("SSH_KEY_PATH", sshd.client_key_path().display().to_string()),
+        ("SSH_USE_AGENT", "false".to_owned()),
+        ("SSH_KNOWN_HOSTS", known_hosts.display().to_string()),
+        ("SSH_HOST_KEY_POLICY", "strict".to_owned()),
+        ("POSTGRES_CONNECTION_TIMEOUT", "10000".to_owned()),
+    ]
+}
+
+/// The binary with an empty environment (only `PATH`, and `HOME` = `home`), in `home`, which
+/// has no `.env` files.
+fn isolated(home: &Path) -> Command {
     let mut cmd = binary();
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", sshd.dir())
-        .current_dir(sshd.dir())
-        .env("DATABASE_URL", pg.url())
-        .env("SSH_HOST", sshd.host())
-        .env("SSH_PORT", sshd.port().to_string())
-        .env("SSH_USER", sshd.user())
-        .env("SSH_KEY_PATH", sshd.client_key_path())
-        .env("SSH_USE_AGENT", "false")
-        .env("SSH_KNOWN_HOSTS", known_hosts)
-        .env("SSH_HOST_KEY_POLICY", "strict")
-        .env("POSTGRES_CONNECTION_TIMEOUT", "10000")
+        .env("HOME", home)
+        .current_dir(home)
         .stdin(Stdio::null());
     cmd
+}
+
+/// The binary configured for `sshd` + `pg` through the environment only (the way users run it),
+/// in a directory without `.env` files.
+fn configured(sshd: &OpenSshd, pg: &TempPostgres, known_hosts: &Path) -> Command {
+    let mut cmd = isolated(sshd.dir());
+    cmd.envs(settings(sshd, pg, known_hosts));
+    cmd
+}
+
+/// The same configuration as [`configured`], read by the library.
+fn config_for(sshd: &OpenSshd, pg: &TempPostgres, known_hosts: &Path) -> Config {
+    let vars: HashMap<_, _> = settings(sshd, pg, known_hosts).into_iter().collect();
+    Config::from_env_with(|name| vars.get(name).cloned()).expect("valid configuration")
+}
+
+/// `known_hosts` recording another key for `sshd`: what a man in the middle looks like.
+async fn wrong_known_hosts(sshd: &OpenSshd) -> PathBuf {
+    let other = sshd.generate_key(KeyKind::Ed25519, None).await.unwrap();
+    let other_pub = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    let mut fields = other_pub.split_whitespace();
+    let (kind, blob) = (fields.next().unwrap(), fields.next().unwrap());
+    let known_hosts = sshd.dir().join("wrong_known_hosts");
+    std::fs::write(&known_hosts, format!("[127.0.0.1]:{} {kind} {blob}\n", sshd.port())).unwrap();
+    known_hosts
 }
 
 /// Runs a command to completion, bounded by [`DEADLINE`].
@@ -104,13 +138,7 @@ async fn check_walks_every_step_and_succeeds() {
 async fn check_with_a_changed_host_key_fails_at_the_host_key_step() {
     let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
     let (pg, sshd) = (pg.unwrap(), sshd.unwrap());
-    // known_hosts records another key for this server: what a man in the middle looks like.
-    let other = sshd.generate_key(KeyKind::Ed25519, None).await.unwrap();
-    let other_pub = std::fs::read_to_string(other.with_extension("pub")).unwrap();
-    let mut fields = other_pub.split_whitespace();
-    let (kind, blob) = (fields.next().unwrap(), fields.next().unwrap());
-    let known_hosts = sshd.dir().join("wrong_known_hosts");
-    std::fs::write(&known_hosts, format!("[127.0.0.1]:{} {kind} {blob}\n", sshd.port())).unwrap();
+    let known_hosts = wrong_known_hosts(&sshd).await;
 
     let mut cmd = configured(&sshd, &pg, &known_hosts);
     cmd.arg("check");
@@ -240,7 +268,8 @@ fn usage_errors_exit_2_and_help_exits_0() {
         c
     });
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command"));
+    // clap's wording since the CLI moved to clap (was "unknown command").
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unrecognized subcommand"));
     let out = run({
         let mut c = binary();
         c.arg("--help");
@@ -249,4 +278,193 @@ fn usage_errors_exit_2_and_help_exits_0() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("forward") && help.contains("check") && help.contains("--local-port"));
+}
+
+/// `check`'s steps come from the library: the same diagnosis, as data, for a working tunnel, a
+/// changed host key, and a database without a tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diagnose_returns_every_step_as_data() {
+    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
+    let (pg, sshd) = (pg.unwrap(), sshd.unwrap());
+
+    // Through the tunnel: every step works, reported in order, as they finish.
+    let mut seen = Vec::new();
+    let config = config_for(&sshd, &pg, &sshd.known_hosts_path());
+    let diagnosis = diagnose_with(&config, |step| seen.push(step.kind)).await.unwrap();
+    assert_eq!(seen, StepKind::ALL, "each step reported once, in order");
+    assert_eq!(diagnosis.route, Route::Tunnel);
+    assert_eq!(
+        diagnosis.steps().iter().map(|s| s.kind).collect::<Vec<_>>(),
+        StepKind::ALL
+    );
+    for step in diagnosis.steps() {
+        assert_eq!(step.outcome, Outcome::Ok, "{step:?}");
+        assert_eq!(step.exit_code(), None);
+        assert!(!step.detail.contains(pg.password()), "the password leaked: {step:?}");
+    }
+    assert!(diagnosis.is_ok() && diagnosis.failure().is_none());
+    assert_eq!(diagnosis.exit_code(), 0);
+    // Timed steps carry their time (the host key is timed together with authentication).
+    let timed: Vec<_> = diagnosis
+        .steps()
+        .iter()
+        .filter(|s| s.elapsed.is_some())
+        .map(|s| s.kind)
+        .collect();
+    assert_eq!(
+        timed,
+        [
+            StepKind::TcpReach,
+            StepKind::SshHandshake,
+            StepKind::Authentication,
+            StepKind::ChannelOpen,
+            StepKind::DatabaseLogin,
+            StepKind::SelectOne
+        ]
+    );
+    let handshake = diagnosis.step(StepKind::SshHandshake).unwrap();
+    assert!(
+        handshake.detail.contains(&sshd.host_key_fingerprint()),
+        "server key shown: {handshake:?}"
+    );
+    assert!(diagnosis.total >= timed.iter().filter_map(|k| diagnosis.step(*k)?.elapsed).max().unwrap());
+
+    // A changed host key: fails at step 3 with its documented exit code; nothing after it runs.
+    let config = config_for(&sshd, &pg, &wrong_known_hosts(&sshd).await);
+    let diagnosis = diagnose(&config).await.unwrap();
+    let failed = diagnosis.failure().expect("a failed step");
+    assert_eq!(failed.kind, StepKind::HostKey);
+    assert_eq!(failed.outcome, Outcome::Failed);
+    assert!(failed.detail.contains("CHANGED"), "{failed:?}");
+    assert!(
+        failed.hint.as_deref().is_some_and(|h| h.contains("man-in-the-middle")),
+        "{failed:?}"
+    );
+    assert_eq!(failed.exit_code(), Some(13));
+    assert_eq!(diagnosis.exit_code(), 13);
+    assert!(!diagnosis.is_ok());
+    let outcomes: Vec<_> = diagnosis.steps().iter().map(|s| (s.kind, s.outcome)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            (StepKind::TcpReach, Outcome::Ok),
+            (StepKind::SshHandshake, Outcome::Ok),
+            (StepKind::HostKey, Outcome::Failed),
+            (StepKind::Authentication, Outcome::NotRun),
+            (StepKind::ChannelOpen, Outcome::NotRun),
+            (StepKind::DatabaseLogin, Outcome::NotRun),
+            (StepKind::SelectOne, Outcome::NotRun),
+        ]
+    );
+
+    // No tunnel: PostgreSQL directly, the SSH steps skipped.
+    let diagnosis = diagnose(&Config::new(pg.url())).await.unwrap();
+    assert_eq!(diagnosis.route, Route::Direct);
+    let outcomes: Vec<_> = diagnosis.steps().iter().map(|s| (s.kind, s.outcome)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            (StepKind::TcpReach, Outcome::Ok),
+            (StepKind::SshHandshake, Outcome::Skipped),
+            (StepKind::HostKey, Outcome::Skipped),
+            (StepKind::Authentication, Outcome::Skipped),
+            (StepKind::ChannelOpen, Outcome::Skipped),
+            (StepKind::DatabaseLogin, Outcome::Ok),
+            (StepKind::SelectOne, Outcome::Ok),
+        ]
+    );
+    assert_eq!(diagnosis.exit_code(), 0);
+
+    // The documented exit codes: 10 + the step number.
+    assert_eq!(StepKind::ALL.map(StepKind::exit_code), [11, 12, 13, 14, 15, 16, 17]);
+}
+
+#[test]
+fn help_lists_both_subcommands_and_the_environment() {
+    let home = tempfile::tempdir().unwrap();
+    let out = run({
+        let mut c = isolated(home.path());
+        c.arg("--help");
+        c
+    });
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "forward",
+        "Hold the tunnel",
+        "check",
+        "Diagnose step by step",
+        "11-17",
+        "DATABASE_URL",
+        "SSH_HOST",
+        "SSH_KEY_PATH",
+        "SSH_KNOWN_HOSTS",
+        "SSH_HOST_KEY_POLICY",
+        "SSH_LOCAL_PORT",
+        "POSTGRES_CONNECTION_TIMEOUT",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
+    }
+
+    // The subcommand's own help names its flags and the variable behind --local-port.
+    let out = run({
+        let mut c = isolated(home.path());
+        c.args(["forward", "--help"]);
+        c
+    });
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in ["--local-port <PORT>", "--unix", "[env: SSH_LOCAL_PORT", "SIGTERM"] {
+        assert!(help.contains(needle), "forward --help lacks {needle:?}:\n{help}");
+    }
+
+    let out = run({
+        let mut c = isolated(home.path());
+        c.arg("--version");
+        c
+    });
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("sea-orm-tunnel {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn bad_flags_give_clap_errors_and_exit_2() {
+    let home = tempfile::tempdir().unwrap();
+    let stderr_of = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = isolated(home.path());
+        c.args(args).envs(env.iter().copied());
+        let out = run(c);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    let (code, stderr) = stderr_of(&[], &[]);
+    assert_eq!(code, Some(2), "no subcommand: {stderr}");
+    let (code, stderr) = stderr_of(&["forward", "--bogus"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("unexpected argument '--bogus'"), "{stderr}");
+    let (code, stderr) = stderr_of(&["forward", "--local-port", "x"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid value 'x' for '--local-port <PORT>'"),
+        "{stderr}"
+    );
+    let (code, stderr) = stderr_of(&["forward", "--unix", "--local-port", "1"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("either --local-port or --unix"), "{stderr}");
+    let (code, stderr) = stderr_of(&["check", "--unix"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("unexpected argument '--unix'"), "{stderr}");
+
+    // --local-port falls back to SSH_LOCAL_PORT, so a bad value there is the same usage error...
+    let (code, stderr) = stderr_of(&["forward"], &[("SSH_LOCAL_PORT", "nope")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("invalid value 'nope'"), "{stderr}");
+    // ...and --unix overrides the variable instead of conflicting with it: this run gets past the
+    // arguments and stops at the missing configuration (exit 1).
+    let (code, stderr) = stderr_of(&["forward", "--unix"], &[("SSH_LOCAL_PORT", "6543")]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("error: "), "{stderr}");
 }

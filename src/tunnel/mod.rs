@@ -63,6 +63,7 @@ use crate::observe::metrics as m;
 use crate::{Error, Result};
 
 pub(crate) mod auth;
+pub mod diagnose;
 mod forward;
 mod global;
 pub(crate) mod host_key;
