@@ -14,7 +14,8 @@ use std::process::ExitCode;
 
 use sea_orm::{ConnectionTrait, Database, Statement};
 use sea_orm_tunnel::testkit::Sandbox;
-use sea_orm_tunnel::tunnel::{LocalEndpoint, SshTunnel};
+use sea_orm_tunnel::tunnel::SshTunnel;
+use sea_orm_tunnel::url::local_database_url;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -61,7 +62,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     // Anywhere in the program: fetch the instance and use its endpoint.
     let instance = SshTunnel::get_instance()?;
-    let url = through(&database_url, instance.local_endpoint())?;
+    // The remote port names a Unix-socket endpoint's file; for TCP it is not used.
+    let remote_port = instance.config().remote_port;
+    let url = local_database_url(&database_url, instance.local_endpoint(), remote_port)?;
     let db = Database::connect(url.as_str()).await?;
     let row = db
         .query_one_raw(Statement::from_string(
@@ -87,18 +90,4 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     drop(sandbox);
     Ok(())
-}
-
-/// `database_url` with its host and port replaced by the tunnel's local TCP endpoint.
-fn through(database_url: &str, endpoint: &LocalEndpoint) -> Result<String, Box<dyn std::error::Error>> {
-    let addr = endpoint
-        .tcp_addr()
-        .ok_or("this example expects a TCP endpoint (SSH_LOCAL_PORT is not `unix`)")?;
-    let (scheme, rest) = database_url.split_once("://").ok_or("DATABASE_URL has no scheme")?;
-    let (userinfo, hostpath) = match rest.rsplit_once('@') {
-        Some((u, h)) => (format!("{u}@"), h),
-        None => (String::new(), rest),
-    };
-    let path = hostpath.find(['/', '?']).map_or("", |i| &hostpath[i..]);
-    Ok(format!("{scheme}://{userinfo}{addr}{path}"))
 }

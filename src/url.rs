@@ -172,7 +172,6 @@ pub fn local_database_url(database_url: &str, endpoint: &LocalEndpoint, remote_p
 ///
 /// As in sqlx, a `password=` query parameter wins over the user info's, and the last one wins.
 /// A string that is not a `scheme://` URL is returned unchanged, without a password.
-#[allow(dead_code)] // The manager's pool options use it.
 pub(crate) fn split_password(url: &str) -> (String, Option<SecretString>) {
     let url = url.trim();
     let Some(parts) = Parts::split(url) else {

@@ -71,7 +71,7 @@ impl PoolConfig {
             max_lifetime: profile::MAX_LIFETIME,
             test_if_idle_for: profile::TEST_IF_IDLE_FOR,
             application_name: profile::APPLICATION_NAME.to_owned(),
-            pool_label: profile::POOL_LABEL.to_owned(),
+            pool_label: crate::observe::metrics::DEFAULT_POOL.to_owned(),
             leak_detection_threshold: None,
         }
     }

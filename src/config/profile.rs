@@ -90,8 +90,6 @@ pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
 pub(crate) const TEST_IF_IDLE_FOR: Duration = Duration::from_secs(10);
 /// `POSTGRES_APPLICATION_NAME`.
 pub(crate) const APPLICATION_NAME: &str = "sea-orm-tunnel";
-/// The `pool` label of the metrics.
-pub(crate) const POOL_LABEL: &str = "default";
 /// `SHUTDOWN_DRAIN_TIMEOUT`.
 pub(crate) const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_millis(5_000);
 /// Timeout of one health probe.

@@ -199,13 +199,13 @@ impl Inner {
             checked_at: SystemTime::now(),
         };
 
-        let label = self.hooks.pool_label();
-        metrics::counter!(m::DB_HEALTH_CHECKS_TOTAL, m::POOL_LABEL => label).increment(1);
-        metrics::histogram!(m::DB_HEALTH_CHECK_SECONDS, m::POOL_LABEL => label).record(started.elapsed().as_secs_f64());
+        let label = self.hooks.pool_label().to_owned();
+        metrics::counter!(m::DB_HEALTH_CHECKS_TOTAL, m::POOL_LABEL => label.clone()).increment(1);
+        metrics::histogram!(m::DB_HEALTH_CHECK_SECONDS, m::POOL_LABEL => label.clone()).record(started.elapsed().as_secs_f64());
         if !healthy {
-            metrics::counter!(m::DB_HEALTH_CHECK_FAILURES_TOTAL, m::POOL_LABEL => label).increment(1);
+            metrics::counter!(m::DB_HEALTH_CHECK_FAILURES_TOTAL, m::POOL_LABEL => label.clone()).increment(1);
             if !database && tunnel.is_usable() {
-                metrics::counter!(m::DB_CONNECTION_ERRORS_TOTAL, m::POOL_LABEL => label, "kind" => "health")
+                metrics::counter!(m::DB_CONNECTION_ERRORS_TOTAL, m::POOL_LABEL => label.clone(), "kind" => "health")
                     .increment(1);
             }
         }

@@ -73,7 +73,7 @@ struct Known {
 /// State shared by every hook closure of one pool.
 #[derive(Debug)]
 pub(crate) struct Hooks {
-    pool_label: &'static str,
+    pool_label: String,
     /// `<prefix>-<tag>`: every connection id of these hooks starts with it.
     id_base: Arc<str>,
     next_id: Arc<AtomicU64>,
@@ -106,7 +106,7 @@ impl Hooks {
     /// Hooks with a fresh random tag; ids take their numbers from `next_id`.
     pub(crate) fn new(pool: &PoolConfig, next_id: Arc<AtomicU64>, generation: Arc<Generation>) -> Hooks {
         Hooks {
-            pool_label: m::DEFAULT_POOL,
+            pool_label: pool.pool_label.clone(),
             id_base: format!("{}-{}", pool.application_name, random_tag()).into(),
             next_id,
             generation,
@@ -120,8 +120,8 @@ impl Hooks {
         }
     }
 
-    pub(crate) fn pool_label(&self) -> &'static str {
-        self.pool_label
+    pub(crate) fn pool_label(&self) -> &str {
+        &self.pool_label
     }
 
     /// `<prefix>-<tag>`, followed by `-<n>` in every id of these hooks.
@@ -204,17 +204,17 @@ impl Hooks {
             known.born.retain(|_, v| v != id);
         }
         self.counters.closed.fetch_add(1, Ordering::Relaxed);
-        metrics::histogram!(m::DB_CONNECTION_LIFETIME_SECONDS, m::POOL_LABEL => self.pool_label)
+        metrics::histogram!(m::DB_CONNECTION_LIFETIME_SECONDS, m::POOL_LABEL => self.pool_label.clone())
             .record(age.as_secs_f64());
         events::connection_closed(id, self.pool_size(), reason, Some(age));
         self.log(
             ConnectionLogEvent::new(id.to_string(), "disconnected")
-                .with_metadata(meta_json(&[("reason", reason), ("pool", self.pool_label)])),
+                .with_metadata(meta_json(&[("reason", reason), ("pool", self.pool_label.as_str())])),
         );
     }
 
     fn failed(&self, id: Option<&str>, kind: &'static str, error: &sqlx::Error) {
-        metrics::counter!(m::DB_CONNECTION_ERRORS_TOTAL, m::POOL_LABEL => self.pool_label, "kind" => kind).increment(1);
+        metrics::counter!(m::DB_CONNECTION_ERRORS_TOTAL, m::POOL_LABEL => self.pool_label.clone(), "kind" => kind).increment(1);
         events::connection_error(id, self.pool_size(), kind, error);
         if let Some(id) = id {
             self.log(ConnectionLogEvent::new(id.to_string(), "error").with_error(error.to_string()));
@@ -251,7 +251,7 @@ impl Hooks {
         events::connection_opened(&id, self.pool_size(), started.elapsed());
         events::connection_acquired(&id, self.pool_size(), &origin, Duration::ZERO);
         self.log(
-            ConnectionLogEvent::new(id.to_string(), "connected").with_metadata(meta_json(&[("pool", self.pool_label)])),
+            ConnectionLogEvent::new(id.to_string(), "connected").with_metadata(meta_json(&[("pool", self.pool_label.as_str())])),
         );
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
         self.check_out(&id, origin);
@@ -328,10 +328,10 @@ impl Hooks {
             .collect();
         for (id, held, origin) in leaks {
             self.counters.leaks.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(m::DB_CONNECTION_LEAKS_TOTAL, m::POOL_LABEL => self.pool_label).increment(1);
+            metrics::counter!(m::DB_CONNECTION_LEAKS_TOTAL, m::POOL_LABEL => self.pool_label.clone()).increment(1);
             events::connection_leaked(&id, self.pool_size(), held, &origin);
             let held_ms = held.as_millis().to_string();
-            let mut meta = vec![("pool", self.pool_label), ("held_ms", &held_ms)];
+            let mut meta = vec![("pool", self.pool_label.as_str()), ("held_ms", &held_ms)];
             meta.extend(origin.span.map(|span| ("span", span)));
             meta.extend(origin.correlation_id.as_deref().map(|c| ("correlation_id", c)));
             self.log(ConnectionLogEvent::new(id.to_string(), "leak").with_metadata(meta_json(&meta)));

@@ -198,7 +198,7 @@ impl ConnectionManager {
         let generation = Arc::new(Generation::new());
         let tunnel = match &config.tunnel {
             Some(tc) => {
-                Some(SshTunnel::connect_with_generation(tc.clone(), m::DEFAULT_POOL, generation.clone()).await?)
+                Some(SshTunnel::connect_with_generation(tc.clone(), config.pool.pool_label.clone(), generation.clone()).await?)
             }
             None => None,
         };
@@ -268,7 +268,7 @@ impl ConnectionManager {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
-        metrics::gauge!(m::DB_POOL_CONNECTIONS_MAX, m::POOL_LABEL => inner.hooks.pool_label())
+        metrics::gauge!(m::DB_POOL_CONNECTIONS_MAX, m::POOL_LABEL => inner.hooks.pool_label().to_owned())
             .set(f64::from(inner.config.pool.max_connections));
 
         let first = inner.check_health().await;
@@ -478,10 +478,10 @@ async fn maintenance(inner: Weak<Inner>, cancel: CancellationToken) {
         let pool = inner.db.get_postgres_connection_pool();
         let size = pool.size();
         let idle = pool.num_idle() as u32;
-        let label = inner.hooks.pool_label();
-        metrics::gauge!(m::DB_POOL_CONNECTIONS_ACTIVE, m::POOL_LABEL => label)
+        let label = inner.hooks.pool_label().to_owned();
+        metrics::gauge!(m::DB_POOL_CONNECTIONS_ACTIVE, m::POOL_LABEL => label.clone())
             .set(f64::from(size.saturating_sub(idle)));
-        metrics::gauge!(m::DB_POOL_CONNECTIONS_IDLE, m::POOL_LABEL => label).set(f64::from(idle));
+        metrics::gauge!(m::DB_POOL_CONNECTIONS_IDLE, m::POOL_LABEL => label.clone()).set(f64::from(idle));
         if let Some(threshold) = inner.config.pool.leak_detection_threshold {
             inner.hooks.scan_leaks(threshold);
         }

@@ -17,37 +17,32 @@
 //! - our per-connection hooks (see [`hooks`](super::hooks)): connection ids, the generation rule,
 //!   jittered lifetimes, checkout tracking.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use sea_orm::ConnectOptions;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 
 use super::hooks::{self, Hooks};
 use crate::config::{Config, SessionSettings};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tunnel::LocalEndpoint;
+use crate::url::{local_database_url, split_password};
 
 /// Where the pool connects.
 #[derive(Debug, Clone)]
 pub(crate) enum Endpoint {
     /// `DATABASE_URL` as configured.
     Direct,
-    /// The tunnel's loopback listener.
-    Tcp(SocketAddr),
-    /// The tunnel's Unix socket: its directory, and the port in its file name.
-    Unix { dir: PathBuf, port: u16 },
+    /// The tunnel's local endpoint, forwarding to `remote_port` on the far side (a Unix socket
+    /// is named after that port).
+    Tunnel { local: LocalEndpoint, remote_port: u16 },
 }
 
 impl Endpoint {
     pub(crate) fn from_tunnel(endpoint: &LocalEndpoint, remote_port: u16) -> Endpoint {
-        match endpoint {
-            LocalEndpoint::Tcp(addr) => Endpoint::Tcp(*addr),
-            LocalEndpoint::Unix(path) => Endpoint::Unix {
-                dir: path.parent().map(PathBuf::from).unwrap_or_default(),
-                port: remote_port,
-            },
+        Endpoint::Tunnel {
+            local: endpoint.clone(),
+            remote_port,
         }
     }
 }
@@ -89,14 +84,9 @@ pub(crate) fn sink_connect_options(config: &Config, endpoint: &Endpoint) -> Resu
 fn base_options(config: &Config, endpoint: &Endpoint) -> Result<ConnectOptions> {
     // Validates the URL (the error never repeats the password).
     config.database_options()?;
-    let original = config.database_url_str();
     let url = match endpoint {
-        Endpoint::Direct => original.to_string(),
-        Endpoint::Tcp(addr) => rewrite_authority(original, &addr.to_string())?,
-        Endpoint::Unix { dir, port } => {
-            let url = rewrite_authority(original, &format!("localhost:{port}"))?;
-            append_query(&url, "host", &percent_encode(&dir.to_string_lossy()))
-        }
+        Endpoint::Direct => config.database_url_str().to_string(),
+        Endpoint::Tunnel { local, remote_port } => local_database_url(config.database_url_str(), local, *remote_port)?,
     };
     // The password never travels inside the URL: SeaORM keeps the URL in `ConnectOptions`, whose
     // derived `Debug` is recorded by its own trace-level instrumentation (and printed by anyone
@@ -109,18 +99,10 @@ fn base_options(config: &Config, endpoint: &Endpoint) -> Result<ConnectOptions> 
         .connect_timeout(pool.connect_timeout)
         .acquire_timeout(pool.acquire_timeout)
         .sqlx_logging(false);
-    // The URL above already points there; setting it on the parsed options as well keeps it
-    // right even if the URL carries its own `host=`/`port=` query parameters.
-    let target = endpoint.clone();
     let session = session_options(&config.session);
     options.map_sqlx_postgres_opts(move |o| {
         // Appended after what SeaORM set (its own `statement_timeout`), so ours win where both are set.
         let o = o.options(session.iter().map(|(k, v)| (k, v)));
-        let o = match &target {
-            Endpoint::Direct => o,
-            Endpoint::Tcp(addr) => o.host(&addr.ip().to_string()).port(addr.port()),
-            Endpoint::Unix { dir, port } => o.socket(dir).port(*port),
-        };
         match &password {
             Some(password) => o.password(password.expose_secret()),
             None => o,
@@ -148,123 +130,6 @@ pub(crate) fn session_options(session: &SessionSettings) -> Vec<(&'static str, S
     out
 }
 
-/// Replaces `host[:port]` of a `scheme://[userinfo@]host[:port]/...` URL.
-fn rewrite_authority(url: &str, host_port: &str) -> Result<String> {
-    let bad = || {
-        Error::config(
-            "database_url",
-            "expected postgres://[user[:password]@]host[:port]/database",
-        )
-    };
-    let scheme_end = url.find("://").ok_or_else(bad)? + 3;
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let userinfo_end = authority.rfind('@').map_or(0, |i| i + 1);
-    Ok(format!(
-        "{}{}{}{}",
-        &url[..scheme_end],
-        &authority[..userinfo_end],
-        host_port,
-        &rest[authority_end..]
-    ))
-}
-
-/// Removes the password from a `scheme://user:password@host/...` URL (and a `password=` query
-/// parameter), returning the URL without it and the percent-decoded password.
-fn split_password(url: &str) -> (String, Option<SecretString>) {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return (url.to_owned(), None);
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let mut password = None;
-    let mut out = url[..scheme_end].to_owned();
-    match authority.rfind('@') {
-        Some(at) => {
-            let userinfo = &authority[..at];
-            match userinfo.split_once(':') {
-                Some((user, pw)) => {
-                    password = Some(percent_decode(pw));
-                    out.push_str(user);
-                }
-                None => out.push_str(userinfo),
-            }
-            out.push_str(&authority[at..]);
-        }
-        None => out.push_str(authority),
-    }
-    let tail = &rest[authority_end..];
-    let (before_fragment, fragment) = match tail.find('#') {
-        Some(i) => (&tail[..i], &tail[i..]),
-        None => (tail, ""),
-    };
-    match before_fragment.split_once('?') {
-        Some((path, query)) => {
-            out.push_str(path);
-            let kept: Vec<&str> = query
-                .split('&')
-                .filter(|pair| match pair.strip_prefix("password=") {
-                    Some(pw) => {
-                        password = Some(percent_decode(pw));
-                        false
-                    }
-                    None => true,
-                })
-                .collect();
-            if !kept.is_empty() {
-                out.push('?');
-                out.push_str(&kept.join("&"));
-            }
-        }
-        None => out.push_str(before_fragment),
-    }
-    out.push_str(fragment);
-    (out, password.map(SecretString::from))
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn append_query(url: &str, key: &str, value: &str) -> String {
-    let (base, fragment) = match url.find('#') {
-        Some(i) => (&url[..i], &url[i..]),
-        None => (url, ""),
-    };
-    let sep = if base.contains('?') { '&' } else { '?' };
-    format!("{base}{sep}{key}={value}{fragment}")
-}
-
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -272,26 +137,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_password_is_taken_out_of_the_url() {
-        let (url, pw) = split_password("postgres://u:p%40ss@127.0.0.1:5432/app?sslmode=disable");
-        assert_eq!(url, "postgres://u@127.0.0.1:5432/app?sslmode=disable");
-        assert_eq!(pw.unwrap().expose_secret(), "p@ss");
-        let (url, pw) = split_password("postgres://u@h/app?password=s%3Dcret&sslmode=disable");
-        assert_eq!(url, "postgres://u@h/app?sslmode=disable");
-        assert_eq!(pw.unwrap().expose_secret(), "s=cret");
-        let (url, pw) = split_password("postgres://h/app?password=x");
-        assert_eq!(url, "postgres://h/app");
-        assert_eq!(pw.unwrap().expose_secret(), "x");
-        let (url, pw) = split_password("postgres://u@h:1/app");
-        assert_eq!(url, "postgres://u@h:1/app");
-        assert!(pw.is_none());
-    }
-
-    #[test]
     fn connect_options_debug_has_no_password() {
         let config = Config::new("postgres://app:hunter2-secret@db.internal:5432/app");
         let hooks = Arc::new(Hooks::new(&config.pool, Default::default(), Default::default()));
-        let options = connect_options(&config, &Endpoint::Tcp("127.0.0.1:40000".parse().unwrap()), hooks).unwrap();
+        let options = connect_options(&config, &Endpoint::from_tunnel(&LocalEndpoint::Tcp("127.0.0.1:40000".parse().unwrap()), 5432), hooks).unwrap();
         let debug = format!("{options:?}");
         assert!(!debug.contains("hunter2"), "{debug}");
         assert!(debug.contains("127.0.0.1:40000"), "{debug}");
@@ -315,35 +164,4 @@ mod tests {
         assert!(session_options(&SessionSettings::new()).is_empty());
     }
 
-    #[test]
-    fn authority_is_replaced_and_the_rest_kept() {
-        assert_eq!(
-            rewrite_authority("postgres://u:p@db.internal:5432/app?sslmode=disable", "127.0.0.1:40000").unwrap(),
-            "postgres://u:p@127.0.0.1:40000/app?sslmode=disable"
-        );
-        assert_eq!(
-            rewrite_authority("postgres://u:p%40x@[::1]:5432/app", "127.0.0.1:1").unwrap(),
-            "postgres://u:p%40x@127.0.0.1:1/app"
-        );
-        assert_eq!(
-            rewrite_authority("postgres://h", "127.0.0.1:2").unwrap(),
-            "postgres://127.0.0.1:2"
-        );
-        assert!(rewrite_authority("nonsense", "x").is_err());
-    }
-
-    #[test]
-    fn unix_socket_dir_goes_into_the_query() {
-        let url = append_query(
-            "postgres://u@localhost:5432/app?x=1#f",
-            "host",
-            &percent_encode("/tmp/a b"),
-        );
-        assert_eq!(url, "postgres://u@localhost:5432/app?x=1&host=%2Ftmp%2Fa%20b#f");
-        let parsed: sea_orm::sqlx::postgres::PgConnectOptions = url.parse().unwrap();
-        assert_eq!(
-            parsed.get_socket().map(|p| p.to_string_lossy().into_owned()).as_deref(),
-            Some("/tmp/a b")
-        );
-    }
 }

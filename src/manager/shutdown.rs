@@ -103,7 +103,7 @@ impl Inner {
                 Err(_) => events::connection_error(None, pool.size(), "forced", &"terminating backends timed out"),
             }
             if forced > 0 {
-                metrics::counter!(m::DB_CONNECTION_ERRORS_TOTAL, m::POOL_LABEL => self.hooks.pool_label(), "kind" => "forced")
+                metrics::counter!(m::DB_CONNECTION_ERRORS_TOTAL, m::POOL_LABEL => self.hooks.pool_label().to_owned(), "kind" => "forced")
                     .increment(u64::from(forced));
             }
             let _ = tokio::time::timeout(FORCE_BUDGET, pool.close()).await;

@@ -301,8 +301,9 @@ pub(crate) fn manager_lifecycle(what: &str, detail: &dyn fmt::Display) {
 /// a free slot, the idle ping, opening a new connection) and, in pools built by the manager,
 /// reports it as a TRACE event with target `sqlx::pool::acquire` (a WARN event past 2 s). That
 /// event is the only place sqlx exposes the number: its pool has no callback, and its hooks run
-/// after the wait. This layer turns those events into the histogram, with `pool="default"` (the
-/// event does not say which pool it came from). Nothing else is recorded or printed.
+/// after the wait. This layer turns those events into the histogram, with the `pool` label set by
+/// [`AcquireTimeLayer::pool_label`] (`"default"` unless set: the event does not say which pool it
+/// came from). Nothing else is recorded or printed.
 ///
 /// Add it with [`AcquireTimeLayer::filtered`], next to a log layer that carries its own
 /// filter, so a log filter such as `info` never decides whether the metric exists:
@@ -323,9 +324,17 @@ pub(crate) fn manager_lifecycle(what: &str, detail: &dyn fmt::Display) {
 ///
 /// A filter added to the registry itself (`registry().with(EnvFilter::new("info"))`) is global:
 /// it drops the TRACE event before any layer sees it, and the histogram stays empty.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AcquireTimeLayer {
-    _private: (),
+    pool: metrics::SharedString,
+}
+
+impl Default for AcquireTimeLayer {
+    fn default() -> Self {
+        AcquireTimeLayer {
+            pool: metrics::SharedString::const_str(crate::observe::metrics::DEFAULT_POOL),
+        }
+    }
 }
 
 impl AcquireTimeLayer {
@@ -349,8 +358,26 @@ impl AcquireTimeLayer {
     where
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
+        AcquireTimeLayer::new().into_filtered()
+    }
+
+    /// The `pool` label of the samples (default `"default"`): set it to the manager's
+    /// [`PoolConfig::pool_label`](crate::config::PoolConfig::pool_label) when you changed that.
+    /// sqlx's event does not say which pool it came from, so one layer labels every pool's samples
+    /// alike.
+    #[must_use]
+    pub fn pool_label(mut self, label: impl Into<String>) -> Self {
+        self.pool = label.into().into();
+        self
+    }
+
+    /// This layer behind its own filter, as [`filtered`](AcquireTimeLayer::filtered) builds it.
+    pub fn into_filtered<S>(self) -> impl tracing_subscriber::Layer<S> + Send + Sync + 'static
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
         use tracing_subscriber::Layer as _;
-        AcquireTimeLayer::new().with_filter(tracing_subscriber::filter::filter_fn(is_sqlx_acquire_event))
+        self.with_filter(tracing_subscriber::filter::filter_fn(is_sqlx_acquire_event))
     }
 }
 
@@ -381,7 +408,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AcquireTimeLayer {
         if let Some(secs) = seconds.0 {
             metrics::histogram!(
                 crate::observe::metrics::DB_CONNECTION_ACQUIRE_SECONDS,
-                crate::observe::metrics::POOL_LABEL => crate::observe::metrics::DEFAULT_POOL
+                crate::observe::metrics::POOL_LABEL => self.pool.clone()
             )
             .record(secs);
         }

@@ -135,7 +135,7 @@ impl Default for LogSinkOptions {
             write_timeout: Duration::from_secs(5),
             retry_initial: Duration::from_millis(200),
             retry_max: Duration::from_secs(10),
-            pool: "default".to_owned(),
+            pool: crate::observe::metrics::DEFAULT_POOL.to_owned(),
         }
     }
 }

@@ -7,10 +7,11 @@ use std::time::Instant;
 
 use sea_orm_tunnel::config::{Config, LocalEndpointConfig, TunnelConfig};
 use sea_orm_tunnel::tunnel::{LocalEndpoint, SshTunnel, TunnelEvent, TunnelState};
+use sea_orm_tunnel::url::{local_database_url, redact_url};
 use sea_orm_tunnel::{Error, Result};
+use secrecy::ExposeSecret as _;
 use tokio::sync::broadcast;
 
-use crate::local_url::local_database_url;
 use crate::{EXIT_CONFIG, EXIT_FAILED};
 
 /// Reads the configuration for `forward`: the whole [`Config`] when it is complete (so the
@@ -73,9 +74,9 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>) -> ExitCode {
     let endpoint = tunnel.local_endpoint().clone();
     println!("listening on {endpoint}");
     if let Some(config) = &config
-        && let Some(url) = local_database_url(config, &endpoint)
+        && let Ok(url) = local_database_url(config.database_url.expose_secret(), &endpoint, tunnel.config().remote_port)
     {
-        println!("DATABASE_URL={url}");
+        println!("DATABASE_URL={}", redact_url(&url));
     }
     if let (LocalEndpoint::Unix(_), Some(dir)) = (&endpoint, endpoint.unix_dir()) {
         println!("psql: psql -h {} -p {} ...", dir.display(), tunnel.config().remote_port);

@@ -11,7 +11,6 @@
 
 mod check;
 mod forward;
-mod local_url;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
