@@ -336,4 +336,27 @@ mod tests {
         assert!(sqlstate_is_transient("08006"));
         assert!(!sqlstate_is_transient("23505"));
     }
+
+    #[test]
+    fn a_clone_keeps_its_variant_and_shares_its_source() {
+        use std::error::Error as _;
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let original = Error::SshConnect {
+            host: "bastion".into(),
+            port: 22,
+            message: "TCP connect failed".into(),
+            source: Some(Arc::new(io)),
+        };
+        let copy = original.clone();
+        assert!(matches!(copy, Error::SshConnect { port: 22, .. }), "{copy:?}");
+        assert!(copy.is_transient());
+        assert_eq!(copy.to_string(), original.to_string());
+        let source = copy.source().expect("the clone keeps its source");
+        assert_eq!(source.to_string(), "refused");
+        let (Error::SshConnect { source: Some(a), .. }, Error::SshConnect { source: Some(b), .. }) = (&original, &copy)
+        else {
+            unreachable!("checked above")
+        };
+        assert!(Arc::ptr_eq(a, b), "one shared source, not a copy");
+    }
 }

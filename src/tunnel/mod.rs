@@ -133,7 +133,8 @@ pub enum TunnelState {
     },
     /// Shut down by [`SshTunnel::disconnect`] (or the last handle was dropped).
     Disconnected,
-    /// Gave up: a permanent error, or `max_retries` exhausted (then `error` is the last one).
+    /// Gave up: a permanent error (for good), or `max_retries` exhausted (then `error` is the last
+    /// one, and the next round starts by itself after `reconnect.max_delay`).
     Failed {
         /// Why.
         error: Arc<Error>,

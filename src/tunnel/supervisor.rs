@@ -169,3 +169,22 @@ fn round_pause(policy: &BackoffPolicy) -> Duration {
     Duration::try_from_secs_f64(policy.max_delay.as_secs_f64() * (1.0 + jitter * fastrand::f64()))
         .unwrap_or(policy.max_delay)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pause_between_rounds_is_max_delay_stretched_by_the_jitter() {
+        let max = Duration::from_secs(2);
+        let exact = BackoffPolicy::new(Duration::from_millis(100))
+            .max_delay(max)
+            .jitter(0.0);
+        assert_eq!(round_pause(&exact), max);
+        let jittered = exact.jitter(0.5);
+        for _ in 0..100 {
+            let pause = round_pause(&jittered);
+            assert!(pause >= max && pause <= max.mul_f64(1.5), "{pause:?}");
+        }
+    }
+}
