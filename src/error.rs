@@ -5,14 +5,19 @@
 //! retrying can help: permanent errors (a changed host key, a refused key, bad configuration)
 //! are surfaced at once and never spin in a retry loop.
 //!
-//! Foreign errors are kept behind `#[source]` as boxed trait objects so they are not part of
-//! this crate's public API.
+//! Foreign errors are kept behind `#[source]` as shared trait objects so they are not part of
+//! this crate's public API, and so [`Error`] is `Clone`: one failure can be kept as the tunnel's
+//! state, sent to every event subscriber and returned to every waiting caller, source included.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// A boxed foreign error kept as the source of one of ours.
+/// A boxed error, as request bodies and other foreign APIs produce them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A foreign error kept as the source of one of ours, shared between clones.
+pub type SharedError = Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -52,7 +57,7 @@ impl std::fmt::Display for TimeoutKind {
 }
 
 /// Every error this crate returns.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A configuration value is missing, malformed or contradicts another one.
@@ -80,7 +85,7 @@ pub enum Error {
         message: String,
         /// The underlying error, if any.
         #[source]
-        source: Option<BoxError>,
+        source: Option<SharedError>,
     },
 
     /// The passphrase for an encrypted private key is missing or wrong.
@@ -156,7 +161,7 @@ pub enum Error {
         message: String,
         /// The underlying error.
         #[source]
-        source: Option<BoxError>,
+        source: Option<SharedError>,
     },
 
     /// The SSH link was lost (keepalive unanswered, reset, closed by the server).
@@ -216,7 +221,7 @@ pub enum Error {
         context: String,
         /// The I/O error.
         #[source]
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
 }
 
@@ -330,5 +335,28 @@ mod tests {
         assert!(sqlstate_is_transient("57P01"));
         assert!(sqlstate_is_transient("08006"));
         assert!(!sqlstate_is_transient("23505"));
+    }
+
+    #[test]
+    fn a_clone_keeps_its_variant_and_shares_its_source() {
+        use std::error::Error as _;
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let original = Error::SshConnect {
+            host: "bastion".into(),
+            port: 22,
+            message: "TCP connect failed".into(),
+            source: Some(Arc::new(io)),
+        };
+        let copy = original.clone();
+        assert!(matches!(copy, Error::SshConnect { port: 22, .. }), "{copy:?}");
+        assert!(copy.is_transient());
+        assert_eq!(copy.to_string(), original.to_string());
+        let source = copy.source().expect("the clone keeps its source");
+        assert_eq!(source.to_string(), "refused");
+        let (Error::SshConnect { source: Some(a), .. }, Error::SshConnect { source: Some(b), .. }) = (&original, &copy)
+        else {
+            unreachable!("checked above")
+        };
+        assert!(Arc::ptr_eq(a, b), "one shared source, not a copy");
     }
 }

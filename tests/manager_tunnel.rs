@@ -260,8 +260,8 @@ async fn the_health_loop_keeps_the_reconnect_backoff_and_retry_limit() {
     let status = wait_health(&mut health, "unhealthy after the tunnel gave up", |s| !s.healthy).await;
     assert_eq!(status.tunnel, TunnelHealth::Down, "{status:?}");
 
-    // The manager starts a new round on its own, but not sooner than reconnect.max_delay after
-    // the tunnel gave up, and that round keeps the same schedule and limit.
+    // The tunnel starts a new round on its own (health checks do not), but not sooner than
+    // reconnect.max_delay after it gave up, and that round keeps the same schedule and limit.
     let (second, second_failed_at) = one_round(&mut events).await;
     let numbers: Vec<u32> = second.iter().map(|a| a.0).collect();
     assert_eq!(numbers, [1, 2, 3, 4, 5], "the next round has the same limit");
@@ -278,7 +278,7 @@ async fn the_health_loop_keeps_the_reconnect_backoff_and_retry_limit() {
     );
     assert!(!manager.status().healthy);
 
-    // Back up: the manager's next round reconnects, and queries work again.
+    // Back up: the tunnel's next round reconnects, and queries work again.
     sshd.start_again().await.unwrap();
     wait_health(&mut health, "healthy after sshd is back", |s| s.healthy).await;
     select_one(manager.connection()).await.unwrap();

@@ -193,7 +193,7 @@ fn shorten_echoed_value(error: Error, value: &str) -> Error {
 fn current_dir() -> Result<PathBuf> {
     std::env::current_dir().map_err(|source| Error::Io {
         context: "reading the current directory to find .env files".to_owned(),
-        source,
+        source: source.into(),
     })
 }
 
@@ -318,7 +318,7 @@ fn read_dotenv(path: &Path) -> Result<Option<HashMap<String, String>>> {
         what: "environment file",
         path: path.to_owned(),
         message,
-        source,
+        source: source.map(Into::into),
     };
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,

@@ -305,6 +305,8 @@ fn validate_tunnel(t: &TunnelConfig, n: Naming) -> Result<()> {
         t.connect_timeout,
         n.pick("tunnel.connect_timeout", "POSTGRES_CONNECTION_TIMEOUT"),
     )?;
+    // Zero would close a session opened for capacity before its waiter could use it.
+    nonzero(t.session_idle_timeout, "tunnel.session_idle_timeout")?;
     validate_backoff(&t.reconnect, &|f| match (n, f) {
         (Naming::Env, "initial_delay") => "SSH_RETRY_DELAY".to_owned(),
         _ => format!("tunnel.reconnect.{f}"),
@@ -341,7 +343,7 @@ fn check_key_file(path: &Path, n: Naming) -> Result<()> {
         what: "SSH private key",
         path: path.to_owned(),
         message,
-        source: source.map(|e| Box::new(e) as crate::error::BoxError),
+        source: source.map(|e| std::sync::Arc::new(e) as crate::error::SharedError),
     };
     let setting = n.pick("tunnel.auth.key_path", "SSH_KEY_PATH");
     match std::fs::metadata(path) {

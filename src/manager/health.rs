@@ -1,18 +1,17 @@
-//! Health checks: the tunnel first (reconnecting it if needed), then `SELECT 1`.
+//! Health checks: the tunnel's state first, then `SELECT 1`.
 //!
 //! The loop runs every `health.interval`; after a failure it re-checks on the `health.recheck`
 //! backoff instead of waiting a whole interval, and it reacts at once to the tunnel's state:
 //! when the tunnel drops, the status goes unhealthy immediately (no probe needed), and when it
 //! comes back a check runs right away.
 //!
-//! The health loop never hurries the tunnel's own recovery:
+//! Health only reads the tunnel's state; the tunnel's supervisor alone decides when it reconnects:
 //!
-//! - while the tunnel is (re)connecting, a state change only publishes "down"; it does not probe,
-//!   and a timed check waits for the tunnel's round of attempts without shortening its backoff;
-//! - when the tunnel gave up after `reconnect.max_retries` transient failures, a check starts a
-//!   new round at most once per `reconnect.max_delay` (the pace of the slowest retry), so a
-//!   service still recovers by itself from a long bastion outage, and every round keeps its
-//!   backoff and its retry limit;
+//! - while the tunnel is not connected, a check reports it down with the tunnel's state and last
+//!   error, without waiting for it and without asking for a reconnect;
+//! - when the tunnel gave up after `reconnect.max_retries` transient failures, the tunnel itself
+//!   starts a new round `reconnect.max_delay` later, so a service still recovers from a long
+//!   bastion outage, and every round keeps its backoff and its retry limit;
 //! - a permanent tunnel failure (host key, authentication, a channel refused as
 //!   `administratively prohibited`) is reported with its cause and never retried.
 //!
@@ -137,17 +136,25 @@ impl Inner {
         let tunnel = match &self.tunnel {
             None => TunnelHealth::Direct,
             Some(t) if t.is_connected() => TunnelHealth::Up,
-            Some(t) => match tokio::time::timeout(timeout, t.ensure_connected_paced(self.round_gap())).await {
-                Ok(Ok(())) => TunnelHealth::Up,
-                Ok(Err(e)) => {
-                    error = Some(format!("tunnel: {e}"));
-                    TunnelHealth::Down
-                }
-                Err(_) => {
-                    error = Some(format!("tunnel: not reconnected within {timeout:?}"));
-                    TunnelHealth::Down
-                }
-            },
+            // Only read: waiting here, or asking for a reconnect, would make health a second
+            // driver of the supervisor's rounds.
+            Some(t) => {
+                let state = match &*t.state().borrow() {
+                    // The error that ended the round says it all.
+                    TunnelState::Failed { error } => Err(format!("tunnel failed: {error}")),
+                    TunnelState::Reconnecting { attempt, .. } => Ok(format!("reconnecting (attempt {attempt})")),
+                    TunnelState::Connecting => Ok("connecting".to_owned()),
+                    TunnelState::Disconnected => Ok("disconnected".to_owned()),
+                    // Its last session is gone, and the supervisor has not published it yet.
+                    TunnelState::Connected => Ok("no SSH session up".to_owned()),
+                };
+                error = Some(match (state, t.last_error()) {
+                    (Err(failed), _) => failed,
+                    (Ok(state), Some(last)) => format!("tunnel down: {state}; last error: {last}"),
+                    (Ok(state), None) => format!("tunnel down: {state}"),
+                });
+                TunnelHealth::Down
+            }
         };
         let mut latency = None;
         let database = if tunnel.is_usable() {
@@ -242,15 +249,6 @@ impl Inner {
         .await;
     }
 
-    /// How long after the tunnel gave up (on transient errors) the health loop may start a new
-    /// round of reconnect attempts: `reconnect.max_delay`.
-    pub(crate) fn round_gap(&self) -> Duration {
-        self.config
-            .tunnel
-            .as_ref()
-            .map_or(Duration::ZERO, |t| t.reconnect.max_delay)
-    }
-
     /// The tunnel left `Connected`: unhealthy now, without waiting for a probe.
     pub(crate) fn publish_tunnel_down(&self, state: &TunnelState) {
         let (pool_size, idle) = self.pool_counts();
@@ -322,7 +320,7 @@ fn invalidates_connections(e: &DbErr) -> bool {
 ///
 /// Probes on its timer (`health.interval`, or the `health.recheck` backoff after a failure) and
 /// when the tunnel becomes `Connected` or `Failed`. Other tunnel state changes (reconnect attempts)
-/// only publish "down": probing then would wait on, or restart, the tunnel's reconnects.
+/// only publish "down": there is nothing to probe until the tunnel's own round brings it back.
 pub(crate) async fn run(
     inner: Weak<Inner>,
     cancel: CancellationToken,
@@ -354,11 +352,11 @@ pub(crate) async fn run(
                 }
                 match state {
                     // Back up: check the database through it now. Gave up: check now too, which
-                    // reports the cause and puts the loop on the re-check schedule (a new round
-                    // of attempts is paced by `round_gap`, not by this).
+                    // reports the cause and puts the loop on the re-check schedule (the tunnel
+                    // starts its next round of attempts by itself; checks never do).
                     TunnelState::Connected | TunnelState::Failed { .. } => {}
                     // Reconnecting / connecting: the tunnel's backoff decides; nothing to probe.
-                    // Disconnected: shut down on purpose, do not probe (and so reconnect) it.
+                    // Disconnected: shut down on purpose, nothing to probe.
                     _ => continue,
                 }
             }

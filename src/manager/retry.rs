@@ -100,7 +100,7 @@ impl super::Inner {
         if error.is_transient()
             && let Some(cause) = self.tunnel.as_ref().and_then(|t| t.permanent_error())
         {
-            let cause = crate::tunnel::duplicate_error(&cause);
+            let cause = Error::clone(&cause);
             return match cause {
                 Error::ChannelRefused { .. } => cause,
                 other => Error::TunnelFailed(Box::new(other)),

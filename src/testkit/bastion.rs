@@ -1105,7 +1105,7 @@ fn write_new_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
 fn io_error(context: impl Into<String>, source: io::Error) -> Error {
     Error::Io {
         context: context.into(),
-        source,
+        source: source.into(),
     }
 }
 
@@ -1119,6 +1119,6 @@ fn file_error(
         what,
         path,
         message: message.to_owned(),
-        source,
+        source: source.map(Into::into),
     }
 }

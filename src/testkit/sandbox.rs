@@ -44,7 +44,7 @@ impl Sandbox {
             .tempdir()
             .map_err(|source| crate::Error::Io {
                 context: "creating the sandbox directory".into(),
-                source,
+                source: source.into(),
             })?;
         let (key_path, public_key) = Bastion::generate_client_key(dir.path())?;
         let bastion = Bastion::builder()

@@ -75,10 +75,13 @@ impl TestkitError {
 impl From<TestkitError> for crate::Error {
     fn from(e: TestkitError) -> Self {
         match e {
-            TestkitError::Io { context, source } => crate::Error::Io { context, source },
+            TestkitError::Io { context, source } => crate::Error::Io {
+                context,
+                source: source.into(),
+            },
             other => crate::Error::Io {
                 context: "test kit".to_owned(),
-                source: io::Error::other(other.to_string()),
+                source: io::Error::other(other.to_string()).into(),
             },
         }
     }

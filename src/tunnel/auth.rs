@@ -190,7 +190,7 @@ fn transport_error(host: &str, port: u16, e: russh::Error) -> Error {
         host: host.to_owned(),
         port,
         message: format!("authentication interrupted: {e}"),
-        source: Some(Box::new(e)),
+        source: Some(Arc::new(e)),
     }
 }
 
@@ -207,9 +207,9 @@ pub(crate) fn load_key(path: &Path, passphrase: Option<&secrecy::SecretString>) 
             std::io::ErrorKind::PermissionDenied => "is not readable (permission denied)".into(),
             _ => format!("cannot be read: {e}"),
         },
-        source: Some(Box::new(e)),
+        source: Some(Arc::new(e)),
     })?;
-    let malformed = |message: String, source: Option<crate::error::BoxError>| Error::File {
+    let malformed = |message: String, source: Option<crate::error::SharedError>| Error::File {
         what: KEY_WHAT,
         path: path.to_owned(),
         message,
@@ -217,7 +217,7 @@ pub(crate) fn load_key(path: &Path, passphrase: Option<&secrecy::SecretString>) 
     };
     if text.trim_start().starts_with("-----BEGIN OPENSSH PRIVATE KEY-----") {
         let key = PrivateKey::from_openssh(text.as_bytes())
-            .map_err(|e| malformed(format!("is not a valid OpenSSH private key: {e}"), Some(Box::new(e))))?;
+            .map_err(|e| malformed(format!("is not a valid OpenSSH private key: {e}"), Some(Arc::new(e))))?;
         if !key.is_encrypted() {
             return Ok(key);
         }
@@ -244,7 +244,7 @@ pub(crate) fn load_key(path: &Path, passphrase: Option<&secrecy::SecretString>) 
         },
         other => malformed(
             format!("is not a supported private key: {other}"),
-            Some(Box::new(other)),
+            Some(Arc::new(other)),
         ),
     })
 }

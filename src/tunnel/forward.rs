@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-use super::session::{self, SshSession};
+use super::session::SshSession;
 use super::{Inner, LOG_TARGET, LocalEndpoint, TunnelEvent, TunnelState};
 use crate::config::{LocalEndpointConfig, TunnelConfig};
 use crate::error::TimeoutKind;
@@ -38,11 +38,11 @@ pub(crate) async fn bind(config: &TunnelConfig) -> Result<(Listener, LocalEndpoi
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, *port));
             let listener = TcpListener::bind(addr).await.map_err(|e| Error::Io {
                 context: format!("binding the tunnel's local endpoint {addr}"),
-                source: e,
+                source: e.into(),
             })?;
             let local = listener.local_addr().map_err(|e| Error::Io {
                 context: "reading the tunnel's local address".into(),
-                source: e,
+                source: e.into(),
             })?;
             Ok((Listener::Tcp(listener), LocalEndpoint::Tcp(local), None))
         }
@@ -60,7 +60,7 @@ pub(crate) async fn bind(config: &TunnelConfig) -> Result<(Listener, LocalEndpoi
                 .create(&dir)
                 .map_err(|e| Error::Io {
                     context: format!("creating the tunnel's socket directory {}", dir.display()),
-                    source: e,
+                    source: e.into(),
                 })?;
             let path = dir.join(format!(".s.PGSQL.{}", config.remote_port));
             match tokio::net::UnixListener::bind(&path) {
@@ -69,7 +69,7 @@ pub(crate) async fn bind(config: &TunnelConfig) -> Result<(Listener, LocalEndpoi
                     let _ = std::fs::remove_dir(&dir);
                     Err(Error::Io {
                         context: format!("binding the tunnel's Unix socket {}", path.display()),
-                        source: e,
+                        source: e.into(),
                     })
                 }
             }
@@ -188,37 +188,13 @@ async fn acquire_slot(inner: &Arc<Inner>, deadline: Instant) -> std::result::Res
             return Err(Refusal::Failed(error.clone()));
         }
         let live = inner.live_sessions();
-        if live > 0
-            && live < inner.config.max_sessions
-            && inner
-                .opening
-                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            inner.tracker.spawn(open_extra_session(inner.clone()));
-        }
+        inner.open_for_capacity(live);
         tokio::select! {
             () = &mut notified => {}
             () = tokio::time::sleep_until(deadline) => {
                 return Err(if live == 0 { Refusal::NoSession } else { Refusal::Capacity });
             }
             () = inner.cancel.cancelled() => return Err(Refusal::ShutDown),
-        }
-    }
-}
-
-/// Opens one more session because all open ones are at `max_channels`.
-async fn open_extra_session(inner: Arc<Inner>) {
-    let result = session::establish(&inner).await;
-    inner.opening.store(0, Ordering::Release);
-    match result {
-        Ok(session) => inner.add_session(session),
-        Err(e) => {
-            if !inner.is_shutting_down() {
-                tracing::warn!(target: LOG_TARGET, error = %e, "opening an additional SSH session failed");
-                inner.record_error(Arc::new(e));
-            }
-            inner.changed.notify_waiters();
         }
     }
 }
@@ -406,7 +382,7 @@ fn refuse(inner: &Inner, refusal: Refusal, timeout: Duration) {
 /// Counts bytes on the local side: reads go to the remote, writes come from it.
 struct Counted<'a, S> {
     inner: S,
-    counters: &'a super::Counters,
+    counters: &'a super::inner::Counters,
     to_remote: metrics::Counter,
     from_remote: metrics::Counter,
 }

@@ -34,10 +34,12 @@
 //!   `keepalive_interval × keepalive_max` it is declared dead and its socket is aborted.
 //! - **Recovery.** When the last session is lost the supervisor reconnects: the first attempt at
 //!   once, then with the `reconnect` backoff. Each attempt is a [`TunnelEvent::Reconnecting`];
-//!   after `max_retries` (0 = forever) the state becomes [`TunnelState::Failed`]. Permanent errors
-//!   (host key, authentication, key file, configuration) fail at once and are never retried.
-//!   Nothing cuts a round's backoff short: [`SshTunnel::ensure_connected`] waits for the round,
-//!   and only starts a *new* round once a round has given up on transient errors (see there).
+//!   after `max_retries` (0 = forever) the state becomes [`TunnelState::Failed`]. The tunnel
+//!   keeps trying: `reconnect.max_delay` (plus jitter) after a round gave up on transient errors
+//!   it starts a new round with the same schedule and limit, until it is shut down. Permanent
+//!   errors (host key, authentication, key file, configuration) fail at once and are never
+//!   retried. Nothing cuts a round's backoff short; only [`SshTunnel::ensure_connected`] may
+//!   start the next round before that pause ends (see there).
 //! - **Refused channels.** A channel the bastion refuses as `administratively prohibited`
 //!   (`AllowTcpForwarding` / `PermitOpen`) closes that local connection. The SSH session stays up
 //!   (the state stays `Connected`: a bastion reconfigured for new sessions, or a per-user rule
@@ -49,17 +51,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, broadcast, watch};
-use tokio_util::sync::{CancellationToken, DropGuard};
-use tokio_util::task::TaskTracker;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::DropGuard;
 
 use crate::config::TunnelConfig;
 use crate::generation::Generation;
-use crate::observe::metrics as m;
 use crate::{Error, Result};
 
 pub(crate) mod auth;
@@ -67,11 +67,13 @@ pub mod diagnose;
 mod forward;
 mod global;
 pub(crate) mod host_key;
+mod inner;
 mod session;
+mod sessions;
 mod socket;
 mod supervisor;
 
-use session::SshSession;
+use inner::Inner;
 
 /// Tracing target of every tunnel event.
 pub(crate) const LOG_TARGET: &str = "sea_orm_tunnel::tunnel";
@@ -132,7 +134,8 @@ pub enum TunnelState {
     },
     /// Shut down by [`SshTunnel::disconnect`] (or the last handle was dropped).
     Disconnected,
-    /// Gave up: a permanent error, or `max_retries` exhausted (then `error` is the last one).
+    /// Gave up: a permanent error (for good), or `max_retries` exhausted (then `error` is the last
+    /// one, and the next round starts by itself after `reconnect.max_delay`).
     Failed {
         /// Why.
         error: Arc<Error>,
@@ -265,56 +268,6 @@ impl std::fmt::Debug for SshTunnel {
     }
 }
 
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub(crate) connections_total: AtomicU64,
-    pub(crate) reconnects: AtomicU64,
-    pub(crate) refused: AtomicU64,
-    pub(crate) open_failures: AtomicU64,
-    pub(crate) bytes_to_remote: AtomicU64,
-    pub(crate) bytes_from_remote: AtomicU64,
-    pub(crate) channels_active: AtomicUsize,
-}
-
-/// Shared state of one tunnel. Background tasks hold an `Arc` and end when `cancel` fires.
-pub(crate) struct Inner {
-    pub(crate) config: TunnelConfig,
-    pub(crate) ssh_config: Arc<russh::client::Config>,
-    pub(crate) credentials: auth::Credentials,
-    pub(crate) verifier: host_key::HostKeyVerifier,
-    pub(crate) endpoint: LocalEndpoint,
-    unix_dir: Option<PathBuf>,
-    pub(crate) pool_label: String,
-    pub(crate) state: watch::Sender<TunnelState>,
-    pub(crate) events: broadcast::Sender<TunnelEvent>,
-    /// Live sessions, oldest first (new channels fill the oldest session first).
-    sessions: Mutex<Vec<Arc<SshSession>>>,
-    /// Sessions being opened on demand (at most one at a time).
-    pub(crate) opening: AtomicUsize,
-    /// Session set, capacity or state changed: waiters for a slot re-check.
-    pub(crate) changed: Notify,
-    /// The last session was lost: the supervisor starts reconnecting.
-    pub(crate) lost: Notify,
-    /// A round gave up on transient errors and the supervisor parked: start a new round.
-    /// Notified only by the caller that moved the state from `Failed` to `Reconnecting`.
-    pub(crate) wake: Notify,
-    pub(crate) cancel: CancellationToken,
-    pub(crate) tracker: TaskTracker,
-    next_session_id: AtomicU64,
-    last_reconnect_at: Mutex<Option<Instant>>,
-    /// The pool generation this tunnel retires when sessions are lost.
-    generation: Arc<Generation>,
-    last_error: Mutex<Option<Arc<Error>>>,
-    /// When the supervisor last gave up (entered `Failed`).
-    failed_at: Mutex<Option<Instant>>,
-    /// The bastion's latest answer to a channel open was a permanent refusal; cleared when a
-    /// channel opens.
-    channel_refusal: Mutex<Option<Arc<Error>>>,
-    pub(crate) counters: Counters,
-    shutting_down: AtomicBool,
-    shutdown_done: tokio::sync::OnceCell<()>,
-}
-
 impl SshTunnel {
     /// Binds the local endpoint, establishes the first SSH session and starts the forwarder,
     /// keepalive and supervisor tasks.
@@ -343,48 +296,25 @@ impl SshTunnel {
         generation: Arc<Generation>,
     ) -> Result<SshTunnel> {
         config.validate()?;
-        validate(&config)?;
         let auth_config = config.auth.clone();
         // Decrypting a key (bcrypt KDF) takes a while: keep it off the async workers.
         let credentials = tokio::task::spawn_blocking(move || auth::Credentials::load(&auth_config))
             .await
             .map_err(|e| Error::Io {
                 context: "loading the SSH key".into(),
-                source: std::io::Error::other(e),
+                source: std::io::Error::other(e).into(),
             })??;
         let (listener, endpoint, unix_dir) = forward::bind(&config).await?;
-        let (state, _) = watch::channel(TunnelState::Connecting);
-        let (events, _) = broadcast::channel(256);
-        let cancel = CancellationToken::new();
-        let inner = Arc::new(Inner {
-            ssh_config: Arc::new(session::russh_config(&config)),
-            verifier: host_key::HostKeyVerifier::new(config.host_key_policy.clone(), config.known_hosts.clone()),
+        let inner = Arc::new(Inner::new(
+            config,
+            pool_label.into(),
+            generation,
             credentials,
             endpoint,
             unix_dir,
-            pool_label: pool_label.into(),
-            state,
-            events,
-            sessions: Mutex::new(Vec::new()),
-            opening: AtomicUsize::new(0),
-            changed: Notify::new(),
-            lost: Notify::new(),
-            wake: Notify::new(),
-            cancel: cancel.clone(),
-            tracker: TaskTracker::new(),
-            next_session_id: AtomicU64::new(1),
-            last_reconnect_at: Mutex::new(None),
-            generation,
-            last_error: Mutex::new(None),
-            failed_at: Mutex::new(None),
-            channel_refusal: Mutex::new(None),
-            counters: Counters::default(),
-            shutting_down: AtomicBool::new(false),
-            shutdown_done: tokio::sync::OnceCell::new(),
-            config,
-        });
+        ));
         let tunnel = SshTunnel {
-            _alive: Arc::new(cancel.drop_guard()),
+            _alive: Arc::new(inner.cancel.clone().drop_guard()),
             inner: inner.clone(),
         };
         inner.gauges();
@@ -393,7 +323,7 @@ impl SshTunnel {
             Err(e) => {
                 // Nothing was spawned yet; the drop guard cancels, `Inner::drop` removes the socket dir.
                 inner.set_state(TunnelState::Failed {
-                    error: Arc::new(duplicate_error(&e)),
+                    error: Arc::new(e.clone()),
                 });
                 return Err(e);
             }
@@ -410,7 +340,7 @@ impl SshTunnel {
 
     /// True while at least one SSH session is up (the spec's `isConnectedToTunnel`).
     pub fn is_connected(&self) -> bool {
-        !self.inner.shutting_down.load(Ordering::Acquire) && self.inner.live_sessions() > 0
+        !self.inner.disconnecting() && self.inner.live_sessions() > 0
     }
 
     /// A receiver of the current [`TunnelState`]; `changed().await` wakes on every transition.
@@ -430,12 +360,12 @@ impl SshTunnel {
     ///
     /// A pool should discard connections created before it.
     pub fn last_reconnect_at(&self) -> Option<Instant> {
-        *lock(&self.inner.last_reconnect_at)
+        self.inner.sessions.last_reconnect_at()
     }
 
     /// The most recent error (a failed reconnect attempt, a lost session, a refused channel).
     pub fn last_error(&self) -> Option<Arc<Error>> {
-        lock(&self.inner.last_error).clone()
+        self.inner.last_error()
     }
 
     /// Waits until a session is up, bounded by `connect_timeout`; never cuts a reconnect short.
@@ -444,60 +374,50 @@ impl SshTunnel {
     /// - Connecting / reconnecting: waits for the current round of attempts (it keeps its backoff
     ///   schedule: this never makes an attempt happen sooner).
     /// - Failed with a permanent error (host key, authentication, ...): that error, at once.
-    /// - Failed after `max_retries` transient failures: this explicit call starts a **new round**
-    ///   (attempt 1 at once, then the backoff again) and waits for it. Concurrent callers share
-    ///   one round. The [`ConnectionManager`](crate::manager::ConnectionManager)'s health loop
-    ///   does this on its own too, but at most once per `reconnect.max_delay` after a round gave
-    ///   up, so `max_retries` still bounds every round and rounds never come faster than the
-    ///   slowest retry.
+    /// - Failed after `max_retries` transient failures: the tunnel starts its next round by itself
+    ///   `reconnect.max_delay` later; this explicit call asks for that round **now** (attempt 1 at
+    ///   once, then the backoff and the retry limit again) and waits for it. Concurrent callers
+    ///   share one round. The [`ConnectionManager`](crate::manager::ConnectionManager)'s health
+    ///   checks never ask: they only read the tunnel's state.
     ///
     /// On timeout: the last reconnect error, or an [`Error::Timeout`].
     pub async fn ensure_connected(&self) -> Result<()> {
-        self.ensure_connected_paced(Duration::ZERO).await
-    }
-
-    /// [`ensure_connected`](Self::ensure_connected), but a new round after `Failed` starts only if
-    /// the last round gave up at least `min_gap` ago; otherwise the failure is returned at once.
-    pub(crate) async fn ensure_connected_paced(&self, min_gap: Duration) -> Result<()> {
         let inner = &self.inner;
         if self.is_connected() {
             return Ok(());
         }
-        if inner.shutting_down.load(Ordering::Acquire) {
+        if inner.disconnecting() {
             return Err(Error::ShutDown("SshTunnel"));
         }
         let mut rx = inner.state.subscribe();
-        let current = rx.borrow_and_update().clone();
-        if let TunnelState::Failed { error } = &current {
-            if !error.is_transient() {
-                return Err(duplicate_error(error));
-            }
-            let gave_up = *lock(&inner.failed_at);
-            if gave_up.is_some_and(|at| at.elapsed() < min_gap) {
-                return Err(duplicate_error(error));
-            }
-            inner.restart_round();
+        let gave_up = match &*rx.borrow_and_update() {
+            TunnelState::Failed { error } if !error.is_transient() => return Err(Error::clone(error)),
+            TunnelState::Failed { error } => Some(error.clone()),
+            _ => None,
+        };
+        if gave_up.is_some() {
+            inner.round_requested.notify_waiters();
         }
         let timeout = inner.config.connect_timeout;
         let waited = tokio::time::timeout(
             timeout,
-            rx.wait_for(|s| {
-                matches!(
-                    s,
-                    TunnelState::Connected | TunnelState::Failed { .. } | TunnelState::Disconnected
-                )
+            rx.wait_for(|s| match s {
+                TunnelState::Connected | TunnelState::Disconnected => true,
+                // The failure seen above is the round before the one asked for: wait for that one.
+                TunnelState::Failed { error } => !gave_up.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, error)),
+                TunnelState::Connecting | TunnelState::Reconnecting { .. } => false,
             }),
         )
         .await;
         match waited {
             Ok(Ok(state)) => match &*state {
                 TunnelState::Connected => Ok(()),
-                TunnelState::Failed { error } => Err(duplicate_error(error)),
+                TunnelState::Failed { error } => Err(Error::clone(error)),
                 _ => Err(Error::ShutDown("SshTunnel")),
             },
             Ok(Err(_)) => Err(Error::ShutDown("SshTunnel")),
             Err(_) => Err(match self.last_error() {
-                Some(e) => duplicate_error(&e),
+                Some(e) => Error::clone(&e),
                 None => Error::Timeout {
                     kind: crate::error::TimeoutKind::SshConnect,
                     after: timeout,
@@ -524,7 +444,7 @@ impl SshTunnel {
         {
             return Some(error.clone());
         }
-        lock(&self.inner.channel_refusal).clone()
+        self.inner.channel_refusal()
     }
 
     /// Graceful shutdown: stop accepting, close channels, send SSH disconnect, end every task and
@@ -552,422 +472,5 @@ impl SshTunnel {
     /// The configuration this tunnel was created with.
     pub fn config(&self) -> &TunnelConfig {
         &self.inner.config
-    }
-}
-
-impl Inner {
-    pub(crate) fn live_sessions(&self) -> usize {
-        lock(&self.sessions).len()
-    }
-
-    pub(crate) fn next_session_id(&self) -> u64 {
-        self.next_session_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub(crate) fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire) || self.cancel.is_cancelled()
-    }
-
-    pub(crate) fn set_state(&self, state: TunnelState) {
-        let up = state.is_connected();
-        self.state.send_replace(state);
-        metrics::gauge!(m::SSH_TUNNEL_UP, "pool" => self.pool_label.clone()).set(if up { 1.0 } else { 0.0 });
-        // Connections waiting for a session re-check (and give up at once on Failed).
-        self.changed.notify_waiters();
-    }
-
-    pub(crate) fn emit(&self, event: TunnelEvent) {
-        // No subscribers is fine.
-        let _ = self.events.send(event);
-    }
-
-    pub(crate) fn last_error(&self) -> Option<Arc<Error>> {
-        lock(&self.last_error).clone()
-    }
-
-    pub(crate) fn record_error(&self, error: Arc<Error>) {
-        *lock(&self.last_error) = Some(error);
-    }
-
-    /// The supervisor gave up: remember when (paces new rounds, see `ensure_connected_paced`).
-    pub(crate) fn record_gave_up(&self) {
-        *lock(&self.failed_at) = Some(Instant::now());
-    }
-
-    /// `Failed` (transient) -> `Reconnecting`, and wake the parked supervisor. Only the caller
-    /// that made the transition notifies, so a round is started once, and no stale wake-up is
-    /// left behind to skip a later backoff.
-    pub(crate) fn restart_round(&self) -> bool {
-        let restarted = self.state.send_if_modified(|s| match s {
-            TunnelState::Failed { error } if error.is_transient() => {
-                *s = TunnelState::Reconnecting {
-                    attempt: 1,
-                    next_delay: Duration::ZERO,
-                };
-                true
-            }
-            _ => false,
-        });
-        if restarted {
-            self.changed.notify_waiters();
-            self.wake.notify_one();
-        }
-        restarted
-    }
-
-    /// Records a reconnect (or the loss of one of several sessions): pooled connections made
-    /// before now may ride a dead session.
-    fn mark_reconnect(&self) {
-        let now = Instant::now();
-        *lock(&self.last_reconnect_at) = Some(now);
-        self.generation.retire_before(now);
-    }
-
-    /// The bastion refused a channel permanently (or, with `None`, a channel opened).
-    pub(crate) fn set_channel_refusal(&self, refusal: Option<Arc<Error>>) {
-        let mut current = lock(&self.channel_refusal);
-        if refusal.is_some() || current.is_some() {
-            *current = refusal;
-        }
-    }
-
-    fn gauges(&self) {
-        let label = self.pool_label.clone();
-        metrics::gauge!(m::SSH_TUNNEL_SESSIONS, "pool" => label.clone()).set(self.live_sessions() as f64);
-        metrics::gauge!(m::SSH_TUNNEL_CHANNELS_ACTIVE, "pool" => label)
-            .set(self.counters.channels_active.load(Ordering::Relaxed) as f64);
-    }
-
-    /// Registers an established session and starts its keepalive monitor.
-    ///
-    /// The first session and a session that replaces lost ones publish `Connected`; sessions
-    /// opened for capacity publish `SessionOpened`.
-    pub(crate) fn add_session(self: &Arc<Self>, session: Arc<SshSession>) {
-        // Anything but the initial connect means every earlier session was lost.
-        let reconnect = !matches!(*self.state.borrow(), TunnelState::Connecting);
-        let (count, first) = {
-            let mut sessions = lock(&self.sessions);
-            sessions.push(session.clone());
-            (sessions.len(), sessions.len() == 1)
-        };
-        if self.is_shutting_down() {
-            // disconnect() raced with the open: it may already have collected the sessions.
-            session.kill();
-            lock(&self.sessions).retain(|s| s.id != session.id);
-            return;
-        }
-        self.tracker.spawn(session::monitor(self.clone(), session.clone()));
-        self.gauges();
-        if first {
-            if reconnect {
-                self.mark_reconnect();
-                self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(m::SSH_TUNNEL_RECONNECTS_TOTAL, "pool" => self.pool_label.clone()).increment(1);
-            }
-            tracing::info!(
-                target: LOG_TARGET,
-                event = "tunnel_connected",
-                session = session.id,
-                reconnect,
-                bastion = %format_args!("{}:{}", self.config.host, self.config.port),
-                local_endpoint = %self.endpoint,
-                "SSH tunnel connected"
-            );
-            self.set_state(TunnelState::Connected);
-            self.emit(TunnelEvent::Connected {
-                session: session.id,
-                reconnect,
-            });
-        } else {
-            tracing::debug!(target: LOG_TARGET, session = session.id, sessions = count, "additional SSH session opened");
-            self.emit(TunnelEvent::SessionOpened {
-                session: session.id,
-                sessions: count,
-            });
-        }
-        self.changed.notify_waiters();
-    }
-
-    /// Removes a dead session, aborts its socket and, if it was the last one, wakes the supervisor.
-    pub(crate) fn session_lost(&self, id: u64, reason: String) {
-        let (session, remaining) = {
-            let mut sessions = lock(&self.sessions);
-            let Some(pos) = sessions.iter().position(|s| s.id == id) else {
-                return;
-            };
-            let s = sessions.remove(pos);
-            (s, sessions.len())
-        };
-        session.kill();
-        self.gauges();
-        if self.is_shutting_down() {
-            return;
-        }
-        tracing::warn!(
-            target: LOG_TARGET,
-            event = "tunnel_disconnected",
-            session = id,
-            remaining,
-            error = %reason,
-            "SSH session lost"
-        );
-        self.record_error(Arc::new(Error::TunnelLost {
-            host: self.config.host.clone(),
-            reason: reason.clone(),
-        }));
-        // State first, then the event: whoever reacts to `Disconnected` must already see the
-        // tunnel as not connected (a watcher that waited for `Connected` right after the event
-        // used to see the stale `Connected` and return at once).
-        if remaining == 0 {
-            self.set_state(TunnelState::Reconnecting {
-                attempt: 1,
-                next_delay: Duration::ZERO,
-            });
-        } else {
-            // The connections of that session died with it; the survivors carry on.
-            self.mark_reconnect();
-        }
-        self.emit(TunnelEvent::Disconnected { session: id, reason });
-        if remaining == 0 {
-            self.lost.notify_one();
-        }
-        self.changed.notify_waiters();
-    }
-
-    /// Takes `session` out of the tunnel if it is an extra session (not the oldest) idle for
-    /// `session_idle_timeout`.
-    ///
-    /// Channels are reserved only under the same lock and only on listed sessions, so once this
-    /// has seen zero channels and removed the session, no channel can ever be opened on it.
-    pub(crate) fn try_retire(&self, session: &SshSession) -> Retire {
-        let remaining = {
-            let mut sessions = lock(&self.sessions);
-            let Some(pos) = sessions.iter().position(|s| s.id == session.id) else {
-                return Retire::Gone;
-            };
-            if self.is_shutting_down() {
-                return Retire::Gone;
-            }
-            if pos == 0 {
-                // The oldest session is the base: new channels fill it first, keep it.
-                return Retire::Kept;
-            }
-            if !session.idle_for(self.config.session_idle_timeout) {
-                return Retire::Busy;
-            }
-            sessions.remove(pos);
-            sessions.len()
-        };
-        self.gauges();
-        // Waiters for a slot re-check (one may now open a session again).
-        self.changed.notify_waiters();
-        Retire::Retired { remaining }
-    }
-
-    /// Reserves a channel slot on the oldest session with room.
-    pub(crate) fn try_reserve(&self) -> Option<Arc<SshSession>> {
-        let sessions = lock(&self.sessions);
-        let max = self.config.max_channels;
-        // Reservations happen under the lock, so check-then-increment cannot overshoot.
-        let s = sessions
-            .iter()
-            .find(|s| s.channels.load(Ordering::Acquire) < max && !s.is_dead())?;
-        s.channels.fetch_add(1, Ordering::AcqRel);
-        Some(s.clone())
-    }
-
-    async fn shutdown(self: Arc<Self>) {
-        self.shutting_down.store(true, Ordering::Release);
-        // 1. Stop accepting and end the forwarders, monitors and supervisor (dropping the channel
-        //    streams sends CHANNEL_CLOSE for each).
-        self.cancel.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
-        // 2. SSH disconnect on every session, then make sure each russh task has ended.
-        let sessions: Vec<_> = std::mem::take(&mut *lock(&self.sessions));
-        for s in &sessions {
-            s.close_gracefully().await;
-        }
-        drop(sessions);
-        self.remove_unix_dir();
-        self.counters.channels_active.store(0, Ordering::Relaxed);
-        self.gauges();
-        self.set_state(TunnelState::Disconnected);
-        tracing::info!(target: LOG_TARGET, event = "tunnel_disconnected", local_endpoint = %self.endpoint, "SSH tunnel closed");
-        self.emit(TunnelEvent::Closed);
-    }
-
-    fn remove_unix_dir(&self) {
-        if let Some(dir) = &self.unix_dir {
-            if let LocalEndpoint::Unix(path) = &self.endpoint {
-                let _ = std::fs::remove_file(path);
-            }
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // Last reference gone (every task ended): never leave the socket directory behind.
-        self.remove_unix_dir();
-        for s in lock(&self.sessions).iter() {
-            s.kill();
-        }
-    }
-}
-
-fn validate(config: &TunnelConfig) -> Result<()> {
-    if config.host.is_empty() {
-        return Err(Error::config("tunnel.host", "is empty"));
-    }
-    if config.user.is_empty() {
-        return Err(Error::config("tunnel.user", "is empty"));
-    }
-    if config.port == 0 {
-        return Err(Error::config("tunnel.port", "must not be 0"));
-    }
-    if config.remote_host.is_empty() {
-        return Err(Error::config("tunnel.remote_host", "is empty"));
-    }
-    if config.remote_port == 0 {
-        return Err(Error::config("tunnel.remote_port", "must not be 0"));
-    }
-    if config.max_channels == 0 {
-        return Err(Error::config("tunnel.max_channels", "must be at least 1"));
-    }
-    if config.max_sessions == 0 {
-        return Err(Error::config("tunnel.max_sessions", "must be at least 1"));
-    }
-    if config.keepalive_interval.is_zero() {
-        return Err(Error::config("tunnel.keepalive_interval", "must be positive"));
-    }
-    if config.connect_timeout.is_zero() {
-        return Err(Error::config("tunnel.connect_timeout", "must be positive"));
-    }
-    if config.session_idle_timeout.is_zero() {
-        // Zero would close a session opened for capacity before its waiter could use it.
-        return Err(Error::config("tunnel.session_idle_timeout", "must be positive"));
-    }
-    Ok(())
-}
-
-/// What [`Inner::try_retire`] decided.
-pub(crate) enum Retire {
-    /// Removed from the tunnel; `remaining` sessions are left. The caller closes it.
-    Retired {
-        /// Sessions left open.
-        remaining: usize,
-    },
-    /// Not listed any more (lost, or the tunnel is shutting down).
-    Gone,
-    /// The oldest session: always kept.
-    Kept,
-    /// It has channels, or has not been idle long enough.
-    Busy,
-}
-
-/// Locks a std mutex, ignoring poisoning (the data are plain values that stay consistent).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A copy of an error that keeps its variant (and so `is_transient`); foreign sources are
-/// flattened into the message. `Error` itself is not `Clone` because of those sources.
-pub(crate) fn duplicate_error(e: &Error) -> Error {
-    match e {
-        Error::Config { field, message } => Error::Config {
-            field: field.clone(),
-            message: message.clone(),
-        },
-        Error::File {
-            what, path, message, ..
-        } => Error::File {
-            what,
-            path: path.clone(),
-            message: message.clone(),
-            source: None,
-        },
-        Error::KeyPassphrase { path, problem } => Error::KeyPassphrase {
-            path: path.clone(),
-            problem,
-        },
-        Error::HostKeyUnknown {
-            host,
-            fingerprint,
-            known_hosts,
-        } => Error::HostKeyUnknown {
-            host: host.clone(),
-            fingerprint: fingerprint.clone(),
-            known_hosts: known_hosts.clone(),
-        },
-        Error::HostKeyChanged {
-            host,
-            expected,
-            actual,
-            source_of_expected,
-        } => Error::HostKeyChanged {
-            host: host.clone(),
-            expected: expected.clone(),
-            actual: actual.clone(),
-            source_of_expected: source_of_expected.clone(),
-        },
-        Error::HostKeyRevoked {
-            host,
-            fingerprint,
-            known_hosts,
-        } => Error::HostKeyRevoked {
-            host: host.clone(),
-            fingerprint: fingerprint.clone(),
-            known_hosts: known_hosts.clone(),
-        },
-        Error::Auth { user, host, tried } => Error::Auth {
-            user: user.clone(),
-            host: host.clone(),
-            tried: tried.clone(),
-        },
-        Error::SshConnect {
-            host,
-            port,
-            message,
-            source,
-        } => Error::SshConnect {
-            host: host.clone(),
-            port: *port,
-            message: match source {
-                Some(s) => format!("{message}: {s}"),
-                None => message.clone(),
-            },
-            source: None,
-        },
-        Error::TunnelLost { host, reason } => Error::TunnelLost {
-            host: host.clone(),
-            reason: reason.clone(),
-        },
-        Error::ChannelRefused {
-            target,
-            reason,
-            transient,
-        } => Error::ChannelRefused {
-            target: target.clone(),
-            reason: reason.clone(),
-            transient: *transient,
-        },
-        Error::TunnelFailed(inner) => Error::TunnelFailed(Box::new(duplicate_error(inner))),
-        Error::Timeout { kind, after, detail } => Error::Timeout {
-            kind: *kind,
-            after: *after,
-            detail: detail.clone(),
-        },
-        Error::NotInitialized(what) => Error::NotInitialized(what),
-        Error::ShutDown(what) => Error::ShutDown(what),
-        Error::Io { context, source } => Error::Io {
-            context: context.clone(),
-            source: std::io::Error::new(source.kind(), source.to_string()),
-        },
-        other => Error::TunnelLost {
-            host: String::new(),
-            reason: other.to_string(),
-        },
     }
 }

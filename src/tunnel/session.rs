@@ -14,8 +14,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::host_key::HostKeyVerifier;
+use super::inner::lock;
+use super::sessions::Retire;
 use super::socket;
-use super::{Inner, LOG_TARGET, Retire, lock};
+use super::{Inner, LOG_TARGET};
 use crate::config::TunnelConfig;
 use crate::error::TimeoutKind;
 use crate::{Error, Result};
@@ -217,7 +219,7 @@ pub(crate) async fn establish(inner: &Inner) -> Result<Arc<SshSession>> {
                 host: config.host.clone(),
                 port: config.port,
                 message: format!("TCP connect failed: {e}"),
-                source: Some(Box::new(e)),
+                source: Some(Arc::new(e)),
             })?;
         let stream = socket::transport(tcp, &kill);
         let mut handle = russh::client::connect_stream(inner.ssh_config.clone(), stream, handler)
@@ -264,7 +266,7 @@ fn handshake_error(config: &TunnelConfig, e: russh::Error) -> Error {
         host: config.host.clone(),
         port: config.port,
         message: format!("SSH handshake failed: {e}"),
-        source: Some(Box::new(e)),
+        source: Some(Arc::new(e)),
     }
 }
 

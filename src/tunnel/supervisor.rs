@@ -5,17 +5,22 @@
 //! after `max_retries` retries (0 = never) or `max_elapsed`; then the tunnel is
 //! [`TunnelState::Failed`] with the last error. A permanent error ends it at once.
 //!
-//! Nothing shortens a delay of the schedule: a health check or a caller waiting in
-//! `ensure_connected` waits for the round. After a round gave up on transient errors the
-//! supervisor parks until `Inner::restart_round` asks for a new one.
+//! The supervisor alone decides when a round starts. After a round gave up on transient errors
+//! it pauses for `reconnect.max_delay` (plus the policy's jitter) and starts the next round with
+//! the same schedule and limit, forever, until shutdown; a permanent error ends it for good.
+//! Nothing shortens a delay of the schedule: a caller waiting in `ensure_connected` waits for the
+//! round. The one exception is the pause between rounds: `ensure_connected` may end it early
+//! (`Inner::round_requested`), which is read only here, and only during that pause.
 //!
 //! [`BackoffPolicy::delays`]: crate::config::BackoffPolicy::delays
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::Inner;
 use super::session::{self, SshSession};
-use super::{Inner, LOG_TARGET, TunnelEvent, TunnelState, duplicate_error};
+use super::{LOG_TARGET, TunnelEvent, TunnelState};
+use crate::config::BackoffPolicy;
 use crate::{Error, Result};
 
 /// Why a round of attempts ended without a session.
@@ -52,18 +57,25 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                 }
                 Err(Outcome::ShutDown) => return,
                 Err(Outcome::Replaced) => break,
-                Err(Outcome::GaveUp(error)) => {
-                    let transient = error.is_transient();
+                Err(Outcome::GaveUp(error)) if !error.is_transient() => {
                     fail(&inner, error);
-                    if !transient {
-                        // Permanent: only a new tunnel (new configuration) can help.
-                        inner.cancel.cancelled().await;
-                        return;
-                    }
-                    // Retries exhausted: wait for `restart_round` (from `ensure_connected`).
+                    // Permanent: only a new tunnel (new configuration) can help.
+                    inner.cancel.cancelled().await;
+                    return;
+                }
+                Err(Outcome::GaveUp(error)) => {
+                    // Listen for requests before publishing `Failed`: a caller that sees it and
+                    // asks for a round at once must be heard.
+                    let requested = inner.round_requested.notified();
+                    tokio::pin!(requested);
+                    requested.as_mut().enable();
+                    fail(&inner, error);
+                    let pause = round_pause(&inner.config.reconnect);
+                    tracing::debug!(target: LOG_TARGET, pause_ms = pause.as_millis() as u64, "next reconnect round after a pause");
                     tokio::select! {
                         () = inner.cancel.cancelled() => return,
-                        () = inner.wake.notified() => {}
+                        () = tokio::time::sleep(pause) => {}
+                        () = requested => {}
                     }
                 }
             }
@@ -80,7 +92,6 @@ fn fail(inner: &Inner, error: Error) {
     );
     let error = Arc::new(error);
     inner.record_error(error.clone());
-    inner.record_gave_up();
     inner.set_state(TunnelState::Failed { error: error.clone() });
     inner.emit(TunnelEvent::Failed { error });
 }
@@ -135,13 +146,45 @@ async fn attempts(inner: &Arc<Inner>, reconnecting: bool) -> std::result::Result
             Err(e) => {
                 tracing::debug!(target: LOG_TARGET, attempt, error = %e, "SSH connect attempt failed");
                 last_error = e.to_string();
-                inner.record_error(Arc::new(duplicate_error(&e)));
+                inner.record_error(Arc::new(e.clone()));
                 match delays.next() {
                     Some(d) => delay = d,
                     None => return Err(Outcome::GaveUp(e)),
                 }
                 attempt = attempt.saturating_add(1);
             }
+        }
+    }
+}
+
+/// The pause between a round that gave up and the next one: the slowest retry of the schedule,
+/// `max_delay`, stretched by up to `jitter` (as the schedule's delays are) so that tunnels that
+/// lost the same bastion do not all come back at the same instant.
+fn round_pause(policy: &BackoffPolicy) -> Duration {
+    let jitter = if policy.jitter.is_finite() {
+        policy.jitter.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    Duration::try_from_secs_f64(policy.max_delay.as_secs_f64() * (1.0 + jitter * fastrand::f64()))
+        .unwrap_or(policy.max_delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pause_between_rounds_is_max_delay_stretched_by_the_jitter() {
+        let max = Duration::from_secs(2);
+        let exact = BackoffPolicy::new(Duration::from_millis(100))
+            .max_delay(max)
+            .jitter(0.0);
+        assert_eq!(round_pause(&exact), max);
+        let jittered = exact.jitter(0.5);
+        for _ in 0..100 {
+            let pause = round_pause(&jittered);
+            assert!(pause >= max && pause <= max.mul_f64(1.5), "{pause:?}");
         }
     }
 }
