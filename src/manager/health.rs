@@ -208,7 +208,8 @@ impl Inner {
 
         let label = self.hooks.pool_label().to_owned();
         metrics::counter!(m::DB_HEALTH_CHECKS_TOTAL, m::POOL_LABEL => label.clone()).increment(1);
-        metrics::histogram!(m::DB_HEALTH_CHECK_SECONDS, m::POOL_LABEL => label.clone()).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::DB_HEALTH_CHECK_SECONDS, m::POOL_LABEL => label.clone())
+            .record(started.elapsed().as_secs_f64());
         if !healthy {
             metrics::counter!(m::DB_HEALTH_CHECK_FAILURES_TOTAL, m::POOL_LABEL => label.clone()).increment(1);
             if !database && tunnel.is_usable() {

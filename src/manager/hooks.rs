@@ -214,7 +214,8 @@ impl Hooks {
     }
 
     fn failed(&self, id: Option<&str>, kind: &'static str, error: &sqlx::Error) {
-        metrics::counter!(m::DB_CONNECTION_ERRORS_TOTAL, m::POOL_LABEL => self.pool_label.clone(), "kind" => kind).increment(1);
+        metrics::counter!(m::DB_CONNECTION_ERRORS_TOTAL, m::POOL_LABEL => self.pool_label.clone(), "kind" => kind)
+            .increment(1);
         events::connection_error(id, self.pool_size(), kind, error);
         if let Some(id) = id {
             self.log(ConnectionLogEvent::new(id.to_string(), "error").with_error(error.to_string()));
@@ -251,7 +252,8 @@ impl Hooks {
         events::connection_opened(&id, self.pool_size(), started.elapsed());
         events::connection_acquired(&id, self.pool_size(), &origin, Duration::ZERO);
         self.log(
-            ConnectionLogEvent::new(id.to_string(), "connected").with_metadata(meta_json(&[("pool", self.pool_label.as_str())])),
+            ConnectionLogEvent::new(id.to_string(), "connected")
+                .with_metadata(meta_json(&[("pool", self.pool_label.as_str())])),
         );
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
         self.check_out(&id, origin);

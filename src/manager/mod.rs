@@ -197,9 +197,10 @@ impl ConnectionManager {
         config.validate()?;
         let generation = Arc::new(Generation::new());
         let tunnel = match &config.tunnel {
-            Some(tc) => {
-                Some(SshTunnel::connect_with_generation(tc.clone(), config.pool.pool_label.clone(), generation.clone()).await?)
-            }
+            Some(tc) => Some(
+                SshTunnel::connect_with_generation(tc.clone(), config.pool.pool_label.clone(), generation.clone())
+                    .await?,
+            ),
             None => None,
         };
         match Self::start(config, tunnel.clone(), generation).await {
@@ -505,37 +506,11 @@ async fn forward_tunnel_events(
             Err(broadcast::error::RecvError::Closed) => return,
         };
         let Some(inner) = inner.upgrade() else { return };
-        let entry = match &event {
-            TunnelEvent::Connected { session, reconnect } => ConnectionLogEvent::new("tunnel", "tunnel_connected")
-                .with_metadata(json_pairs([
-                    ("session", (*session).into()),
-                    ("reconnect", (*reconnect).into()),
-                ])),
-            TunnelEvent::Disconnected { session, reason } => ConnectionLogEvent::new("tunnel", "tunnel_disconnected")
-                .with_error(reason.clone())
-                .with_metadata(json_pairs([("session", (*session).into())])),
-            TunnelEvent::Reconnecting { attempt, delay, error } => {
-                ConnectionLogEvent::new("tunnel", "tunnel_reconnecting")
-                    .with_error(error.clone())
-                    .with_metadata(json_pairs([
-                        ("attempt", (*attempt).into()),
-                        ("delay_ms", (delay.as_millis() as u64).into()),
-                    ]))
-            }
-            TunnelEvent::Failed { error } => {
-                ConnectionLogEvent::new("tunnel", "tunnel_failed").with_error(error.to_string())
-            }
-            TunnelEvent::ChannelOpenFailed { reason, .. } => {
-                ConnectionLogEvent::new("tunnel", "channel_open_failed").with_error(reason.clone())
-            }
-            _ => continue,
+        let Some(entry) = ConnectionLogEvent::from_tunnel_event(&event) else {
+            continue;
         };
         inner.hooks.log(entry);
     }
-}
-
-fn json_pairs<const N: usize>(pairs: [(&str, sea_orm::JsonValue); N]) -> sea_orm::JsonValue {
-    sea_orm::JsonValue::Object(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }
 
 #[cfg(test)]

@@ -140,7 +140,12 @@ mod tests {
     fn connect_options_debug_has_no_password() {
         let config = Config::new("postgres://app:hunter2-secret@db.internal:5432/app");
         let hooks = Arc::new(Hooks::new(&config.pool, Default::default(), Default::default()));
-        let options = connect_options(&config, &Endpoint::from_tunnel(&LocalEndpoint::Tcp("127.0.0.1:40000".parse().unwrap()), 5432), hooks).unwrap();
+        let options = connect_options(
+            &config,
+            &Endpoint::from_tunnel(&LocalEndpoint::Tcp("127.0.0.1:40000".parse().unwrap()), 5432),
+            hooks,
+        )
+        .unwrap();
         let debug = format!("{options:?}");
         assert!(!debug.contains("hunter2"), "{debug}");
         assert!(debug.contains("127.0.0.1:40000"), "{debug}");
@@ -163,5 +168,4 @@ mod tests {
         );
         assert!(session_options(&SessionSettings::new()).is_empty());
     }
-
 }

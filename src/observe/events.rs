@@ -39,6 +39,8 @@ pub const TARGET_POOL: &str = "sea_orm_tunnel::pool";
 pub const TARGET_HEALTH: &str = "sea_orm_tunnel::health";
 /// Target of manager lifecycle events (start, shutdown).
 pub const TARGET_MANAGER: &str = "sea_orm_tunnel::manager";
+/// Target of SSH tunnel events (connected, session lost, reconnecting, gave up).
+pub const TARGET_TUNNEL: &str = "sea_orm_tunnel::tunnel";
 
 /// The value of the `event` field of each event this crate emits from the manager.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,6 +64,13 @@ pub enum EventKind {
     HealthCheckFailed,
     /// The manager started or shut down (level INFO).
     ManagerLifecycle,
+    /// The SSH tunnel is up: its first session, or the one that replaced every lost session
+    /// (level INFO).
+    TunnelConnected,
+    /// An SSH session was lost, or the tunnel was closed on purpose (WARN, INFO when closed).
+    TunnelDisconnected,
+    /// An attempt of a reconnect round is about to run (level WARN).
+    TunnelReconnecting,
 }
 
 impl EventKind {
@@ -77,6 +86,9 @@ impl EventKind {
             EventKind::HealthCheck => "health_check",
             EventKind::HealthCheckFailed => "health_check_failed",
             EventKind::ManagerLifecycle => "manager_lifecycle",
+            EventKind::TunnelConnected => "tunnel_connected",
+            EventKind::TunnelDisconnected => "tunnel_disconnected",
+            EventKind::TunnelReconnecting => "tunnel_reconnecting",
         }
     }
 }
@@ -437,5 +449,8 @@ mod tests {
         assert_eq!(EventKind::ConnectionReleased.as_str(), "connection_released");
         assert_eq!(EventKind::HealthCheck.as_str(), "health_check");
         assert_eq!(EventKind::ConnectionError.as_str(), "connection_error");
+        assert_eq!(EventKind::TunnelConnected.as_str(), "tunnel_connected");
+        assert_eq!(EventKind::TunnelDisconnected.as_str(), "tunnel_disconnected");
+        assert_eq!(EventKind::TunnelReconnecting.as_str(), "tunnel_reconnecting");
     }
 }

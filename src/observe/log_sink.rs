@@ -51,7 +51,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, Result, TimeoutKind, db_err_is_transient};
+use crate::observe::events::EventKind;
 use crate::observe::metrics::CONNECTION_LOG_DROPPED_TOTAL;
+use crate::tunnel::TunnelEvent;
 
 /// Tracing target of the sink's own diagnostics.
 const TARGET: &str = "sea_orm_tunnel::log_sink";
@@ -107,6 +109,35 @@ impl ConnectionLogEvent {
     pub fn with_occurred_at(mut self, at: SystemTime) -> Self {
         self.occurred_at = at;
         self
+    }
+
+    /// The log row for a tunnel event, for the events the log keeps (connected, session lost,
+    /// reconnecting, gave up, channel refused); `None` for the others.
+    pub(crate) fn from_tunnel_event(event: &TunnelEvent) -> Option<ConnectionLogEvent> {
+        fn meta<const N: usize>(pairs: [(&str, JsonValue); N]) -> JsonValue {
+            JsonValue::Object(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+        }
+        let row = |kind: &str| ConnectionLogEvent::new("tunnel", kind);
+        Some(match event {
+            TunnelEvent::Connected { session, reconnect } => {
+                row(EventKind::TunnelConnected.as_str()).with_metadata(meta([
+                    ("session", (*session).into()),
+                    ("reconnect", (*reconnect).into()),
+                ]))
+            }
+            TunnelEvent::Disconnected { session, reason } => row(EventKind::TunnelDisconnected.as_str())
+                .with_error(reason.clone())
+                .with_metadata(meta([("session", (*session).into())])),
+            TunnelEvent::Reconnecting { attempt, delay, error } => row(EventKind::TunnelReconnecting.as_str())
+                .with_error(error.clone())
+                .with_metadata(meta([
+                    ("attempt", (*attempt).into()),
+                    ("delay_ms", (delay.as_millis() as u64).into()),
+                ])),
+            TunnelEvent::Failed { error } => row("tunnel_failed").with_error(error.to_string()),
+            TunnelEvent::ChannelOpenFailed { reason, .. } => row("channel_open_failed").with_error(reason.clone()),
+            _ => return None,
+        })
     }
 }
 

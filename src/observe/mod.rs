@@ -40,3 +40,4 @@
 pub mod events;
 pub mod log_sink;
 pub mod metrics;
+pub(crate) mod tunnel;

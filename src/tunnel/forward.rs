@@ -17,7 +17,7 @@ use super::session::SshSession;
 use super::{Inner, LOG_TARGET, LocalEndpoint, TunnelEvent, TunnelState};
 use crate::config::{LocalEndpointConfig, TunnelConfig};
 use crate::error::TimeoutKind;
-use crate::observe::metrics as m;
+use crate::observe::tunnel as observe;
 use crate::{Error, Result};
 
 /// Copy buffer per direction: one full SSH channel packet (32 KiB) per read.
@@ -149,7 +149,7 @@ struct Slot {
 impl Slot {
     fn new(inner: &Arc<Inner>, session: Arc<SshSession>) -> Self {
         inner.counters.channels_active.fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!(m::SSH_TUNNEL_CHANNELS_ACTIVE, "pool" => inner.pool_label.clone()).increment(1.0);
+        inner.channels_changed();
         Slot {
             inner: inner.clone(),
             session,
@@ -166,7 +166,7 @@ impl Drop for Slot {
             .counters
             .channels_active
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
-        metrics::gauge!(m::SSH_TUNNEL_CHANNELS_ACTIVE, "pool" => self.inner.pool_label.clone()).decrement(1.0);
+        self.inner.channels_changed();
         self.inner.changed.notify_waiters();
     }
 }
@@ -222,10 +222,7 @@ async fn serve(inner: Arc<Inner>, local: LocalStream, origin: (String, u32)) {
         }
     };
     let mut remote = channel.into_stream();
-    let to_remote =
-        metrics::counter!(m::SSH_TUNNEL_BYTES_TOTAL, "pool" => inner.pool_label.clone(), "direction" => "to_remote");
-    let from_remote =
-        metrics::counter!(m::SSH_TUNNEL_BYTES_TOTAL, "pool" => inner.pool_label.clone(), "direction" => "from_remote");
+    let (to_remote, from_remote) = inner.telemetry.byte_counters();
     let copy = async {
         match local {
             LocalStream::Tcp(s) => copy(&inner, s, &mut remote, to_remote, from_remote).await,
@@ -331,9 +328,9 @@ async fn open_channel(
         ),
     };
     inner.counters.open_failures.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!(m::SSH_TUNNEL_CHANNEL_OPEN_FAILURES_TOTAL, "pool" => inner.pool_label.clone()).increment(1);
+    inner.telemetry.count_channel_open_failure();
     if permanent {
-        tracing::error!(target: LOG_TARGET, event = "connection_error", session = session.id, error = %error, "bastion refused the forwarding channel");
+        observe::channel_refused(session.id, &error);
     } else {
         tracing::warn!(target: LOG_TARGET, session = session.id, error = %error, "opening a forwarding channel failed");
     }
@@ -376,7 +373,7 @@ fn refuse(inner: &Inner, refusal: Refusal, timeout: Duration) {
         }
     }
     inner.counters.refused.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!(m::SSH_TUNNEL_CHANNEL_OPEN_FAILURES_TOTAL, "pool" => inner.pool_label.clone()).increment(1);
+    inner.telemetry.count_channel_open_failure();
 }
 
 /// Counts bytes on the local side: reads go to the remote, writes come from it.

@@ -9,11 +9,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::sessions::SessionSet;
-use super::{LOG_TARGET, LocalEndpoint, TunnelEvent, TunnelState, auth, host_key, session};
+use super::{LocalEndpoint, TunnelEvent, TunnelState, auth, host_key, session};
 use crate::Error;
 use crate::config::TunnelConfig;
 use crate::generation::Generation;
-use crate::observe::metrics as m;
+use crate::observe::tunnel::{self as observe, TunnelTelemetry};
 
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -34,7 +34,8 @@ pub(crate) struct Inner {
     pub(crate) verifier: host_key::HostKeyVerifier,
     pub(crate) endpoint: LocalEndpoint,
     unix_dir: Option<PathBuf>,
-    pub(crate) pool_label: String,
+    /// The tunnel's metrics, labelled with its pool label.
+    pub(crate) telemetry: TunnelTelemetry,
     pub(crate) state: watch::Sender<TunnelState>,
     pub(crate) events: broadcast::Sender<TunnelEvent>,
     pub(crate) sessions: SessionSet,
@@ -75,7 +76,7 @@ impl Inner {
             credentials,
             endpoint,
             unix_dir,
-            pool_label,
+            telemetry: TunnelTelemetry::new(&pool_label),
             state,
             events,
             sessions: SessionSet::new(generation),
@@ -110,7 +111,7 @@ impl Inner {
     pub(crate) fn set_state(&self, state: TunnelState) {
         let up = state.is_connected();
         self.state.send_replace(state);
-        metrics::gauge!(m::SSH_TUNNEL_UP, "pool" => self.pool_label.clone()).set(if up { 1.0 } else { 0.0 });
+        self.telemetry.set_up(up);
         // Connections waiting for a session re-check (and give up at once on Failed).
         self.changed.notify_waiters();
     }
@@ -157,7 +158,7 @@ impl Inner {
         self.counters.channels_active.store(0, Ordering::Relaxed);
         self.gauges();
         self.set_state(TunnelState::Disconnected);
-        tracing::info!(target: LOG_TARGET, event = "tunnel_disconnected", local_endpoint = %self.endpoint, "SSH tunnel closed");
+        observe::tunnel_closed(&self.endpoint);
         self.emit(TunnelEvent::Closed);
     }
 

@@ -76,9 +76,7 @@ mod supervisor;
 use inner::Inner;
 
 /// Tracing target of every tunnel event.
-pub(crate) const LOG_TARGET: &str = "sea_orm_tunnel::tunnel";
-/// The `pool` label on the tunnel's metrics.
-const DEFAULT_POOL_LABEL: &str = "default";
+pub(crate) use crate::observe::events::TARGET_TUNNEL as LOG_TARGET;
 
 /// Where the tunnel listens locally. Stable for the tunnel's whole life.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,7 +277,7 @@ impl SshTunnel {
     /// With `config.reconnect.max_retries == 0` (retry forever) and no `max_elapsed`, this waits
     /// until the bastion is reachable; wrap it in a timeout if that is not what you want.
     pub async fn connect(config: TunnelConfig) -> Result<SshTunnel> {
-        Self::connect_labeled(config, DEFAULT_POOL_LABEL).await
+        Self::connect_labeled(config, crate::observe::metrics::DEFAULT_POOL).await
     }
 
     /// [`SshTunnel::connect`], with `pool_label` as the `pool` label of the tunnel's metrics

@@ -14,7 +14,7 @@ use super::session::{self, SshSession};
 use super::{LOG_TARGET, TunnelEvent, TunnelState};
 use crate::Error;
 use crate::generation::Generation;
-use crate::observe::metrics as m;
+use crate::observe::tunnel as observe;
 
 /// The live sessions of one tunnel, and what their losses mean for pooled connections.
 pub(crate) struct SessionSet {
@@ -115,10 +115,14 @@ impl Inner {
     }
 
     pub(crate) fn gauges(&self) {
-        let label = self.pool_label.clone();
-        metrics::gauge!(m::SSH_TUNNEL_SESSIONS, "pool" => label.clone()).set(self.live_sessions() as f64);
-        metrics::gauge!(m::SSH_TUNNEL_CHANNELS_ACTIVE, "pool" => label)
-            .set(self.counters.channels_active.load(Ordering::Relaxed) as f64);
+        self.telemetry.set_sessions(self.live_sessions());
+        self.channels_changed();
+    }
+
+    /// The channel count changed: the gauge follows the counter (its only writer).
+    pub(crate) fn channels_changed(&self) {
+        self.telemetry
+            .set_channels(self.counters.channels_active.load(Ordering::Relaxed));
     }
 
     /// Registers an established session and starts its keepalive monitor.
@@ -145,16 +149,13 @@ impl Inner {
             if reconnect {
                 self.sessions.mark_reconnect();
                 self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(m::SSH_TUNNEL_RECONNECTS_TOTAL, "pool" => self.pool_label.clone()).increment(1);
+                self.telemetry.count_reconnect();
             }
-            tracing::info!(
-                target: LOG_TARGET,
-                event = "tunnel_connected",
-                session = session.id,
+            observe::tunnel_connected(
+                session.id,
                 reconnect,
-                bastion = %format_args!("{}:{}", self.config.host, self.config.port),
-                local_endpoint = %self.endpoint,
-                "SSH tunnel connected"
+                &format_args!("{}:{}", self.config.host, self.config.port),
+                &self.endpoint,
             );
             self.set_state(TunnelState::Connected);
             self.emit(TunnelEvent::Connected {
@@ -186,14 +187,7 @@ impl Inner {
         if self.is_shutting_down() {
             return;
         }
-        tracing::warn!(
-            target: LOG_TARGET,
-            event = "tunnel_disconnected",
-            session = id,
-            remaining,
-            error = %reason,
-            "SSH session lost"
-        );
+        observe::session_lost(id, remaining, &reason);
         self.record_error(Arc::new(Error::TunnelLost {
             host: self.config.host.clone(),
             reason: reason.clone(),

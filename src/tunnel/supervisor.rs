@@ -21,6 +21,7 @@ use super::Inner;
 use super::session::{self, SshSession};
 use super::{LOG_TARGET, TunnelEvent, TunnelState};
 use crate::config::BackoffPolicy;
+use crate::observe::tunnel as observe;
 use crate::{Error, Result};
 
 /// Why a round of attempts ended without a session.
@@ -84,12 +85,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
 }
 
 fn fail(inner: &Inner, error: Error) {
-    tracing::error!(
-        target: LOG_TARGET,
-        event = "connection_error",
-        error = %error,
-        "SSH tunnel gave up"
-    );
+    observe::tunnel_gave_up(&error);
     let error = Arc::new(error);
     inner.record_error(error.clone());
     inner.set_state(TunnelState::Failed { error: error.clone() });
@@ -108,14 +104,7 @@ async fn attempts(inner: &Arc<Inner>, reconnecting: bool) -> std::result::Result
     };
     loop {
         if reconnecting {
-            tracing::warn!(
-                target: LOG_TARGET,
-                event = "tunnel_reconnecting",
-                attempt,
-                delay_ms = delay.as_millis() as u64,
-                error = %last_error,
-                "reconnecting the SSH tunnel"
-            );
+            observe::tunnel_reconnecting(attempt, delay, &last_error);
             inner.set_state(TunnelState::Reconnecting {
                 attempt,
                 next_delay: delay,

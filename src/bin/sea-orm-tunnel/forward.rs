@@ -74,7 +74,11 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>) -> ExitCode {
     let endpoint = tunnel.local_endpoint().clone();
     println!("listening on {endpoint}");
     if let Some(config) = &config
-        && let Ok(url) = local_database_url(config.database_url.expose_secret(), &endpoint, tunnel.config().remote_port)
+        && let Ok(url) = local_database_url(
+            config.database_url.expose_secret(),
+            &endpoint,
+            tunnel.config().remote_port,
+        )
     {
         println!("DATABASE_URL={}", redact_url(&url));
     }
@@ -85,7 +89,6 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>) -> ExitCode {
 
     let stop = shutdown_signal();
     tokio::pin!(stop);
-    let mut retry_at: Option<tokio::time::Instant> = None;
     let code = loop {
         tokio::select! {
             signal = &mut stop => {
@@ -107,15 +110,9 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>) -> ExitCode {
                         eprintln!("error: the tunnel stopped: {error}");
                         break ExitCode::from(EXIT_FAILED);
                     }
-                    log(format_args!("reconnect attempts exhausted; next round in {round_pause:?}"));
-                    retry_at = Some(tokio::time::Instant::now() + round_pause);
+                    // The tunnel starts the next round by itself after that pause.
+                    log(format_args!("reconnect attempts exhausted; next round in about {round_pause:?}"));
                 }
-            }
-            () = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
-                retry_at = None;
-                let tunnel = tunnel.clone();
-                // `ensure_connected` starts a fresh round; its outcome arrives as state/events.
-                tokio::spawn(async move { let _ = tunnel.ensure_connected().await; });
             }
         }
     };
