@@ -1,4 +1,4 @@
-//! Side-by-side comparison on the same PostgreSQL and the same OpenSSH `sshd` (DESIGN §6):
+//! Side-by-side comparison on the same PostgreSQL and the same OpenSSH `sshd`:
 //!
 //! - `direct`: SeaORM straight to PostgreSQL (the physical limit);
 //! - `openssh`: SeaORM defaults through an OpenSSH `ssh -N -L` process (what users run today);
@@ -82,7 +82,7 @@ impl Sizes {
     }
 }
 
-/// One path's pools: 16 connections for the main workloads, 4 for the §7.1 stall workload.
+/// One path's pools: 16 connections for the main workloads, 4 for the delayed-ACK stall workload.
 struct Pools {
     db16: DatabaseConnection,
     db4: DatabaseConnection,
@@ -236,7 +236,7 @@ async fn main() {
         results.set(path, "select1_p99_us", percentile(&v, 99).as_secs_f64() * 1e6);
     }
 
-    // --- sequential queries over a pool of 4 (DESIGN §7.1) ------------------------------------
+    // --- sequential queries over a pool of 4 (the delayed-ACK stall) ------------------------------------
     eprintln!("compare: sequential queries over a pool of 4");
     for path in PATHS {
         // Open all four connections, so sequential queries rotate over them (sqlx's idle queue is FIFO).

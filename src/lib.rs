@@ -68,6 +68,7 @@
 //! - [`manager`]: the pool over the tunnel, health checks, retry, leak detection, shutdown.
 //! - [`layer`]: tower layers for axum and tonic.
 //! - [`observe`]: tracing events, metric names, the `connection_logs` sink.
+//! - [`url`]: database URLs: validation, redaction, the URL through the tunnel's local endpoint.
 //! - `testkit` (feature `testkit`): throwaway PostgreSQL, OpenSSH sshd, an in-process bastion, a fault proxy.
 //!
 //! ## Features

@@ -16,8 +16,8 @@
 //!   `administratively prohibited`) is reported with its cause and never retried.
 //!
 //! Results go to a [`watch`](tokio::sync::watch) (the current [`HealthStatus`]) and a
-//! [`broadcast`](tokio::sync::broadcast) of [`HealthEvent`]s (the spec's
-//! `manager.on('healthCheck', ...)`), plus tracing events and metrics.
+//! [`broadcast`](tokio::sync::broadcast) of [`HealthEvent`]s (what an event
+//! emitter's `manager.on('healthCheck', ...)` gives in other languages), plus tracing events and metrics.
 
 use std::fmt;
 use std::sync::Weak;

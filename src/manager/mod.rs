@@ -14,7 +14,7 @@
 //! let db = manager.connection();
 //! db.execute_unprepared("SELECT 1").await?;
 //!
-//! // Watch health (the spec's `manager.on('healthCheck', ...)`).
+//! // Watch health: every check's result, failures included.
 //! let mut health = manager.subscribe_health();
 //! tokio::spawn(async move {
 //!     while let Ok(event) = health.recv().await {

@@ -5,14 +5,14 @@
 //! - the URL points at the tunnel's local endpoint (loopback TCP, or the private Unix socket
 //!   directory + the remote port), or stays as configured for a direct connection;
 //! - `max_connections`, `min_connections`, `idle_timeout`, `acquire_timeout` (= sqlx's only
-//!   connect bound, DESIGN §7.7), `max_lifetime` from [`PoolConfig`](crate::config::PoolConfig)
+//!   connect bound: SeaORM's `connect_timeout` is sqlx's `acquire_timeout`), `max_lifetime` from [`PoolConfig`](crate::config::PoolConfig)
 //!   (the hooks read the last two back, so a value set later on the SeaORM options wins);
 //! - sqlx statement logging off (the crate's own events say what happened to connections);
 //! - the session settings as PostgreSQL startup options (`-c role=...`, `statement_timeout`,
 //!   `idle_in_transaction_session_timeout`, `default_transaction_read_only`): in force from the
 //!   first statement, no round trip;
 //! - `application_name` = the configured prefix at startup, then the connection id per connection;
-//! - no ping on every acquire (`test_before_acquire` off, DESIGN §7.8): only connections idle
+//! - no ping on every acquire (`test_before_acquire` off: a round trip per query through a tunnel): only connections idle
 //!   longer than `pool.test_if_idle_for` are pinged;
 //! - our per-connection hooks (see [`hooks`](super::hooks)): connection ids, the generation rule,
 //!   jittered lifetimes, checkout tracking.

@@ -1,4 +1,4 @@
-//! The spec's singleton API: a thin facade over one process-wide [`SshTunnel`] slot.
+//! The singleton API (`initialize_instance`, `get_instance`, `reset_instance`): a thin facade over one process-wide [`SshTunnel`] slot.
 //!
 //! Prefer passing an [`SshTunnel`] handle around (it is `Clone`); the facade exists for code
 //! shaped around `getInstance()`.

@@ -1,6 +1,6 @@
 //! Host-key verification with OpenSSH `known_hosts` semantics.
 //!
-//! `russh::keys::check_known_hosts_path` is not OpenSSH-compatible (DESIGN §7 item 5): it rejects
+//! `russh::keys::check_known_hosts_path` is not OpenSSH-compatible: it rejects
 //! a host with two keys of one type even when one matches, rejects tab-separated lines, ignores
 //! wildcard patterns and ignores `@revoked`. This module does the lookup itself, on top of the
 //! `ssh_key::known_hosts` entry parser (markers, hashed names, keys), with OpenSSH's rules:

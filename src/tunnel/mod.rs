@@ -29,7 +29,9 @@
 //!   the last session is always kept. This is not a lost session: nothing reconnects and
 //!   [`SshTunnel::last_reconnect_at`] does not move.
 //! - **No session up.** A connection that arrives while the tunnel is reconnecting waits (up to
-//!   `connect_timeout`) for the supervisor instead of being accepted and dropped (DESIGN §7 item 7).
+//!   `connect_timeout`) for the supervisor instead of being accepted and dropped
+//!   (sqlx retries a connect only on `ConnectionRefused`, so an accepted-then-closed socket would
+//!   fail the acquire at once).
 //! - **Liveness.** Every session is pinged each `keepalive_interval`; without a reply for
 //!   `keepalive_interval × keepalive_max` it is declared dead and its socket is aborted.
 //! - **Recovery.** When the last session is lost the supervisor reconnects: the first attempt at
@@ -336,7 +338,7 @@ impl SshTunnel {
         &self.inner.endpoint
     }
 
-    /// True while at least one SSH session is up (the spec's `isConnectedToTunnel`).
+    /// True while at least one SSH session is up (`isConnectedToTunnel` in other tunnel libraries).
     pub fn is_connected(&self) -> bool {
         !self.inner.disconnecting() && self.inner.live_sessions() > 0
     }

@@ -1,6 +1,6 @@
 //! The SSH transport socket: a `TcpStream` this crate owns so it can tune it.
 //!
-//! Two things a plain `russh::client::connect` cannot do (DESIGN §7 items 1–3):
+//! Two things a plain `russh::client::connect` cannot do:
 //!
 //! - **TCP_QUICKACK after every read (Linux).** sshd often sends one response in two small
 //!   segments; the second waits for the client's delayed ACK (~40 ms). Quick-ack mode is not
