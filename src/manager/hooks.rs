@@ -32,7 +32,7 @@ use crate::config::PoolConfig;
 use crate::generation::Generation;
 use crate::observe::events::{self, CheckoutOrigin};
 use crate::observe::log_sink::{ConnectionLogEvent, LogSink};
-use crate::observe::metrics as m;
+use crate::observe::pool::PoolTelemetry;
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -73,7 +73,7 @@ struct Known {
 /// State shared by every hook closure of one pool.
 #[derive(Debug)]
 pub(crate) struct Hooks {
-    pool_label: String,
+    telemetry: PoolTelemetry,
     /// `<prefix>-<tag>`: every connection id of these hooks starts with it.
     id_base: Arc<str>,
     next_id: Arc<AtomicU64>,
@@ -106,7 +106,7 @@ impl Hooks {
     /// Hooks with a fresh random tag; ids take their numbers from `next_id`.
     pub(crate) fn new(pool: &PoolConfig, next_id: Arc<AtomicU64>, generation: Arc<Generation>) -> Hooks {
         Hooks {
-            pool_label: pool.pool_label.clone(),
+            telemetry: PoolTelemetry::new(&pool.pool_label),
             id_base: format!("{}-{}", pool.application_name, random_tag()).into(),
             next_id,
             generation,
@@ -121,7 +121,7 @@ impl Hooks {
     }
 
     pub(crate) fn pool_label(&self) -> &str {
-        &self.pool_label
+        self.telemetry.label()
     }
 
     /// `<prefix>-<tag>`, followed by `-<n>` in every id of these hooks.
@@ -204,22 +204,11 @@ impl Hooks {
             known.born.retain(|_, v| v != id);
         }
         self.counters.closed.fetch_add(1, Ordering::Relaxed);
-        metrics::histogram!(m::DB_CONNECTION_LIFETIME_SECONDS, m::POOL_LABEL => self.pool_label.clone())
-            .record(age.as_secs_f64());
-        events::connection_closed(id, self.pool_size(), reason, Some(age));
-        self.log(
-            ConnectionLogEvent::new(id.to_string(), "disconnected")
-                .with_metadata(meta_json(&[("reason", reason), ("pool", self.pool_label.as_str())])),
-        );
+        self.log(self.telemetry.closed(id, self.pool_size(), reason, age));
     }
 
-    fn failed(&self, id: Option<&str>, kind: &'static str, error: &sqlx::Error) {
-        metrics::counter!(m::DB_CONNECTION_ERRORS_TOTAL, m::POOL_LABEL => self.pool_label.clone(), "kind" => kind)
-            .increment(1);
-        events::connection_error(id, self.pool_size(), kind, error);
-        if let Some(id) = id {
-            self.log(ConnectionLogEvent::new(id.to_string(), "error").with_error(error.to_string()));
-        }
+    fn failed(&self, id: &str, kind: &'static str, error: &sqlx::Error) {
+        self.log(self.telemetry.failed(id, self.pool_size(), kind, error));
     }
 
     fn check_out(&self, id: &Arc<str>, origin: CheckoutOrigin) {
@@ -243,18 +232,13 @@ impl Hooks {
         let sql = format!("SET application_name = {}", quote_literal(&id));
         if let Err(error) = conn.execute(sqlx::AssertSqlSafe(sql)).await {
             self.counters.setup_failures.fetch_add(1, Ordering::Relaxed);
-            self.failed(Some(&id), "setup", &error);
+            self.failed(&id, "setup", &error);
             return Err(error);
         }
         // sqlx hands a new connection straight to the acquire that opened it (the manager keeps
         // sqlx's own `min_connections` at 0), so its checkout starts here.
         let origin = CheckoutOrigin::capture();
-        events::connection_opened(&id, self.pool_size(), started.elapsed());
-        events::connection_acquired(&id, self.pool_size(), &origin, Duration::ZERO);
-        self.log(
-            ConnectionLogEvent::new(id.to_string(), "connected")
-                .with_metadata(meta_json(&[("pool", self.pool_label.as_str())])),
-        );
+        self.log(self.telemetry.opened(&id, self.pool_size(), started.elapsed(), &origin));
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
         self.check_out(&id, origin);
         // Last, with no `.await` until the hook returns: sqlx stamps the creation just after.
@@ -290,7 +274,7 @@ impl Hooks {
             self.counters.idle_pings.fetch_add(1, Ordering::Relaxed);
             if let Err(error) = sqlx::Connection::ping(&mut *conn).await {
                 self.counters.ping_failures.fetch_add(1, Ordering::Relaxed);
-                self.failed(Some(&id), "ping", &error);
+                self.failed(&id, "ping", &error);
                 self.closed(&id, "ping failed", meta.age);
                 return Err(error);
             }
@@ -330,13 +314,7 @@ impl Hooks {
             .collect();
         for (id, held, origin) in leaks {
             self.counters.leaks.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(m::DB_CONNECTION_LEAKS_TOTAL, m::POOL_LABEL => self.pool_label.clone()).increment(1);
-            events::connection_leaked(&id, self.pool_size(), held, &origin);
-            let held_ms = held.as_millis().to_string();
-            let mut meta = vec![("pool", self.pool_label.as_str()), ("held_ms", &held_ms)];
-            meta.extend(origin.span.map(|span| ("span", span)));
-            meta.extend(origin.correlation_id.as_deref().map(|c| ("correlation_id", c)));
-            self.log(ConnectionLogEvent::new(id.to_string(), "leak").with_metadata(meta_json(&meta)));
+            self.log(self.telemetry.leaked(&id, self.pool_size(), held, &origin));
         }
     }
 }
@@ -384,10 +362,6 @@ pub(crate) fn install(
 /// A PostgreSQL string literal (standard_conforming_strings is on since 9.1).
 pub(crate) fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
-}
-
-fn meta_json(pairs: &[(&str, &str)]) -> sea_orm::JsonValue {
-    sea_orm::JsonValue::Object(pairs.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect())
 }
 
 #[cfg(test)]

@@ -40,4 +40,5 @@
 pub mod events;
 pub mod log_sink;
 pub mod metrics;
+pub(crate) mod pool;
 pub(crate) mod tunnel;
