@@ -10,6 +10,8 @@ use std::time::Duration;
 use sea_orm::{ConnectionTrait as _, Database};
 use sea_orm_tunnel::testkit::{KeyKind, OpenSshd, TempPostgres};
 
+use super::support::{env_block, servers};
+
 /// Generous liveness bound for a loaded CI machine.
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -25,12 +27,7 @@ fn configured(sshd: &OpenSshd, pg: &TempPostgres, known_hosts: &Path) -> Command
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", sshd.dir())
         .current_dir(sshd.dir())
-        .env("DATABASE_URL", pg.url())
-        .env("SSH_HOST", sshd.host())
-        .env("SSH_PORT", sshd.port().to_string())
-        .env("SSH_USER", sshd.user())
-        .env("SSH_KEY_PATH", sshd.client_key_path())
-        .env("SSH_USE_AGENT", "false")
+        .envs(env_block(sshd, pg))
         .env("SSH_KNOWN_HOSTS", known_hosts)
         .env("SSH_HOST_KEY_POLICY", "strict")
         .env("POSTGRES_CONNECTION_TIMEOUT", "10000")
@@ -61,8 +58,7 @@ fn run(mut cmd: Command) -> Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_walks_every_step_and_succeeds() {
-    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
-    let (pg, sshd) = (pg.unwrap(), sshd.unwrap());
+    let (pg, sshd) = servers().await;
     let mut cmd = configured(&sshd, &pg, &sshd.known_hosts_path());
     cmd.arg("check");
     let out = tokio::task::spawn_blocking(move || run(cmd)).await.unwrap();
@@ -102,8 +98,7 @@ async fn check_walks_every_step_and_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_with_a_changed_host_key_fails_at_the_host_key_step() {
-    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
-    let (pg, sshd) = (pg.unwrap(), sshd.unwrap());
+    let (pg, sshd) = servers().await;
     // known_hosts records another key for this server: what a man in the middle looks like.
     let other = sshd.generate_key(KeyKind::Ed25519, None).await.unwrap();
     let other_pub = std::fs::read_to_string(other.with_extension("pub")).unwrap();
@@ -141,8 +136,7 @@ async fn check_with_a_changed_host_key_fails_at_the_host_key_step() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_serves_clients_and_stops_cleanly_on_sigterm() {
-    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
-    let (pg, sshd) = (pg.unwrap(), sshd.unwrap());
+    let (pg, sshd) = servers().await;
     let mut cmd = configured(&sshd, &pg, &sshd.known_hosts_path());
     cmd.arg("forward").stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("start forward");

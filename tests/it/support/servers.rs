@@ -1,19 +1,18 @@
-//! Shared helpers of the tunnel integration tests (real PostgreSQL and OpenSSH sshd).
-#![allow(dead_code, unreachable_pub)]
+//! Real servers for the tests: PostgreSQL and OpenSSH sshd, the tunnel and manager configurations
+//! that reach one through the other, the environment block a child process reads them from, and a
+//! loopback echo server.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, Statement};
+use sea_orm_tunnel::ConnectionManager;
 use sea_orm_tunnel::config::{BackoffPolicy, TunnelConfig};
-use sea_orm_tunnel::testkit::{OpenSshd, TempPostgres};
-use sea_orm_tunnel::tunnel::{LocalEndpoint, SshTunnel, TunnelEvent};
+use sea_orm_tunnel::testkit::{OpenSshd, TempPostgres, fast_config};
+use sea_orm_tunnel::tunnel::{LocalEndpoint, SshTunnel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
-
-/// A generous liveness bound for anything that should take milliseconds.
-pub const LIVENESS: Duration = Duration::from_secs(30);
+use tokio::task::JoinHandle;
 
 /// Real PostgreSQL and sshd, the sshd trusted via its known_hosts.
 pub async fn servers() -> (TempPostgres, OpenSshd) {
@@ -30,6 +29,20 @@ pub fn config(sshd: &OpenSshd, pg: &TempPostgres) -> TunnelConfig {
                 .jitter(0.0)
                 .max_retries(0),
         )
+}
+
+/// The variables a program configured through the environment needs to reach `pg` through
+/// `sshd` with the sshd's client key (no agent); known_hosts and the host key policy are left to
+/// the caller.
+pub fn env_block(sshd: &OpenSshd, pg: &TempPostgres) -> Vec<(&'static str, OsString)> {
+    vec![
+        ("DATABASE_URL", pg.url().into()),
+        ("SSH_HOST", sshd.host().into()),
+        ("SSH_PORT", sshd.port().to_string().into()),
+        ("SSH_USER", sshd.user().into()),
+        ("SSH_KEY_PATH", sshd.client_key_path().into()),
+        ("SSH_USE_AGENT", "false".into()),
+    ]
 }
 
 /// The database URL through the tunnel's endpoint (TCP or Unix socket).
@@ -50,66 +63,76 @@ pub fn url_via(tunnel: &SshTunnel, pg: &TempPostgres) -> String {
     }
 }
 
-/// A SeaORM pool on `url` with `max` connections and quiet logging.
-pub async fn pool(url: &str, max: u32) -> DatabaseConnection {
-    let mut opts = ConnectOptions::new(url.to_owned());
-    opts.max_connections(max)
-        .min_connections(0)
-        .connect_timeout(Duration::from_secs(10))
-        .acquire_timeout(Duration::from_secs(10))
-        .sqlx_logging(false);
-    Database::connect(opts).await.expect("pool connects through the tunnel")
+/// PostgreSQL reached through OpenSSH sshd.
+pub struct Servers {
+    pub pg: TempPostgres,
+    pub sshd: OpenSshd,
 }
 
-/// `SELECT <n>::int4` and return the value.
-pub async fn select(db: &DatabaseConnection, n: i32) -> Result<i32, sea_orm::DbErr> {
-    let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            format!("SELECT {n}::int4 AS v"),
-        ))
-        .await?
-        .expect("one row");
-    row.try_get::<i32>("", "v")
+impl Servers {
+    pub async fn start() -> Servers {
+        let (pg, sshd) = servers().await;
+        Servers { pg, sshd }
+    }
+
+    /// A manager through the tunnel, with fast health checks so outages are seen quickly.
+    pub async fn manager(&self, prefix: &str) -> ConnectionManager {
+        let tunnel = self
+            .sshd
+            .tunnel_config("127.0.0.1", self.pg.port())
+            .keepalive_interval(Duration::from_secs(1))
+            .keepalive_max(2)
+            .connect_timeout(Duration::from_secs(5))
+            .map_reconnect(|r| {
+                r.initial_delay(Duration::from_millis(100))
+                    .max_delay(Duration::from_millis(500))
+                    .max_retries(0)
+            });
+        let config = fast_config(self.pg.url(), prefix).tunnel(tunnel).recovery(
+            BackoffPolicy::new(Duration::from_millis(50))
+                .max_delay(Duration::from_millis(500))
+                .max_retries(4),
+        );
+        ConnectionManager::new(config).await.expect("manager starts")
+    }
 }
 
-/// Waits (bounded) for the first event matching `pred`, returning it.
-pub async fn wait_event(
-    rx: &mut broadcast::Receiver<TunnelEvent>,
-    within: Duration,
-    mut pred: impl FnMut(&TunnelEvent) -> bool,
-) -> TunnelEvent {
-    tokio::time::timeout(within, async {
-        loop {
-            match rx.recv().await {
-                Ok(ev) if pred(&ev) => return ev,
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => panic!("event channel closed"),
-            }
-        }
-    })
-    .await
-    .expect("expected tunnel event did not arrive in time")
+/// A loopback echo server: every connection gets back what it sends, then a half-close. Stops
+/// (with its connections) when dropped.
+pub struct Echo {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
 }
 
-/// A loopback echo server: every connection gets back what it sends. Returns its address.
-pub async fn echo_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+impl Echo {
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn echo_server() -> Echo {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
         loop {
             let Ok((mut s, _)) = listener.accept().await else {
                 return;
             };
-            tokio::spawn(async move {
+            conns.spawn(async move {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
                 let _ = w.shutdown().await;
             });
         }
     });
-    (addr, task)
+    Echo { addr, task }
 }
 
 /// Sends `payload` through `addr` (an echo path) and checks the echo byte for byte.
