@@ -13,6 +13,8 @@ use sea_orm_tunnel::config::Config;
 use sea_orm_tunnel::testkit::{KeyKind, OpenSshd, TempPostgres};
 use sea_orm_tunnel::tunnel::diagnose::{Outcome, Route, StepKind, diagnose, diagnose_with};
 
+use super::support::{env_block, servers};
+
 /// Generous liveness bound for a loaded CI machine.
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -22,17 +24,16 @@ fn binary() -> Command {
 
 /// The environment that configures `sshd` + `pg`: what users set.
 fn settings(sshd: &OpenSshd, pg: &TempPostgres, known_hosts: &Path) -> Vec<(&'static str, String)> {
-    vec![
-        ("DATABASE_URL", pg.url()),
-        ("SSH_HOST", sshd.host().to_owned()),
-        ("SSH_PORT", sshd.port().to_string()),
-        ("SSH_USER", sshd.user().to_owned()),
-        ("SSH_KEY_PATH", sshd.client_key_path().display().to_string()),
-        ("SSH_USE_AGENT", "false".to_owned()),
+    let mut vars: Vec<(&'static str, String)> = env_block(sshd, pg)
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string_lossy().into_owned()))
+        .collect();
+    vars.extend([
         ("SSH_KNOWN_HOSTS", known_hosts.display().to_string()),
         ("SSH_HOST_KEY_POLICY", "strict".to_owned()),
         ("POSTGRES_CONNECTION_TIMEOUT", "10000".to_owned()),
-    ]
+    ]);
+    vars
 }
 
 /// The binary with an empty environment (only `PATH`, and `HOME` = `home`), in `home`, which
@@ -95,8 +96,7 @@ fn run(mut cmd: Command) -> Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_walks_every_step_and_succeeds() {
-    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
-    let (pg, sshd) = (pg.unwrap(), sshd.unwrap());
+    let (pg, sshd) = servers().await;
     let mut cmd = configured(&sshd, &pg, &sshd.known_hosts_path());
     cmd.arg("check");
     let out = tokio::task::spawn_blocking(move || run(cmd)).await.unwrap();
@@ -136,8 +136,7 @@ async fn check_walks_every_step_and_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_with_a_changed_host_key_fails_at_the_host_key_step() {
-    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
-    let (pg, sshd) = (pg.unwrap(), sshd.unwrap());
+    let (pg, sshd) = servers().await;
     let known_hosts = wrong_known_hosts(&sshd).await;
 
     let mut cmd = configured(&sshd, &pg, &known_hosts);
@@ -169,8 +168,7 @@ async fn check_with_a_changed_host_key_fails_at_the_host_key_step() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_serves_clients_and_stops_cleanly_on_sigterm() {
-    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
-    let (pg, sshd) = (pg.unwrap(), sshd.unwrap());
+    let (pg, sshd) = servers().await;
     let mut cmd = configured(&sshd, &pg, &sshd.known_hosts_path());
     cmd.arg("forward").stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("start forward");
@@ -284,8 +282,7 @@ fn usage_errors_exit_2_and_help_exits_0() {
 /// changed host key, and a database without a tunnel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn diagnose_returns_every_step_as_data() {
-    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
-    let (pg, sshd) = (pg.unwrap(), sshd.unwrap());
+    let (pg, sshd) = servers().await;
 
     // Through the tunnel: every step works, reported in order, as they finish.
     let mut seen = Vec::new();

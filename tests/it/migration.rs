@@ -3,9 +3,11 @@
 //! `fresh`, `refresh`, `reset` and `status` work. (The `migration` binary itself is exercised in
 //! `migration/tests/cli.rs`.)
 
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, JsonValue, Statement, TryGetable};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, JsonValue, Statement};
 use sea_orm_tunnel::testkit::TempPostgres;
 use sea_orm_tunnel_migration::{Migrator, MigratorTrait};
+
+use super::support::scalar;
 
 const MIGRATION: &str = "m20261127_000001_connection_logs";
 
@@ -13,15 +15,6 @@ async fn server() -> (TempPostgres, DatabaseConnection) {
     let pg = TempPostgres::start().await.expect("start PostgreSQL");
     let db = Database::connect(pg.url()).await.expect("connect");
     (pg, db)
-}
-
-async fn scalar<T: TryGetable>(db: &DatabaseConnection, sql: &str) -> T {
-    let row = db
-        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .expect("one row");
-    row.try_get_by_index(0).unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 async fn table_exists(db: &DatabaseConnection) -> bool {

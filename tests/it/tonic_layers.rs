@@ -3,8 +3,7 @@
 //! request's extensions, calls get `UNAVAILABLE` without reaching the handler while PostgreSQL is
 //! down or the manager shuts down, and succeed again after a restart.
 
-mod layer_support;
-#[path = "../examples/tonic_app/proto.rs"]
+#[path = "../../examples/tonic_app/proto.rs"]
 mod proto;
 
 use std::net::SocketAddr;
@@ -12,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use layer_support::*;
+use super::support::*;
 use proto::{Database, DatabaseClient, DatabaseServer, HealthReply, HealthRequest, NowReply, NowRequest};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use sea_orm_tunnel::ConnectionManager;
@@ -128,7 +127,7 @@ async fn calls_get_unavailable_without_the_handler_while_postgres_is_down_and_su
     client.now(NowRequest {}).await.expect("healthy at first");
 
     servers.pg.stop().await.unwrap();
-    wait_health(&manager, "unhealthy", |s| !s.healthy).await;
+    wait_health(&mut manager.health(), "unhealthy", |s| !s.healthy).await;
     let before = app.calls.load(Ordering::SeqCst);
     for _ in 0..3 {
         let started = Instant::now();

@@ -1,14 +1,12 @@
 //! The SSH tunnel under faults: killed sessions, a silent link, sshd down and back, giving up,
 //! and a bastion that refuses the forwarding channel.
 
-mod tunnel_support;
-
 use std::time::{Duration, Instant};
 
+use super::support::*;
 use sea_orm_tunnel::config::{BackoffPolicy, HostKeyPolicy, TunnelConfig};
 use sea_orm_tunnel::testkit::{Bastion, FaultProxy, OpenSshd, TempPostgres};
 use sea_orm_tunnel::tunnel::{SshTunnel, TunnelEvent, TunnelState};
-use tunnel_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_killed_mid_query_fail_that_query_then_the_tunnel_reconnects_on_the_same_endpoint() {
@@ -212,7 +210,7 @@ async fn an_administratively_prohibited_channel_is_a_permanent_channel_error() {
     use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir().unwrap();
     let (key, public) = Bastion::generate_client_key(dir.path()).unwrap();
-    let (echo, _echo_task) = echo_server().await;
+    let echo = echo_server().await;
     // The bastion permits another port only, like a PermitOpen that does not list ours.
     let bastion = Bastion::builder()
         .authorize_key(public)
@@ -294,7 +292,7 @@ async fn a_frozen_sshd_session_is_declared_dead_and_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_arriving_during_an_outage_waits_for_the_reconnect() {
     let sshd = sea_orm_tunnel::testkit::OpenSshd::start().await.unwrap();
-    let (echo, _echo_task) = echo_server().await;
+    let echo = echo_server().await;
     let tunnel = SshTunnel::connect(
         sshd.tunnel_config("127.0.0.1", echo.port())
             .connect_timeout(Duration::from_secs(15))

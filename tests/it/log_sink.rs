@@ -2,21 +2,16 @@
 //! `connection_logs` rows with `metadata.occurred_at`; `record` never blocks, even with the database
 //! down; events from an outage are kept and written after recovery; a full queue drops and counts.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, JsonValue, Statement, TryGetable};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, JsonValue, Statement};
 use sea_orm_tunnel::observe::log_sink::{ConnectionLogEvent, LogSink, LogSinkOptions};
 use sea_orm_tunnel::observe::metrics::CONNECTION_LOG_DROPPED_TOTAL;
 use sea_orm_tunnel::testkit::TempPostgres;
 use sea_orm_tunnel_migration::{Migrator, MigratorTrait};
 use serde_json::json;
 
-/// A liveness bound, not a performance assertion.
-const PATIENCE: Duration = Duration::from_secs(60);
+use super::support::{PATIENCE, TestMetrics, checker, scalar};
 
 /// PostgreSQL with the migration applied.
 async fn migrated() -> TempPostgres {
@@ -35,20 +30,6 @@ async fn sink_db(pg: &TempPostgres, application_name: &str) -> DatabaseConnectio
         .set_application_name(application_name)
         .sqlx_logging(false);
     Database::connect(options).await.expect("connect the sink")
-}
-
-/// A fresh connection for assertions (the server may have been restarted in between).
-async fn checker(pg: &TempPostgres) -> DatabaseConnection {
-    Database::connect(pg.url()).await.expect("connect the checker")
-}
-
-async fn scalar<T: TryGetable>(db: &DatabaseConnection, sql: &str) -> T {
-    let row = db
-        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .expect("one row");
-    row.try_get_by_index(0).unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 async fn row_count(db: &DatabaseConnection) -> i64 {
@@ -109,7 +90,7 @@ fn fast() -> LogSinkOptions {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recorded_events_become_rows_with_occurred_at() {
     let pg = migrated().await;
-    let db = checker(&pg).await;
+    let db = checker(&pg.url()).await;
     let sink = LogSink::spawn(sink_db(&pg, "log-sink-rows").await, fast());
 
     let long_ago = UNIX_EPOCH + Duration::from_secs(1_795_746_441) + Duration::from_micros(123_456);
@@ -171,7 +152,7 @@ async fn recorded_events_become_rows_with_occurred_at() {
 #[tokio::test]
 async fn a_batch_is_one_round_trip_in_order() {
     let pg = migrated().await;
-    let db = checker(&pg).await;
+    let db = checker(&pg.url()).await;
     let sink = LogSink::spawn(
         sink_db(&pg, "log-sink-batch").await,
         fast()
@@ -229,7 +210,7 @@ async fn outage_events_are_kept_and_written_after_recovery() {
     let pg = migrated().await;
     let sink = LogSink::spawn(sink_db(&pg, "log-sink-outage").await, fast());
     {
-        let db = checker(&pg).await;
+        let db = checker(&pg.url()).await;
         sink.record(ConnectionLogEvent::new("before", "connected"));
         wait_for_rows(&db, 1).await;
         db.close().await.expect("close checker");
@@ -245,7 +226,7 @@ async fn outage_events_are_kept_and_written_after_recovery() {
     pg.start_again().await.expect("start PostgreSQL again");
 
     // No flush: the writer's own retry writes them once the server is back.
-    let db = checker(&pg).await;
+    let db = checker(&pg.url()).await;
     wait_for_rows(&db, 21).await;
     let rows = rows(&db).await;
     assert_eq!(rows[0].0, "before");
@@ -285,7 +266,7 @@ async fn outage_buffer_is_bounded_and_drops_the_oldest() {
     sink.flush(PATIENCE).await.expect("flush after recovery");
     assert_eq!(sink.written(), 10);
     assert_eq!(sink.dropped(), 20);
-    let db = checker(&pg).await;
+    let db = checker(&pg.url()).await;
     let ids: Vec<String> = rows(&db).await.into_iter().map(|r| r.0).collect();
     let expected: Vec<String> = (20..30).map(|i| format!("e{i:02}")).collect();
     assert_eq!(ids, expected);
@@ -299,7 +280,7 @@ async fn a_full_queue_drops_and_counts() {
         sink_db(&pg, "log-sink-full").await,
         fast().capacity(8).pool_label("orders"),
     );
-    let recorder = TestRecorder::default();
+    let recorder = TestMetrics::default();
     // Current-thread runtime and no await: the writer cannot drain while we record.
     metrics::with_local_recorder(&recorder, || {
         for i in 0..100 {
@@ -316,7 +297,7 @@ async fn a_full_queue_drops_and_counts() {
 
     // The 8 that fitted are written.
     assert_eq!(sink.flush(PATIENCE).await.expect("flush"), 8);
-    let db = checker(&pg).await;
+    let db = checker(&pg.url()).await;
     assert_eq!(row_count(&db).await, 8);
     sink.close(Duration::from_secs(10)).await;
 }
@@ -324,7 +305,7 @@ async fn a_full_queue_drops_and_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_last_handle_writes_what_is_left_and_stops_the_writer() {
     let pg = migrated().await;
-    let db = checker(&pg).await;
+    let db = checker(&pg.url()).await;
     let sink = LogSink::spawn(
         sink_db(&pg, "log-sink-drop").await,
         fast().flush_interval(Duration::from_secs(3600)),
@@ -345,43 +326,6 @@ async fn dropping_the_last_handle_writes_what_is_left_and_stops_the_writer() {
     wait_for_no_backend(&db, "log-sink-drop").await;
 }
 
-/// Counters by `name{label=value,...}` (labels sorted); gauges and histograms are ignored.
-#[derive(Default)]
-struct TestRecorder {
-    counters: Mutex<HashMap<String, Arc<AtomicU64>>>,
-}
-
-impl TestRecorder {
-    fn counter(&self, key: &str) -> u64 {
-        let counters = self.counters.lock().unwrap();
-        counters
-            .get(key)
-            .unwrap_or_else(|| panic!("no counter {key}; have {:?}", counters.keys().collect::<Vec<_>>()))
-            .load(Ordering::Relaxed)
-    }
-}
-
-impl Recorder for TestRecorder {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-
-    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        let mut labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
-        labels.sort();
-        let name = format!("{}{{{}}}", key.name(), labels.join(","));
-        Counter::from_arc(self.counters.lock().unwrap().entry(name).or_default().clone())
-    }
-
-    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
-        Gauge::noop()
-    }
-
-    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
-        Histogram::noop()
-    }
-}
-
 #[tokio::test]
 async fn a_permanent_error_drops_the_batch_instead_of_retrying_forever() {
     // No migration: `log_connection_event` does not exist, which no retry can fix.
@@ -395,7 +339,7 @@ async fn a_permanent_error_drops_the_batch_instead_of_retrying_forever() {
     assert_eq!(sink.written(), 0);
 
     // Once the schema exists, the same sink writes normally.
-    let db = checker(&pg).await;
+    let db = checker(&pg.url()).await;
     Migrator::up(&db, None).await.expect("migrate");
     sink.record(ConnectionLogEvent::new("after", "connected"));
     assert_eq!(sink.flush(PATIENCE).await.expect("flush"), 1);

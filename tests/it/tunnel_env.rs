@@ -6,8 +6,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
-use sea_orm_tunnel::testkit::{OpenSshd, TempPostgres};
 use sea_orm_tunnel::tunnel::SshTunnel;
+
+use super::support::{env_block, servers, test_path};
 
 /// Set in the child only.
 const CHILD: &str = "SEA_ORM_TUNNEL_ENV_TEST_CHILD";
@@ -17,8 +18,7 @@ async fn initialize_from_env_reads_the_environment_and_env_files() {
     if std::env::var_os(CHILD).is_some() {
         return child().await;
     }
-    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
-    let (pg, sshd) = (pg.expect("PostgreSQL starts"), sshd.expect("sshd starts"));
+    let (pg, sshd) = servers().await;
     let dir = tempfile::tempdir().unwrap();
     // Part of the configuration comes from a `.env.local` in the child's working directory,
     // the rest (and a value the file would contradict) from the real environment, which wins.
@@ -34,17 +34,15 @@ async fn initialize_from_env_reads_the_environment_and_env_files() {
     let output = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "initialize_from_env_reads_the_environment_and_env_files",
+            &test_path(
+                module_path!(),
+                "initialize_from_env_reads_the_environment_and_env_files",
+            ),
             "--nocapture",
         ])
         .current_dir(dir.path())
         .env(CHILD, "1")
-        .env("DATABASE_URL", pg.url())
-        .env("SSH_HOST", sshd.host())
-        .env("SSH_PORT", sshd.port().to_string())
-        .env("SSH_USER", sshd.user())
-        .env("SSH_KEY_PATH", sshd.client_key_path())
-        .env("SSH_USE_AGENT", "false")
+        .envs(env_block(&sshd, &pg))
         .env_remove("SSH_AUTH_SOCK")
         .output()
         .expect("the test binary runs");

@@ -2,13 +2,11 @@
 //! connection ids, pool limits, leak detection, metrics and events from ordinary use, health
 //! through a restart and an outage, the retry helper, and shutdown under load.
 
-mod manager_support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use manager_support::*;
+use super::support::*;
 use sea_orm::{ConnectionTrait, TransactionTrait};
 use sea_orm_tunnel::config::{BackoffPolicy, Config, SessionSettings};
 use sea_orm_tunnel::error::TimeoutKind;
@@ -22,14 +20,6 @@ use tracing_subscriber::layer::SubscriberExt;
 /// A configuration for tests: fast health checks and rechecks, short timeouts.
 fn config(pg: &TempPostgres, prefix: &str) -> Config {
     fast_config(pg.url(), prefix)
-}
-
-async fn select_one(db: &impl ConnectionTrait) -> std::result::Result<i32, sea_orm::DbErr> {
-    let row = db
-        .query_one_raw(sea_orm::Statement::from_string(db.get_database_backend(), "SELECT 1"))
-        .await?
-        .expect("a row");
-    row.try_get_by_index(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,9 +174,9 @@ async fn pool_limit_times_out_naming_the_limit_and_recovers() {
 
 #[tokio::test]
 async fn leak_detection_reports_a_held_connection_once_and_not_a_normal_one() {
-    let recorder = Arc::new(TestRecorder::default());
+    let recorder = Arc::new(TestMetrics::default());
     let _metrics = metrics::set_default_local_recorder(&*recorder);
-    let log = EventLog::default();
+    let log = Capture::default();
     let _tracing = tracing::subscriber::set_default(tracing_subscriber::registry().with(log.clone()));
 
     let pg = TempPostgres::start().await.unwrap();
@@ -200,7 +190,7 @@ async fn leak_detection_reports_a_held_connection_once_and_not_a_normal_one() {
     }
     tokio::time::sleep(Duration::from_millis(900)).await;
     assert_eq!(manager.stats().leaks_total, 0);
-    assert!(log.events("connection_leaked").is_empty());
+    assert!(log.named("connection_leaked").is_empty());
 
     // A request holds a connection for too long.
     let holder = with_correlation_id(
@@ -216,13 +206,13 @@ async fn leak_detection_reports_a_held_connection_once_and_not_a_normal_one() {
     holder.await;
     tokio::time::sleep(Duration::from_millis(600)).await;
 
-    let leaks = log.events("connection_leaked");
+    let leaks = log.named("connection_leaked");
     assert_eq!(leaks.len(), 1, "reported once: {leaks:?}");
     let leak = &leaks[0];
     assert_eq!(leak.target, "sea_orm_tunnel::pool");
-    assert_eq!(leak.get("correlation_id"), Some("req-leaky"));
-    assert_eq!(leak.get("span"), Some("slow_report"));
-    assert!(leak.get("connection_id").unwrap().starts_with("leak-"), "{leak:?}");
+    assert_eq!(leak.field("correlation_id"), Some("req-leaky"));
+    assert_eq!(leak.field("span"), Some("slow_report"));
+    assert!(leak.field("connection_id").unwrap().starts_with("leak-"), "{leak:?}");
     assert_eq!(manager.stats().leaks_total, 1);
     assert_eq!(recorder.counter("db_connection_leaks_total{pool=default}"), 1);
     manager.shutdown(Duration::from_secs(2)).await;
@@ -230,9 +220,9 @@ async fn leak_detection_reports_a_held_connection_once_and_not_a_normal_one() {
 
 #[tokio::test]
 async fn metrics_and_events_come_from_ordinary_seaorm_use() {
-    let recorder = Arc::new(TestRecorder::default());
+    let recorder = Arc::new(TestMetrics::default());
     let _metrics = metrics::set_default_local_recorder(&*recorder);
-    let log = EventLog::default();
+    let log = Capture::default();
     let _tracing = tracing::subscriber::set_default(
         tracing_subscriber::registry()
             .with(log.clone())
@@ -275,28 +265,31 @@ async fn metrics_and_events_come_from_ordinary_seaorm_use() {
     assert!(recorder.gauge("db_pool_connections_idle{pool=default}").is_some());
     assert!(recorder.gauge("db_pool_connections_active{pool=default}").is_some());
 
-    let acquired = log.events("connection_acquired");
-    let released = log.events("connection_released");
+    let acquired = log.named("connection_acquired");
+    let released = log.named("connection_released");
     assert!(acquired.len() >= 12, "{}", acquired.len());
     assert!(released.len() >= 12, "{}", released.len());
     for e in acquired.iter().chain(&released) {
-        assert!(e.get("connection_id").is_some_and(|id| id.starts_with("obs-")), "{e:?}");
         assert!(
-            e.get("pool_size").is_some_and(|n| n.parse::<u32>().unwrap() >= 1),
+            e.field("connection_id").is_some_and(|id| id.starts_with("obs-")),
+            "{e:?}"
+        );
+        assert!(
+            e.field("pool_size").is_some_and(|n| n.parse::<u32>().unwrap() >= 1),
             "{e:?}"
         );
     }
     assert!(
-        acquired.iter().any(|e| e.get("correlation_id") == Some("req-obs")),
+        acquired.iter().any(|e| e.field("correlation_id") == Some("req-obs")),
         "{acquired:?}"
     );
-    assert!(released.iter().any(|e| e.get("correlation_id") == Some("req-obs")));
-    assert!(!log.events("health_check").is_empty());
-    assert!(!log.events("connection_opened").is_empty());
+    assert!(released.iter().any(|e| e.field("correlation_id") == Some("req-obs")));
+    assert!(!log.named("health_check").is_empty());
+    assert!(!log.named("connection_opened").is_empty());
     assert!(
-        log.events("connection_closed")
+        log.named("connection_closed")
             .iter()
-            .any(|e| e.get("reason") == Some("expired"))
+            .any(|e| e.field("reason") == Some("expired"))
     );
 
     let stats = manager.stats();
@@ -304,7 +297,7 @@ async fn metrics_and_events_come_from_ordinary_seaorm_use() {
     assert!(stats.acquired_total >= 12 && stats.released_total >= 12, "{stats:?}");
     // Hooks find their connection without asking the server: no event names an unknown one.
     for e in acquired.iter().chain(&released) {
-        assert!(!e.get("connection_id").unwrap().ends_with("-?"), "{e:?}");
+        assert!(!e.field("connection_id").unwrap().ends_with("-?"), "{e:?}");
     }
     manager.shutdown(Duration::from_secs(2)).await;
 }

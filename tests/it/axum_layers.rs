@@ -2,16 +2,14 @@
 //! through a real OpenSSH sshd: the handler gets its connection, dropped SSH sessions and a stopped PostgreSQL are waited out or shed with
 //! `503` + `Retry-After` (the handler not called), and idempotent requests are retried.
 
-mod layer_support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use super::support::*;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
-use layer_support::*;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use sea_orm_tunnel::layer::{CorrelationId, Db, InjectDatabaseLayer, RecoveryLayer};
 use sea_orm_tunnel::{ConnectionManager, Error};
@@ -103,7 +101,7 @@ async fn dropped_ssh_sessions_during_a_stream_of_requests_are_waited_out_or_shed
     let killed = tokio::task::block_in_place(|| servers.sshd.drop_sessions());
     assert!(killed > 0, "there were sessions to drop");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    wait_health(&manager, "healthy again", |s| s.healthy).await;
+    wait_health(&mut manager.health(), "healthy again", |s| s.healthy).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::SeqCst);
 
@@ -155,7 +153,7 @@ async fn stopped_postgres_is_shed_within_max_wait_without_calling_the_handler_an
     assert_eq!(http(served.addr, "GET", "/now", &[], "").await.status, 200);
 
     servers.pg.stop().await.unwrap();
-    wait_health(&manager, "unhealthy", |s| !s.healthy).await;
+    wait_health(&mut manager.health(), "unhealthy", |s| !s.healthy).await;
     let before = calls.load(Ordering::SeqCst);
     let shed = futures_join3(
         timed(http(served.addr, "GET", "/now", &[], "")),

@@ -2,12 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use sea_orm_tunnel::testkit::{FaultProxy, KeyKind, OpenSshd, TempPostgres};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+
+use super::support::{echo_server, select_one, servers, wait_until};
 
 /// Generous bound for things that should happen at once, on a loaded 2-core machine.
 const LIVENESS: Duration = Duration::from_secs(15);
@@ -31,14 +33,6 @@ async fn refused(url: &str) -> bool {
     connect_within(url, Duration::from_millis(500)).await.is_err()
 }
 
-async fn select_one(db: &DatabaseConnection) -> Result<i32, sea_orm::DbErr> {
-    let row = db
-        .query_one_raw(Statement::from_string(DbBackend::Postgres, "SELECT 1 AS one"))
-        .await?
-        .expect("SELECT 1 returns a row");
-    row.try_get::<i32>("", "one")
-}
-
 async fn query_url(url: &str) -> Result<i32, sea_orm::DbErr> {
     let db = connect(url).await?;
     let one = select_one(&db).await?;
@@ -60,14 +54,6 @@ async fn postgres_answers(addr: SocketAddr) -> TcpStream {
         .unwrap();
     assert!(byte[0] == b'S' || byte[0] == b'N', "not PostgreSQL: {byte:?}");
     stream
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < LIVENESS, "{what} did not happen within {LIVENESS:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,8 +111,7 @@ async fn postgres_starts_answers_restarts_stops_and_cleans_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssh_forward_reaches_postgres_and_drop_sessions_keeps_listening() {
-    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
-    let (pg, sshd) = (pg.expect("PostgreSQL starts"), sshd.expect("sshd starts"));
+    let (pg, sshd) = servers().await;
 
     assert!(sshd.host_key_fingerprint().starts_with("SHA256:"));
     let known_hosts = std::fs::read_to_string(sshd.known_hosts_path()).unwrap();
@@ -164,7 +149,10 @@ async fn openssh_forward_reaches_postgres_and_drop_sessions_keeps_listening() {
         .await
         .expect("the connection ends with its session");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    eventually("ssh -N exiting after its session was killed", || !forward.is_running()).await;
+    wait_until("ssh -N exiting after its session was killed", LIVENESS, || {
+        !forward.is_running()
+    })
+    .await;
     assert!(sshd.is_running(), "the listener survives drop_sessions");
 
     // And it still accepts new sessions.
@@ -180,7 +168,7 @@ async fn openssh_forward_reaches_postgres_and_drop_sessions_keeps_listening() {
     // stop / start_again on the same port.
     sshd.stop().await.unwrap();
     assert!(!sshd.is_running());
-    eventually("ssh -N exiting after sshd stopped", || !again.is_running()).await;
+    wait_until("ssh -N exiting after sshd stopped", LIVENESS, || !again.is_running()).await;
     assert!(
         TcpStream::connect(sshd.addr()).await.is_err(),
         "nothing listens after stop"
@@ -274,8 +262,7 @@ async fn sshd_refuses_unauthorised_keys_and_changed_host_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_sessions_are_a_silent_dead_link() {
-    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
-    let (pg, sshd) = (pg.unwrap(), sshd.unwrap());
+    let (pg, sshd) = servers().await;
     let forward = sshd.ssh_forward("127.0.0.1", pg.port()).await.unwrap();
 
     drop(postgres_answers(forward.local_addr()).await);
@@ -300,21 +287,6 @@ async fn paused_sessions_are_a_silent_dead_link() {
     assert!(byte[0] == b'S' || byte[0] == b'N');
 }
 
-/// A loopback echo server.
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = socket.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
 async fn echo_roundtrip(stream: &mut TcpStream, msg: &[u8]) {
     stream.write_all(msg).await.unwrap();
     let mut buf = vec![0u8; msg.len()];
@@ -327,7 +299,8 @@ async fn echo_roundtrip(stream: &mut TcpStream, msg: &[u8]) {
 
 #[tokio::test]
 async fn fault_proxy_cut_resets_connections_and_keeps_accepting() {
-    let proxy = FaultProxy::start(echo_server().await).await.unwrap();
+    let echo = echo_server().await;
+    let proxy = FaultProxy::start(echo.addr).await.unwrap();
     let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
     echo_roundtrip(&mut client, b"hello").await;
     assert_eq!(proxy.connections(), 1);
@@ -341,7 +314,10 @@ async fn fault_proxy_cut_resets_connections_and_keeps_accepting() {
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
         Ok(n) => panic!("expected a reset, read {n} bytes"),
     }
-    eventually("the proxy forgetting the cut connection", || proxy.connections() == 0).await;
+    wait_until("the proxy forgetting the cut connection", LIVENESS, || {
+        proxy.connections() == 0
+    })
+    .await;
 
     let mut fresh = TcpStream::connect(proxy.addr()).await.unwrap();
     echo_roundtrip(&mut fresh, b"after the cut").await;
@@ -350,7 +326,8 @@ async fn fault_proxy_cut_resets_connections_and_keeps_accepting() {
 
 #[tokio::test]
 async fn fault_proxy_blackhole_holds_everything_until_restore() {
-    let proxy = FaultProxy::start(echo_server().await).await.unwrap();
+    let echo = echo_server().await;
+    let proxy = FaultProxy::start(echo.addr).await.unwrap();
     let mut before = TcpStream::connect(proxy.addr()).await.unwrap();
     echo_roundtrip(&mut before, b"one").await;
 

@@ -10,14 +10,13 @@
 //! Runs about a minute (`CHAOS_SECONDS` of faults, default 45) and prints one line:
 //! `chaos: faults=N attempted=N acknowledged=N failed=N lost=N duplicated=N max_recovery_ms=N fds_baseline=N fds_final=N`
 
-mod support_chaos;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::support::*;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::post;
@@ -26,7 +25,6 @@ use sea_orm_tunnel::config::{AuthConfig, BackoffPolicy, Config, HealthConfig, Ho
 use sea_orm_tunnel::layer::{Db, InjectDatabaseLayer, RecoveryLayer};
 use sea_orm_tunnel::testkit::{FaultProxy, KeyKind, OpenSshd, TempPostgres};
 use sea_orm_tunnel::{ConnectionManager, Error};
-use support_chaos::{SecretScanner, eventually, has_raw_control, open_fds};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -244,7 +242,7 @@ impl Lab {
                 for _ in 0..MAX_CONNECTIONS * 3 {
                     let db = self.manager.connection().clone();
                     burst.spawn(async move {
-                        tokio::time::timeout(support_chaos::LIVENESS, db.execute_unprepared("SELECT pg_sleep(0.5)"))
+                        tokio::time::timeout(LIVENESS, db.execute_unprepared("SELECT pg_sleep(0.5)"))
                             .await
                             .expect("a burst query never hangs")
                     });
@@ -283,8 +281,7 @@ impl Lab {
 }
 
 async fn setup(passphrase: &str, scanner: &SecretScanner) -> Lab {
-    let (pg, sshd) = tokio::join!(TempPostgres::start(), OpenSshd::start());
-    let (pg, sshd) = (pg.expect("PostgreSQL starts"), sshd.expect("sshd starts"));
+    let (pg, sshd) = servers().await;
     scanner.add_secret(pg.password());
     let proxy = FaultProxy::start(sshd.addr()).await.expect("fault proxy starts");
     let key = sshd
@@ -379,13 +376,17 @@ fn clear_error(e: &Error) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_write_survives_chaos() {
+    // A global subscriber and `log` logger, and a count of this process's file descriptors.
+    if run_alone(module_path!(), "every_acknowledged_write_survives_chaos") {
+        return;
+    }
     let passphrase = format!("ChaosKeyPass{}", fastrand::u64(..));
     let seconds = std::env::var("CHAOS_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_SECONDS);
 
-    // Every record of the whole run, setup included, is checked for the secrets. This binary holds
+    // Every record of the whole run, setup included, is checked for the secrets. This process holds
     // this one test: a global subscriber and `log` logger see every thread.
     let scanner = SecretScanner::new(vec![passphrase.clone()], Vec::new());
     tracing::subscriber::set_global_default(scanner.subscriber()).expect("no other global subscriber");
@@ -475,7 +476,7 @@ async fn every_acknowledged_write_survives_chaos() {
                 let mut acknowledged = false;
                 // The handler's write is safe to repeat, so the client retries a 503.
                 for _ in 0..5 {
-                    let r = tokio::time::timeout(support_chaos::LIVENESS, post_row(http_addr, id))
+                    let r = tokio::time::timeout(LIVENESS, post_row(http_addr, id))
                         .await
                         .expect("an HTTP write never hangs");
                     match r {
@@ -581,7 +582,7 @@ async fn every_acknowledged_write_survives_chaos() {
 
     // Healthy after the last fault, then back to baseline.
     assert!(
-        eventually(RECOVERY_BOUND, || lab.manager.status().healthy).await,
+        holds_within(RECOVERY_BOUND, || lab.manager.status().healthy).await,
         "{:?}",
         lab.manager.status()
     );
@@ -592,7 +593,7 @@ async fn every_acknowledged_write_survives_chaos() {
     server_stop.cancel();
     server.await.expect("axum server task");
     let report = tokio::time::timeout(
-        DRAIN_DEADLINE + SHUTDOWN_SLACK + support_chaos::LIVENESS,
+        DRAIN_DEADLINE + SHUTDOWN_SLACK + LIVENESS,
         lab.manager.shutdown_default(),
     )
     .await

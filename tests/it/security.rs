@@ -2,20 +2,18 @@
 //! host key is verified; no secret appears in any log line (at TRACE) or error during a run full
 //! of failures; a Unix-socket endpoint refuses every other OS user.
 
-mod support_chaos;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use super::support::*;
 use sea_orm::ConnectionTrait;
 use sea_orm_tunnel::config::{AuthConfig, BackoffPolicy, Config, HostKeyPolicy, LocalEndpointConfig, TunnelConfig};
 use sea_orm_tunnel::testkit::{Bastion, TempPostgres};
 use sea_orm_tunnel::tunnel::{LocalEndpoint, SshTunnel};
 use sea_orm_tunnel::{ConnectionManager, Error};
-use support_chaos::{LIVENESS, LogCapture, RecordingPostgres, assert_no_secret};
 
 /// A client key authorised on a fresh bastion that forwards to `target_port` on loopback.
 async fn bastion_for(dir: &Path, target_port: u16) -> (Bastion, PathBuf) {
@@ -149,13 +147,16 @@ fn encrypt_key(key: &Path, passphrase: &str) {
 /// derived `Debug`, `url` included; a password inside that URL is logged at TRACE.
 #[test]
 fn no_secret_appears_in_any_log_line_or_error() {
+    // A global subscriber and `log` logger are one per process.
+    if run_alone(module_path!(), "no_secret_appears_in_any_log_line_or_error") {
+        return;
+    }
     let capture = LogCapture::new();
-    // A global subscriber, not `set_default`: with the other tests of this binary running on other
-    // threads, a thread-local one missed most events (callsite interest is cached process-wide),
-    // e.g. every `tunnel_connected`. Only this test installs one; the others' records are scanned
-    // too, which can only add lines. The current-thread runtime keeps the run on this thread.
+    // A global subscriber, not `set_default`: a thread-local one missed most events (callsite
+    // interest is cached process-wide), e.g. every `tunnel_connected`. The current-thread runtime
+    // keeps the run on this thread.
     tracing::subscriber::set_global_default(capture.subscriber()).expect("no other global subscriber");
-    support_chaos::capture_log_records(&capture);
+    capture_log_records(&capture);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -298,7 +299,7 @@ async fn run_with_failures(capture: &LogCapture) -> Vec<String> {
     bastion.refuse_channels(false);
     pg.restart().await.expect("PostgreSQL restarts");
     errors.push(db.execute_unprepared("SELECT 1").await.err().map(Error::from));
-    assert!(support_chaos::eventually(LIVENESS, || manager.status().healthy).await);
+    assert!(holds_within(LIVENESS, || manager.status().healthy).await);
     manager
         .retry(|db| async move { db.execute_unprepared("SELECT 1").await })
         .await
@@ -367,7 +368,7 @@ async fn a_unix_socket_endpoint_refuses_other_os_users() {
         connect_as(me, std::fs::metadata("/proc/self").unwrap().gid(), &socket),
         "connected"
     );
-    assert!(support_chaos::eventually(LIVENESS, || recorder.connections() == 1).await);
+    assert!(holds_within(LIVENESS, || recorder.connections() == 1).await);
     // Another OS user cannot, and no connection is forwarded for it.
     let nobody = 65534;
     assert_ne!(me, nobody);

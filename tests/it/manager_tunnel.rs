@@ -2,11 +2,9 @@
 //! over the tunnel, health when the sshd sessions are killed and when PostgreSQL restarts behind
 //! the bastion (no stale connection handed out), shutdown that leaves nothing behind.
 
-mod manager_support;
-
 use std::time::Duration;
 
-use manager_support::*;
+use super::support::*;
 use sea_orm::{ConnectionTrait, TransactionTrait};
 use sea_orm_tunnel::Error;
 use sea_orm_tunnel::config::{BackoffPolicy, Config, LocalEndpointConfig};
@@ -21,14 +19,6 @@ fn config(pg: &TempPostgres, sshd: &OpenSshd, prefix: &str) -> Config {
         .keepalive_max(2)
         .reconnect(BackoffPolicy::new(Duration::from_millis(100)).max_delay(Duration::from_secs(1)));
     fast_config(pg.url(), prefix).tunnel(tunnel)
-}
-
-async fn select_one(db: &impl ConnectionTrait) -> Result<i32, sea_orm::DbErr> {
-    let row = db
-        .query_one_raw(sea_orm::Statement::from_string(db.get_database_backend(), "SELECT 1"))
-        .await?
-        .expect("a row");
-    row.try_get_by_index(0)
 }
 
 async fn hold(db: &sea_orm::DatabaseConnection, n: usize) {

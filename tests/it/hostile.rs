@@ -5,20 +5,18 @@
 //! The property tests are seeded: each prints its seed, and `HOSTILE_SEED=<seed>` replays it
 //! (`HOSTILE_CASES=<n>` runs more cases).
 
-mod support_chaos;
-
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use super::support::*;
 use sea_orm::ConnectionTrait;
 use sea_orm_tunnel::config::{AuthConfig, BackoffPolicy, Config, ENV_VARS, HostKeyPolicy, TunnelConfig, redact_url};
 use sea_orm_tunnel::testkit::{Bastion, Sandbox};
 use sea_orm_tunnel::tunnel::SshTunnel;
 use sea_orm_tunnel::{ConnectionManager, Error};
-use support_chaos::{Gen, LIVENESS, assert_no_secret, cases, has_raw_control, preview, seed};
 
 // ---------------------------------------------------------------------------------------------
 // Environment variables
@@ -939,7 +937,7 @@ async fn a_bastion_turning_hostile_mid_life_never_hangs_the_pool() {
         sandbox.bastion().stall_handshake(false);
         sandbox.bastion().drop_sessions();
         // Recovery once the bastion behaves.
-        let healthy = support_chaos::eventually(LIVENESS, || manager.status().healthy).await;
+        let healthy = holds_within(LIVENESS, || manager.status().healthy).await;
         assert!(healthy, "{mode}: not healthy again: {:?}", manager.status());
         tokio::time::timeout(LIVENESS, db.execute_unprepared("SELECT 1"))
             .await

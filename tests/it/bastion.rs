@@ -12,41 +12,11 @@ use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::{ChannelOpenFailure, ChannelStream};
 use sea_orm_tunnel::testkit::Bastion;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+
+use super::support::{Echo, echo_server, wait_until};
 
 /// Generous liveness bound for anything that should happen "soon".
 const SOON: Duration = Duration::from_secs(10);
-
-/// A TCP echo server on loopback; stops when dropped.
-struct Echo {
-    addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn echo_server() -> Echo {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            conns.spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    Echo { addr, task }
-}
 
 /// A client handler that accepts exactly the bastion's host key.
 struct Client {
@@ -147,14 +117,6 @@ async fn setup() -> Setup {
     }
 }
 
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + SOON;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_bytes_exactly_to_an_allowed_target() {
     let s = setup().await;
@@ -204,8 +166,8 @@ async fn forwards_bytes_exactly_to_an_allowed_target() {
         .disconnect(russh::Disconnect::ByApplication, "", "")
         .await
         .unwrap();
-    eventually("session gone", || s.bastion.active_sessions() == 0).await;
-    eventually("channel gone", || s.bastion.active_channels() == 0).await;
+    wait_until("session gone", SOON, || s.bastion.active_sessions() == 0).await;
+    wait_until("channel gone", SOON, || s.bastion.active_channels() == 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,8 +249,8 @@ async fn drop_sessions_cuts_clients_and_new_sessions_work() {
         .await
         .expect("read ends");
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
-    eventually("client session closed", || handle.is_closed()).await;
-    eventually("bastion session gone", || s.bastion.active_sessions() == 0).await;
+    wait_until("client session closed", SOON, || handle.is_closed()).await;
+    wait_until("bastion session gone", SOON, || s.bastion.active_sessions() == 0).await;
 
     let handle = session(&s.bastion, &s.key, None).await;
     let mut stream = open(&handle, s.echo.addr).await.unwrap();
@@ -316,7 +278,7 @@ async fn blackhole_is_silent_and_restore_resumes() {
     let r = tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut buf)).await;
     assert!(r.is_err(), "nothing comes back through a blackhole");
     // Unanswered keepalives: B declares the link dead, although nothing was closed.
-    eventually("keepalive detects the blackhole", || b.is_closed()).await;
+    wait_until("keepalive detects the blackhole", SOON, || b.is_closed()).await;
     assert!(!a.is_closed());
 
     s.bastion.restore();
@@ -381,7 +343,7 @@ async fn stop_and_restart_on_the_same_port_with_the_same_host_key() {
 
     s.bastion.stop().await;
     assert!(!s.bastion.is_listening());
-    eventually("client session closed", || handle.is_closed()).await;
+    wait_until("client session closed", SOON, || handle.is_closed()).await;
     assert_eq!(s.bastion.active_sessions(), 0);
     let refused = tokio::net::TcpStream::connect(s.bastion.addr()).await;
     assert!(refused.is_err(), "nothing listens while stopped");
@@ -443,5 +405,5 @@ async fn hostile_modes_fail_clients_without_hanging_them() {
 
     // Hostile connections are dropped like any other.
     s.bastion.drop_sessions();
-    eventually("hostile connections gone", || s.bastion.active_sessions() == 0).await;
+    wait_until("hostile connections gone", SOON, || s.bastion.active_sessions() == 0).await;
 }

@@ -1,14 +1,12 @@
 //! The SSH tunnel against real OpenSSH sshd and PostgreSQL: queries, endpoints, capacity, shutdown.
 
-mod tunnel_support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
+use super::support::*;
 use sea_orm::ConnectionTrait;
 use sea_orm_tunnel::config::LocalEndpointConfig;
 use sea_orm_tunnel::tunnel::{SshTunnel, TunnelEvent, TunnelState};
-use tunnel_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_endpoint_queries_postgres_through_openssh() {
@@ -196,7 +194,7 @@ async fn sequential_queries_over_a_pool_of_four_avoid_the_delayed_ack_stall() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_concurrent_connections_move_data_both_ways_byte_exact() {
     let sshd = sea_orm_tunnel::testkit::OpenSshd::start().await.unwrap();
-    let (echo, _echo_task) = echo_server().await;
+    let echo = echo_server().await;
     let tunnel = SshTunnel::connect(
         sshd.tunnel_config("127.0.0.1", echo.port())
             .max_channels(30)
@@ -235,7 +233,7 @@ async fn a_hundred_concurrent_connections_move_data_both_ways_byte_exact() {
 async fn full_sessions_open_another_and_beyond_the_total_a_connection_is_refused_after_the_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let sshd = sea_orm_tunnel::testkit::OpenSshd::start().await.unwrap();
-    let (echo, _echo_task) = echo_server().await;
+    let echo = echo_server().await;
     let timeout = Duration::from_millis(1500);
     let tunnel = SshTunnel::connect(
         sshd.tunnel_config("127.0.0.1", echo.port())
@@ -304,81 +302,9 @@ async fn full_sessions_open_another_and_beyond_the_total_a_connection_is_refused
     tunnel.disconnect().await;
 }
 
-/// A recorder that keeps every counter and gauge by name + sorted labels, for one test.
-#[derive(Default)]
-struct TestRecorder {
-    values: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Value>>>,
-}
-
-#[derive(Default)]
-struct Value(std::sync::Mutex<f64>);
-
-impl metrics::CounterFn for Value {
-    fn increment(&self, v: u64) {
-        *self.0.lock().unwrap() += v as f64;
-    }
-    fn absolute(&self, v: u64) {
-        *self.0.lock().unwrap() = v as f64;
-    }
-}
-
-impl metrics::GaugeFn for Value {
-    fn increment(&self, v: f64) {
-        *self.0.lock().unwrap() += v;
-    }
-    fn decrement(&self, v: f64) {
-        *self.0.lock().unwrap() -= v;
-    }
-    fn set(&self, v: f64) {
-        *self.0.lock().unwrap() = v;
-    }
-}
-
-impl metrics::HistogramFn for Value {
-    fn record(&self, _: f64) {}
-}
-
-impl TestRecorder {
-    fn slot(&self, key: &metrics::Key) -> std::sync::Arc<Value> {
-        let mut labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
-        labels.sort();
-        let name = format!("{}{{{}}}", key.name(), labels.join(","));
-        self.values.lock().unwrap().entry(name).or_default().clone()
-    }
-
-    fn get(&self, name: &str) -> f64 {
-        self.values
-            .lock()
-            .unwrap()
-            .get(name)
-            .map(|v| *v.0.lock().unwrap())
-            .unwrap_or_else(|| {
-                panic!(
-                    "metric {name} not recorded; have {:?}",
-                    self.values.lock().unwrap().keys()
-                )
-            })
-    }
-}
-
-impl metrics::Recorder for TestRecorder {
-    fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        metrics::Counter::from_arc(self.slot(key))
-    }
-    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        metrics::Gauge::from_arc(self.slot(key))
-    }
-    fn register_histogram(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
-        metrics::Histogram::from_arc(self.slot(key))
-    }
-}
-
 #[test]
 fn ssh_metrics_carry_the_pool_label_and_count_bytes_sessions_and_reconnects() {
-    let recorder = TestRecorder::default();
+    let recorder = TestMetrics::default();
     // A current-thread runtime inside the local recorder: every task the tunnel spawns records here.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -387,7 +313,7 @@ fn ssh_metrics_carry_the_pool_label_and_count_bytes_sessions_and_reconnects() {
     metrics::with_local_recorder(&recorder, || {
         runtime.block_on(async {
             let sshd = sea_orm_tunnel::testkit::OpenSshd::start().await.unwrap();
-            let (echo, _echo_task) = echo_server().await;
+            let echo = echo_server().await;
             let tunnel = SshTunnel::connect_labeled(sshd.tunnel_config("127.0.0.1", echo.port()), "orders")
                 .await
                 .unwrap();
@@ -455,7 +381,7 @@ async fn dropping_the_last_handle_stops_the_tunnel() {
 #[test]
 fn idle_extra_sessions_are_closed_but_busy_ones_and_the_last_one_are_kept() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let recorder = TestRecorder::default();
+    let recorder = TestMetrics::default();
     // A current-thread runtime inside the local recorder, so the tunnel's gauges land here.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -466,7 +392,7 @@ fn idle_extra_sessions_are_closed_but_busy_ones_and_the_last_one_are_kept() {
             let bound = Duration::from_secs(10);
             let idle = Duration::from_millis(500);
             let sshd = sea_orm_tunnel::testkit::OpenSshd::start().await.unwrap();
-            let (echo, _echo_task) = echo_server().await;
+            let echo = echo_server().await;
             let tunnel = SshTunnel::connect(
                 sshd.tunnel_config("127.0.0.1", echo.port())
                     .max_channels(2)

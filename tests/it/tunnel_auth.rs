@@ -1,16 +1,14 @@
 //! Authentication and host-key verification of the SSH tunnel against real OpenSSH sshd.
 
-mod tunnel_support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use super::support::*;
 use sea_orm_tunnel::Error;
 use sea_orm_tunnel::config::{AuthConfig, BackoffPolicy, HostKeyPolicy, TunnelConfig};
 use sea_orm_tunnel::testkit::{KeyKind, OpenSshd};
 use sea_orm_tunnel::tunnel::{SshTunnel, TunnelEvent, TunnelState};
-use tunnel_support::*;
 
 /// A tunnel config to an echo-less target: these tests only need the SSH session.
 fn cfg(sshd: &OpenSshd) -> TunnelConfig {

@@ -6,16 +6,14 @@
 //! tracing's per-callsite interest cache is shared by every thread of the process, so another
 //! test hitting the same callsites at the same moment could make this one miss events.
 
-mod layer_support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use super::support::*;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
-use layer_support::*;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use sea_orm_tunnel::Error;
 use sea_orm_tunnel::layer::{CorrelationId, Db, InjectDatabaseLayer, RecoveryLayer};

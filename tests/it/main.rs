@@ -1,0 +1,25 @@
+//! The integration tests: one binary (one link of sea-orm, russh, axum and tonic), one module per
+//! area, and one `support` module they share. Tests that need a process of their own say so with
+//! `support::run_alone`.
+
+mod support;
+
+mod acquire_metric;
+mod axum_layers;
+mod bastion;
+mod chaos;
+mod cli;
+mod config;
+mod hostile;
+mod layer_correlation;
+mod log_sink;
+mod manager;
+mod manager_tunnel;
+mod migration;
+mod security;
+mod testkit;
+mod tonic_layers;
+mod tunnel;
+mod tunnel_auth;
+mod tunnel_env;
+mod tunnel_faults;
