@@ -24,14 +24,14 @@ use std::sync::Weak;
 use std::time::{Duration, Instant, SystemTime};
 
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement};
-use tokio::sync::watch;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::Inner;
 use crate::observe::events;
 use crate::observe::log_sink::ConnectionLogEvent;
 use crate::observe::metrics as m;
-use crate::tunnel::TunnelState;
+use crate::tunnel::{TunnelEvent, TunnelState};
 
 /// The tunnel's part of a [`HealthStatus`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,24 +320,29 @@ fn invalidates_connections(e: &DbErr) -> bool {
 /// The health loop. Holds only a `Weak`: dropping the last manager handle ends it.
 ///
 /// Probes on its timer (`health.interval`, or the `health.recheck` backoff after a failure) and
-/// when the tunnel becomes `Connected` or `Failed`. Other tunnel state changes (reconnect attempts)
-/// only publish "down": there is nothing to probe until the tunnel's own round brings it back.
+/// when the tunnel reports it is connected again or gave up. A reconnect attempt only publishes
+/// "down": there is nothing to probe until the tunnel's own round brings it back.
+///
+/// It follows the tunnel's events rather than its state: a state watch keeps only the latest
+/// value, so a reconnect that completes before this task runs would never be seen as an outage.
 pub(crate) async fn run(
     inner: Weak<Inner>,
     cancel: CancellationToken,
-    mut tunnel_state: Option<watch::Receiver<TunnelState>>,
+    mut tunnel_events: Option<broadcast::Receiver<TunnelEvent>>,
     first_delay: Duration,
 ) {
     let mut recheck: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
-    // A deadline, not a fresh sleep per iteration: tunnel state changes must not postpone checks.
+    // A deadline, not a fresh sleep per iteration: tunnel events must not postpone checks.
     let mut next_check = tokio::time::Instant::now() + first_delay;
     loop {
-        let tunnel_changed = async {
-            match tunnel_state.as_mut() {
-                Some(rx) => match rx.changed().await {
-                    Ok(()) => Some(rx.borrow_and_update().clone()),
+        let tunnel_event = async {
+            match tunnel_events.as_mut() {
+                Some(rx) => match rx.recv().await {
+                    Ok(event) => Some(event),
+                    // Missed some: probe now, which reads the current state.
+                    Err(broadcast::error::RecvError::Lagged(_)) => None,
                     // The tunnel is gone: nothing more to watch.
-                    Err(_) => std::future::pending().await,
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
                 },
                 None => std::future::pending().await,
             }
@@ -345,22 +350,20 @@ pub(crate) async fn run(
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep_until(next_check) => {}
-            state = tunnel_changed => {
-                let Some(state) = state else { continue };
-                if !matches!(state, TunnelState::Connected | TunnelState::Failed { .. }) {
+            event = tunnel_event => match event {
+                Some(TunnelEvent::Reconnecting { attempt, delay, .. }) => {
                     let Some(inner) = inner.upgrade() else { return };
-                    inner.publish_tunnel_down(&state);
+                    inner.publish_tunnel_down(&TunnelState::Reconnecting { attempt, next_delay: delay });
+                    continue;
                 }
-                match state {
-                    // Back up: check the database through it now. Gave up: check now too, which
-                    // reports the cause and puts the loop on the re-check schedule (the tunnel
-                    // starts its next round of attempts by itself; checks never do).
-                    TunnelState::Connected | TunnelState::Failed { .. } => {}
-                    // Reconnecting / connecting: the tunnel's backoff decides; nothing to probe.
-                    // Disconnected: shut down on purpose, nothing to probe.
-                    _ => continue,
-                }
-            }
+                // Back up: check the database through it now. Gave up: check now too, which
+                // reports the cause and puts the loop on the re-check schedule (the tunnel
+                // starts its next round of attempts by itself; checks never do).
+                Some(TunnelEvent::Connected { .. } | TunnelEvent::Failed { .. }) | None => {}
+                // Sessions opened or closed for capacity, channel failures, a deliberate close:
+                // nothing to probe.
+                Some(_) => continue,
+            },
         }
         let Some(manager) = inner.upgrade() else { return };
         let status = tokio::select! {

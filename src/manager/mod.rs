@@ -294,11 +294,11 @@ impl ConnectionManager {
     fn spawn_tasks(&self) {
         let inner = &self.inner;
         let weak = Arc::downgrade(inner);
-        let state = inner.tunnel.as_ref().map(|t| t.state());
+        let tunnel_events = inner.tunnel.as_ref().map(|t| t.subscribe());
         inner.tasks.spawn(health::run(
             weak.clone(),
             inner.cancel.clone(),
-            state,
+            tunnel_events,
             inner.config.health.interval,
         ));
         inner.tasks.spawn(maintenance(weak, inner.cancel.clone()));

@@ -69,7 +69,13 @@ impl PoolTelemetry {
     }
 
     /// A checkout was held `held`, longer than the leak threshold (reported once per checkout).
-    pub(crate) fn leaked(&self, id: &str, pool_size: u32, held: Duration, origin: &CheckoutOrigin) -> ConnectionLogEvent {
+    pub(crate) fn leaked(
+        &self,
+        id: &str,
+        pool_size: u32,
+        held: Duration,
+        origin: &CheckoutOrigin,
+    ) -> ConnectionLogEvent {
         metrics::counter!(m::DB_CONNECTION_LEAKS_TOTAL, m::POOL_LABEL => self.pool.clone()).increment(1);
         events::connection_leaked(id, pool_size, held, origin);
         let held_ms = held.as_millis().to_string();
