@@ -10,28 +10,10 @@ use super::support::*;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
-use sea_orm::{ConnectionTrait, DbBackend, Statement};
-use sea_orm_tunnel::layer::{CorrelationId, Db, InjectDatabaseLayer, RecoveryLayer};
+use sea_orm::ConnectionTrait;
+use sea_orm_tunnel::layer::{Db, InjectDatabaseLayer, RecoveryLayer};
 use sea_orm_tunnel::{ConnectionManager, Error};
 use tower::ServiceBuilder;
-
-async fn select_now(db: &impl ConnectionTrait) -> Result<String, Error> {
-    let row = db
-        .query_one_raw(Statement::from_string(DbBackend::Postgres, "SELECT now()::text"))
-        .await?
-        .expect("one row");
-    Ok(row.try_get_by_index(0)?)
-}
-
-/// `GET /now`: logs, then `SELECT now()` on the injected connection; counts its calls.
-fn now_app(calls: Arc<AtomicUsize>) -> Router {
-    async fn now(State(calls): State<Arc<AtomicUsize>>, Db(db): Db, id: CorrelationId) -> Result<String, Error> {
-        calls.fetch_add(1, Ordering::SeqCst);
-        tracing::info!(%id, "handling /now");
-        select_now(&db).await
-    }
-    Router::new().route("/now", get(now)).with_state(calls)
-}
 
 #[tokio::test]
 async fn a_missing_inject_layer_is_a_500_naming_it() {

@@ -7,31 +7,11 @@
 //! test hitting the same callsites at the same moment could make this one miss events.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use super::support::*;
-use axum::Router;
-use axum::extract::State;
-use axum::routing::get;
-use sea_orm::{ConnectionTrait, DbBackend, Statement};
-use sea_orm_tunnel::Error;
-use sea_orm_tunnel::layer::{CorrelationId, Db, InjectDatabaseLayer, RecoveryLayer};
+use sea_orm_tunnel::layer::{InjectDatabaseLayer, RecoveryLayer};
 use tracing_subscriber::layer::SubscriberExt as _;
-
-async fn now(State(calls): State<Arc<AtomicUsize>>, Db(db): Db, id: CorrelationId) -> Result<String, Error> {
-    calls.fetch_add(1, Ordering::SeqCst);
-    tracing::info!(%id, "handling /now");
-    let row = db
-        .query_one_raw(Statement::from_string(DbBackend::Postgres, "SELECT now()::text"))
-        .await?
-        .expect("one row");
-    Ok(row.try_get_by_index(0)?)
-}
-
-fn now_app(calls: Arc<AtomicUsize>) -> Router {
-    Router::new().route("/now", get(now)).with_state(calls)
-}
 
 #[tokio::test(flavor = "current_thread")]
 async fn handler_gets_the_connection_and_the_requests_events_carry_its_correlation_id() {

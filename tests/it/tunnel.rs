@@ -305,51 +305,45 @@ async fn full_sessions_open_another_and_beyond_the_total_a_connection_is_refused
 #[test]
 fn ssh_metrics_carry_the_pool_label_and_count_bytes_sessions_and_reconnects() {
     let recorder = TestMetrics::default();
-    // A current-thread runtime inside the local recorder: every task the tunnel spawns records here.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    metrics::with_local_recorder(&recorder, || {
-        runtime.block_on(async {
-            let sshd = sea_orm_tunnel::testkit::OpenSshd::start().await.unwrap();
-            let echo = echo_server().await;
-            let tunnel = SshTunnel::connect_labeled(sshd.tunnel_config("127.0.0.1", echo.port()), "orders")
-                .await
-                .unwrap();
-            let mut events = tunnel.subscribe();
-            let addr = tunnel.local_endpoint().tcp_addr().unwrap();
-            echo_roundtrip(addr, vec![7u8; 100_000]).await;
-            echo_roundtrip(addr, vec![9u8; 23_456]).await;
-            // The copy task finishes (and releases its channel) just after the client saw EOF.
-            let deadline = Instant::now() + LIVENESS;
-            while tunnel.stats().channels_active > 0 {
-                assert!(Instant::now() < deadline, "channels released");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            assert_eq!(
-                recorder.get("ssh_tunnel_bytes_total{direction=to_remote,pool=orders}"),
-                123_456.0
-            );
-            assert_eq!(
-                recorder.get("ssh_tunnel_bytes_total{direction=from_remote,pool=orders}"),
-                123_456.0
-            );
-            assert_eq!(recorder.get("ssh_tunnel_up{pool=orders}"), 1.0);
-            assert_eq!(recorder.get("ssh_tunnel_sessions{pool=orders}"), 1.0);
-            assert_eq!(recorder.get("ssh_tunnel_channels_active{pool=orders}"), 0.0);
+    // Every task the tunnel spawns records into `recorder`.
+    recorder.run(async {
+        let sshd = sea_orm_tunnel::testkit::OpenSshd::start().await.unwrap();
+        let echo = echo_server().await;
+        let tunnel = SshTunnel::connect_labeled(sshd.tunnel_config("127.0.0.1", echo.port()), "orders")
+            .await
+            .unwrap();
+        let mut events = tunnel.subscribe();
+        let addr = tunnel.local_endpoint().tcp_addr().unwrap();
+        echo_roundtrip(addr, vec![7u8; 100_000]).await;
+        echo_roundtrip(addr, vec![9u8; 23_456]).await;
+        // The copy task finishes (and releases its channel) just after the client saw EOF.
+        let deadline = Instant::now() + LIVENESS;
+        while tunnel.stats().channels_active > 0 {
+            assert!(Instant::now() < deadline, "channels released");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            recorder.get("ssh_tunnel_bytes_total{direction=to_remote,pool=orders}"),
+            123_456.0
+        );
+        assert_eq!(
+            recorder.get("ssh_tunnel_bytes_total{direction=from_remote,pool=orders}"),
+            123_456.0
+        );
+        assert_eq!(recorder.get("ssh_tunnel_up{pool=orders}"), 1.0);
+        assert_eq!(recorder.get("ssh_tunnel_sessions{pool=orders}"), 1.0);
+        assert_eq!(recorder.get("ssh_tunnel_channels_active{pool=orders}"), 0.0);
 
-            sshd.drop_sessions();
-            wait_event(&mut events, LIVENESS, |e| {
-                matches!(e, TunnelEvent::Connected { reconnect: true, .. })
-            })
-            .await;
-            assert_eq!(recorder.get("ssh_tunnel_reconnects_total{pool=orders}"), 1.0);
-            assert_eq!(recorder.get("ssh_tunnel_up{pool=orders}"), 1.0);
-            tunnel.disconnect().await;
-            assert_eq!(recorder.get("ssh_tunnel_up{pool=orders}"), 0.0);
-            assert_eq!(recorder.get("ssh_tunnel_sessions{pool=orders}"), 0.0);
+        sshd.drop_sessions();
+        wait_event(&mut events, LIVENESS, |e| {
+            matches!(e, TunnelEvent::Connected { reconnect: true, .. })
         })
+        .await;
+        assert_eq!(recorder.get("ssh_tunnel_reconnects_total{pool=orders}"), 1.0);
+        assert_eq!(recorder.get("ssh_tunnel_up{pool=orders}"), 1.0);
+        tunnel.disconnect().await;
+        assert_eq!(recorder.get("ssh_tunnel_up{pool=orders}"), 0.0);
+        assert_eq!(recorder.get("ssh_tunnel_sessions{pool=orders}"), 0.0);
     });
 }
 
@@ -382,149 +376,143 @@ async fn dropping_the_last_handle_stops_the_tunnel() {
 fn idle_extra_sessions_are_closed_but_busy_ones_and_the_last_one_are_kept() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let recorder = TestMetrics::default();
-    // A current-thread runtime inside the local recorder, so the tunnel's gauges land here.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    // Every task the tunnel spawns records into `recorder`.
+    recorder.run(async {
+        let bound = Duration::from_secs(10);
+        let idle = Duration::from_millis(500);
+        let sshd = sea_orm_tunnel::testkit::OpenSshd::start().await.unwrap();
+        let echo = echo_server().await;
+        let tunnel = SshTunnel::connect(
+            sshd.tunnel_config("127.0.0.1", echo.port())
+                .max_channels(2)
+                .max_sessions(3)
+                .session_idle_timeout(idle)
+                .connect_timeout(Duration::from_secs(10)),
+        )
+        .await
         .unwrap();
-    metrics::with_local_recorder(&recorder, || {
-        runtime.block_on(async {
-            let bound = Duration::from_secs(10);
-            let idle = Duration::from_millis(500);
-            let sshd = sea_orm_tunnel::testkit::OpenSshd::start().await.unwrap();
-            let echo = echo_server().await;
-            let tunnel = SshTunnel::connect(
-                sshd.tunnel_config("127.0.0.1", echo.port())
-                    .max_channels(2)
-                    .max_sessions(3)
-                    .session_idle_timeout(idle)
-                    .connect_timeout(Duration::from_secs(10)),
-            )
-            .await
-            .unwrap();
-            let addr = tunnel.local_endpoint().tcp_addr().unwrap();
-            let mut events = tunnel.subscribe();
-            let reconnect_at = tunnel.last_reconnect_at();
+        let addr = tunnel.local_endpoint().tcp_addr().unwrap();
+        let mut events = tunnel.subscribe();
+        let reconnect_at = tunnel.last_reconnect_at();
 
-            // sshd's processes for one session (settled: pre-auth helpers gone).
-            async fn pids_settle(sshd: &sea_orm_tunnel::testkit::OpenSshd, want: impl Fn(usize) -> bool) -> usize {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                loop {
-                    let n = sshd.session_pids().len();
-                    if want(n) {
-                        return n;
-                    }
-                    assert!(Instant::now() < deadline, "sshd session processes stuck at {n}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+        // sshd's processes for one session (settled: pre-auth helpers gone).
+        async fn pids_settle(sshd: &sea_orm_tunnel::testkit::OpenSshd, want: impl Fn(usize) -> bool) -> usize {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let n = sshd.session_pids().len();
+                if want(n) {
+                    return n;
                 }
+                assert!(Instant::now() < deadline, "sshd session processes stuck at {n}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            // The count once it holds still (a pre-auth helper may still be exiting).
-            async fn pids_stable(sshd: &sea_orm_tunnel::testkit::OpenSshd) -> usize {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                loop {
-                    let n = sshd.session_pids().len();
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    if n > 0 && sshd.session_pids().len() == n {
-                        return n;
-                    }
-                    assert!(Instant::now() < deadline, "sshd session processes never settled");
+        }
+        // The count once it holds still (a pre-auth helper may still be exiting).
+        async fn pids_stable(sshd: &sea_orm_tunnel::testkit::OpenSshd) -> usize {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let n = sshd.session_pids().len();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if n > 0 && sshd.session_pids().len() == n {
+                    return n;
                 }
+                assert!(Instant::now() < deadline, "sshd session processes never settled");
             }
-            let one_session_pids = pids_stable(&sshd).await;
+        }
+        let one_session_pids = pids_stable(&sshd).await;
 
-            async fn held(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
-                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-                ping(&mut s).await;
-                s
-            }
-            async fn ping(s: &mut tokio::net::TcpStream) {
-                s.write_all(b"x").await.unwrap();
-                let mut b = [0u8; 1];
-                tokio::time::timeout(LIVENESS, s.read_exact(&mut b))
-                    .await
-                    .expect("echo through the tunnel")
-                    .unwrap();
-            }
-            async fn wait_sessions(tunnel: &SshTunnel, n: usize, within: Duration) {
-                let deadline = Instant::now() + within;
-                while tunnel.stats().sessions != n {
-                    assert!(
-                        Instant::now() < deadline,
-                        "sessions never became {n}: {:?}",
-                        tunnel.stats()
-                    );
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-
-            // 5 connections at 2 channels per session: sessions 1, 1, 2, 2, 3 (oldest fills first).
-            let mut conns = Vec::new();
-            for _ in 0..5 {
-                conns.push(held(addr).await);
-            }
-            let stats = tunnel.stats();
-            assert_eq!((stats.sessions, stats.channels_active), (3, 5), "{stats:?}");
-            assert_eq!(recorder.get("ssh_tunnel_sessions{pool=default}"), 3.0);
-            // Each extra session is served by at least one more sshd process.
-            pids_settle(&sshd, |n| n >= one_session_pids + 2).await;
-            let three_session_pids = pids_stable(&sshd).await;
-
-            // Close the four on sessions 1 and 2; the fifth keeps session 3 busy.
-            let mut last = conns.pop().unwrap();
-            drop(conns);
-            let ev = wait_event(&mut events, bound, |e| matches!(e, TunnelEvent::SessionClosed { .. })).await;
-            assert!(matches!(ev, TunnelEvent::SessionClosed { sessions: 2, .. }), "{ev:?}");
-            assert_eq!(tunnel.stats().sessions, 2);
-            // Several idle periods later the busy session is still there, and still forwarding.
-            tokio::time::sleep(idle * 4).await;
-            assert_eq!(
-                tunnel.stats().sessions,
-                2,
-                "a session with an open connection was closed"
-            );
-            ping(&mut last).await;
-            assert_eq!(recorder.get("ssh_tunnel_sessions{pool=default}"), 2.0);
-
-            // Now the last connection goes too: back to one session, never zero.
-            drop(last);
-            let ev = wait_event(&mut events, bound, |e| matches!(e, TunnelEvent::SessionClosed { .. })).await;
-            assert!(matches!(ev, TunnelEvent::SessionClosed { sessions: 1, .. }), "{ev:?}");
-            wait_sessions(&tunnel, 1, bound).await;
-            assert_eq!(recorder.get("ssh_tunnel_sessions{pool=default}"), 1.0);
-            tokio::time::sleep(idle * 4).await;
-            assert_eq!(tunnel.stats().sessions, 1, "the last session must be kept");
-            // sshd saw the disconnects: its extra session processes are gone.
-            let settled = pids_settle(&sshd, |n| n <= one_session_pids).await;
-            eprintln!(
-                "sshd session processes: {one_session_pids} for one session, {three_session_pids} for three, \
-                 {settled} after retiring"
-            );
-            assert!(
-                settled < three_session_pids && settled > 0,
-                "{settled} of {three_session_pids}"
-            );
-
-            // Retiring is not losing: no reconnect, no generation change, still connected.
-            assert_eq!(tunnel.last_reconnect_at(), reconnect_at);
-            assert_eq!(tunnel.stats().reconnects, 0);
-            assert!(tunnel.is_connected());
-            assert!(tunnel.state().borrow().is_connected());
-            assert_eq!(recorder.get("ssh_tunnel_up{pool=default}"), 1.0);
-            while let Ok(ev) = events.try_recv() {
+        async fn held(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            ping(&mut s).await;
+            s
+        }
+        async fn ping(s: &mut tokio::net::TcpStream) {
+            s.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            tokio::time::timeout(LIVENESS, s.read_exact(&mut b))
+                .await
+                .expect("echo through the tunnel")
+                .unwrap();
+        }
+        async fn wait_sessions(tunnel: &SshTunnel, n: usize, within: Duration) {
+            let deadline = Instant::now() + within;
+            while tunnel.stats().sessions != n {
                 assert!(
-                    !matches!(ev, TunnelEvent::Disconnected { .. } | TunnelEvent::Reconnecting { .. }),
-                    "retiring looked like a lost session: {ev:?}"
+                    Instant::now() < deadline,
+                    "sessions never became {n}: {:?}",
+                    tunnel.stats()
                 );
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
+        }
 
-            // The tunnel still forwards, and grows again on demand.
-            echo_roundtrip(addr, vec![3u8; 50_000]).await;
-            let again: Vec<_> = [held(addr).await, held(addr).await, held(addr).await].into();
-            let ev = wait_event(&mut events, bound, |e| matches!(e, TunnelEvent::SessionOpened { .. })).await;
-            assert!(matches!(ev, TunnelEvent::SessionOpened { sessions: 2, .. }), "{ev:?}");
-            drop(again);
-            assert_eq!(tunnel.stats().refused_connections, 0);
-            tunnel.disconnect().await;
-        })
+        // 5 connections at 2 channels per session: sessions 1, 1, 2, 2, 3 (oldest fills first).
+        let mut conns = Vec::new();
+        for _ in 0..5 {
+            conns.push(held(addr).await);
+        }
+        let stats = tunnel.stats();
+        assert_eq!((stats.sessions, stats.channels_active), (3, 5), "{stats:?}");
+        assert_eq!(recorder.get("ssh_tunnel_sessions{pool=default}"), 3.0);
+        // Each extra session is served by at least one more sshd process.
+        pids_settle(&sshd, |n| n >= one_session_pids + 2).await;
+        let three_session_pids = pids_stable(&sshd).await;
+
+        // Close the four on sessions 1 and 2; the fifth keeps session 3 busy.
+        let mut last = conns.pop().unwrap();
+        drop(conns);
+        let ev = wait_event(&mut events, bound, |e| matches!(e, TunnelEvent::SessionClosed { .. })).await;
+        assert!(matches!(ev, TunnelEvent::SessionClosed { sessions: 2, .. }), "{ev:?}");
+        assert_eq!(tunnel.stats().sessions, 2);
+        // Several idle periods later the busy session is still there, and still forwarding.
+        tokio::time::sleep(idle * 4).await;
+        assert_eq!(
+            tunnel.stats().sessions,
+            2,
+            "a session with an open connection was closed"
+        );
+        ping(&mut last).await;
+        assert_eq!(recorder.get("ssh_tunnel_sessions{pool=default}"), 2.0);
+
+        // Now the last connection goes too: back to one session, never zero.
+        drop(last);
+        let ev = wait_event(&mut events, bound, |e| matches!(e, TunnelEvent::SessionClosed { .. })).await;
+        assert!(matches!(ev, TunnelEvent::SessionClosed { sessions: 1, .. }), "{ev:?}");
+        wait_sessions(&tunnel, 1, bound).await;
+        assert_eq!(recorder.get("ssh_tunnel_sessions{pool=default}"), 1.0);
+        tokio::time::sleep(idle * 4).await;
+        assert_eq!(tunnel.stats().sessions, 1, "the last session must be kept");
+        // sshd saw the disconnects: its extra session processes are gone.
+        let settled = pids_settle(&sshd, |n| n <= one_session_pids).await;
+        eprintln!(
+            "sshd session processes: {one_session_pids} for one session, {three_session_pids} for three, \
+                 {settled} after retiring"
+        );
+        assert!(
+            settled < three_session_pids && settled > 0,
+            "{settled} of {three_session_pids}"
+        );
+
+        // Retiring is not losing: no reconnect, no generation change, still connected.
+        assert_eq!(tunnel.last_reconnect_at(), reconnect_at);
+        assert_eq!(tunnel.stats().reconnects, 0);
+        assert!(tunnel.is_connected());
+        assert!(tunnel.state().borrow().is_connected());
+        assert_eq!(recorder.get("ssh_tunnel_up{pool=default}"), 1.0);
+        while let Ok(ev) = events.try_recv() {
+            assert!(
+                !matches!(ev, TunnelEvent::Disconnected { .. } | TunnelEvent::Reconnecting { .. }),
+                "retiring looked like a lost session: {ev:?}"
+            );
+        }
+
+        // The tunnel still forwards, and grows again on demand.
+        echo_roundtrip(addr, vec![3u8; 50_000]).await;
+        let again: Vec<_> = [held(addr).await, held(addr).await, held(addr).await].into();
+        let ev = wait_event(&mut events, bound, |e| matches!(e, TunnelEvent::SessionOpened { .. })).await;
+        assert!(matches!(ev, TunnelEvent::SessionOpened { sessions: 2, .. }), "{ev:?}");
+        drop(again);
+        assert_eq!(tunnel.stats().refused_connections, 0);
+        tunnel.disconnect().await;
     });
 }

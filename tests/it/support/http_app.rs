@@ -102,3 +102,34 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// `SELECT now()` as text on `db`.
+pub async fn select_now(db: &impl sea_orm::ConnectionTrait) -> Result<String, sea_orm_tunnel::Error> {
+    use sea_orm::{DbBackend, Statement};
+    let row = db
+        .query_one_raw(Statement::from_string(DbBackend::Postgres, "SELECT now()::text"))
+        .await?
+        .expect("one row");
+    Ok(row.try_get_by_index(0)?)
+}
+
+/// An axum app with `GET /now`: logs the request's correlation id, then `SELECT now()` on the
+/// injected connection; counts its calls in `calls`.
+pub fn now_app(calls: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> axum::Router {
+    use axum::extract::State;
+    use sea_orm_tunnel::layer::{CorrelationId, Db};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    async fn now(
+        State(calls): State<std::sync::Arc<AtomicUsize>>,
+        Db(db): Db,
+        id: CorrelationId,
+    ) -> Result<String, sea_orm_tunnel::Error> {
+        calls.fetch_add(1, Ordering::SeqCst);
+        tracing::info!(%id, "handling /now");
+        select_now(&db).await
+    }
+    axum::Router::new()
+        .route("/now", axum::routing::get(now))
+        .with_state(calls)
+}

@@ -16,6 +16,18 @@ pub struct TestMetrics {
     histograms: Mutex<HashMap<String, Vec<f64>>>,
 }
 
+impl TestMetrics {
+    /// Runs `fut` to completion on a current-thread runtime with this recorder installed for the
+    /// thread, so every task the code under test spawns records here too.
+    pub fn run<F: std::future::Future>(&self, fut: F) -> F::Output {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime");
+        metrics::with_local_recorder(self, || runtime.block_on(fut))
+    }
+}
+
 impl Default for TestMetrics {
     fn default() -> Self {
         let recorder = DebuggingRecorder::new();
