@@ -90,6 +90,15 @@ async fn tcp_proxy(target: SocketAddr) -> SocketAddr {
     addr
 }
 
+/// `iters` fetches of one response each; their total time.
+async fn fetch_n(stream: &mut TcpStream, buf: &mut [u8], iters: u64) -> std::time::Duration {
+    let t = Instant::now();
+    for _ in 0..iters {
+        fetch(stream, buf).await;
+    }
+    t.elapsed()
+}
+
 async fn fetch(stream: &mut TcpStream, buf: &mut [u8]) {
     stream.write_all(&(buf.len() as u32).to_be_bytes()).await.unwrap();
     stream.read_exact(buf).await.unwrap();
@@ -273,15 +282,7 @@ fn russh_variants(c: &mut Criterion) {
         });
         let mut buf = vec![0u8; CHUNK];
         group.bench_function(format!("1MiB/{}", variant.name), |b| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        fetch(&mut stream, &mut buf).await;
-                    }
-                    t.elapsed()
-                })
-            })
+            b.iter_custom(|iters| rt.block_on(fetch_n(&mut stream, &mut buf, iters)))
         });
     }
     group.finish();
@@ -319,15 +320,7 @@ fn channel_copy(c: &mut Criterion) {
         });
         let mut buf = vec![0u8; CHUNK];
         group.bench_function(format!("1MiB/{name}"), |b| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        fetch(&mut stream, &mut buf).await;
-                    }
-                    t.elapsed()
-                })
-            })
+            b.iter_custom(|iters| rt.block_on(fetch_n(&mut stream, &mut buf, iters)))
         });
     }
     group.finish();

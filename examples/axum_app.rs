@@ -21,6 +21,9 @@
 //! manager down (drain, close, disconnect). A bad configuration exits with status 2 and says
 //! which variable is wrong.
 
+#[path = "support/logging.rs"]
+mod logging;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::UNIX_EPOCH;
@@ -33,30 +36,12 @@ use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use sea_orm_tunnel::layer::{Db, InjectDatabaseLayer, RecoveryLayer};
-use sea_orm_tunnel::observe::events::AcquireTimeLayer;
 use sea_orm_tunnel::observe::metrics::describe_metrics;
 use sea_orm_tunnel::{ConnectionManager, Error, HealthStatus};
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
-use tracing_subscriber::{EnvFilter, Layer as _};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // The log filter is the fmt layer's own (a per-layer filter), not the registry's: a global
-    // `info` filter would drop sqlx's TRACE acquire event, and db_connection_acquire_seconds with it.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::registry()
-        // JSON lines with the current span's fields, so each line shows its request's correlation_id.
-        .with(
-            tracing_subscriber::fmt::layer()
-                .json()
-                .with_current_span(true)
-                .with_span_list(false)
-                .with_filter(filter),
-        )
-        // Feeds db_connection_acquire_seconds from every acquire SeaORM makes, whatever RUST_LOG says.
-        .with(AcquireTimeLayer::filtered())
-        .init();
+    logging::init();
 
     match run().await {
         Ok(()) => ExitCode::SUCCESS,

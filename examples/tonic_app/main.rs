@@ -24,18 +24,17 @@
 
 mod proto;
 
+#[path = "../support/logging.rs"]
+mod logging;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use proto::{Database, DatabaseServer, HealthReply, HealthRequest, NowReply, NowRequest};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use sea_orm_tunnel::layer::{CorrelationId, InjectDatabaseLayer, RecoveryLayer};
-use sea_orm_tunnel::observe::events::AcquireTimeLayer;
 use sea_orm_tunnel::{ConnectionManager, Error};
 use tonic::{Request, Response, Status};
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
-use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// The handlers. They hold nothing: the layers put the connection, the manager and the
 /// correlation id into every request's extensions.
@@ -87,20 +86,7 @@ impl Database for Handlers {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // The log filter is the fmt layer's own (a per-layer filter), not the registry's, so sqlx's
-    // TRACE acquire event still reaches AcquireTimeLayer under the default `info`.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .json()
-                .with_current_span(true)
-                .with_span_list(false)
-                .with_filter(filter),
-        )
-        // Feeds db_connection_acquire_seconds, for an application that installs a metrics recorder.
-        .with(AcquireTimeLayer::filtered())
-        .init();
+    logging::init();
 
     match run().await {
         Ok(()) => ExitCode::SUCCESS,

@@ -306,6 +306,76 @@ pub(crate) fn manager_lifecycle(what: &str, detail: &dyn fmt::Display) {
     );
 }
 
+// Tunnel events: the tunnel code calls these and never spells an event name or field itself.
+
+/// The tunnel is up: its first session, or the session that replaced every lost one.
+pub(crate) fn tunnel_connected(session: u64, reconnect: bool, bastion: &dyn fmt::Display, endpoint: &dyn fmt::Display) {
+    tracing::info!(
+        target: TARGET_TUNNEL,
+        event = EventKind::TunnelConnected.as_str(),
+        session,
+        reconnect,
+        bastion = %bastion,
+        local_endpoint = %endpoint,
+        "SSH tunnel connected"
+    );
+}
+
+/// An SSH session was lost (`remaining` sessions are still up).
+pub(crate) fn session_lost(session: u64, remaining: usize, error: &dyn fmt::Display) {
+    tracing::warn!(
+        target: TARGET_TUNNEL,
+        event = EventKind::TunnelDisconnected.as_str(),
+        session,
+        remaining,
+        error = %error,
+        "SSH session lost"
+    );
+}
+
+/// The tunnel was closed on purpose.
+pub(crate) fn tunnel_closed(endpoint: &dyn fmt::Display) {
+    tracing::info!(
+        target: TARGET_TUNNEL,
+        event = EventKind::TunnelDisconnected.as_str(),
+        local_endpoint = %endpoint,
+        "SSH tunnel closed"
+    );
+}
+
+/// Attempt `attempt` of a reconnect round starts after `delay`.
+pub(crate) fn tunnel_reconnecting(attempt: u32, delay: Duration, error: &dyn fmt::Display) {
+    tracing::warn!(
+        target: TARGET_TUNNEL,
+        event = EventKind::TunnelReconnecting.as_str(),
+        attempt,
+        delay_ms = delay.as_millis() as u64,
+        error = %error,
+        "reconnecting the SSH tunnel"
+    );
+}
+
+/// A round of reconnect attempts gave up (permanent error, or retries used up).
+pub(crate) fn tunnel_gave_up(error: &dyn fmt::Display) {
+    tracing::error!(
+        target: TARGET_TUNNEL,
+        event = EventKind::ConnectionError.as_str(),
+        error = %error,
+        "SSH tunnel gave up"
+    );
+}
+
+/// The bastion refused a forwarding channel for good (`administratively prohibited`).
+pub(crate) fn channel_refused(session: u64, error: &dyn fmt::Display) {
+    tracing::error!(
+        target: TARGET_TUNNEL,
+        event = EventKind::ConnectionError.as_str(),
+        session,
+        error = %error,
+        "bastion refused the forwarding channel"
+    );
+}
+
 /// A [`tracing_subscriber::Layer`] that feeds `db_connection_acquire_seconds` from sqlx's own
 /// acquire timing.
 ///

@@ -1,14 +1,10 @@
-//! Tracing events and metrics of the SSH tunnel.
+//! Metrics of the SSH tunnel (its tracing events are in [`events`](super::events)).
 //!
-//! The tunnel code calls these functions and never spells an event name, a field or a metric
-//! name itself, so every event of one kind has the same shape and every metric the same labels.
-//! Each gauge is written by exactly one function here, from the tunnel's own counters.
+//! The tunnel code calls these functions and never spells a metric name or label itself. Each
+//! gauge is written by exactly one function here, from the tunnel's own counters.
 
-use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
-use super::events::{EventKind, TARGET_TUNNEL};
 use super::metrics as m;
 
 /// The `pool` label of one tunnel's metrics, and the functions that write them.
@@ -63,72 +59,4 @@ impl TunnelTelemetry {
             metrics::counter!(m::SSH_TUNNEL_BYTES_TOTAL, m::POOL_LABEL => self.label(), "direction" => "from_remote");
         (to, from)
     }
-}
-
-/// The tunnel is up: its first session, or the session that replaced every lost one.
-pub(crate) fn tunnel_connected(session: u64, reconnect: bool, bastion: &dyn fmt::Display, endpoint: &dyn fmt::Display) {
-    tracing::info!(
-        target: TARGET_TUNNEL,
-        event = EventKind::TunnelConnected.as_str(),
-        session,
-        reconnect,
-        bastion = %bastion,
-        local_endpoint = %endpoint,
-        "SSH tunnel connected"
-    );
-}
-
-/// An SSH session was lost (`remaining` sessions are still up).
-pub(crate) fn session_lost(session: u64, remaining: usize, error: &dyn fmt::Display) {
-    tracing::warn!(
-        target: TARGET_TUNNEL,
-        event = EventKind::TunnelDisconnected.as_str(),
-        session,
-        remaining,
-        error = %error,
-        "SSH session lost"
-    );
-}
-
-/// The tunnel was closed on purpose.
-pub(crate) fn tunnel_closed(endpoint: &dyn fmt::Display) {
-    tracing::info!(
-        target: TARGET_TUNNEL,
-        event = EventKind::TunnelDisconnected.as_str(),
-        local_endpoint = %endpoint,
-        "SSH tunnel closed"
-    );
-}
-
-/// Attempt `attempt` of a reconnect round starts after `delay`.
-pub(crate) fn tunnel_reconnecting(attempt: u32, delay: Duration, error: &dyn fmt::Display) {
-    tracing::warn!(
-        target: TARGET_TUNNEL,
-        event = EventKind::TunnelReconnecting.as_str(),
-        attempt,
-        delay_ms = delay.as_millis() as u64,
-        error = %error,
-        "reconnecting the SSH tunnel"
-    );
-}
-
-/// A round of reconnect attempts gave up (permanent error, or retries used up).
-pub(crate) fn tunnel_gave_up(error: &dyn fmt::Display) {
-    tracing::error!(
-        target: TARGET_TUNNEL,
-        event = EventKind::ConnectionError.as_str(),
-        error = %error,
-        "SSH tunnel gave up"
-    );
-}
-
-/// The bastion refused a forwarding channel for good (`administratively prohibited`).
-pub(crate) fn channel_refused(session: u64, error: &dyn fmt::Display) {
-    tracing::error!(
-        target: TARGET_TUNNEL,
-        event = EventKind::ConnectionError.as_str(),
-        session,
-        error = %error,
-        "bastion refused the forwarding channel"
-    );
 }

@@ -17,7 +17,7 @@ use super::session::SshSession;
 use super::{Inner, LOG_TARGET, LocalEndpoint, TunnelEvent, TunnelState};
 use crate::config::{LocalEndpointConfig, TunnelConfig};
 use crate::error::TimeoutKind;
-use crate::observe::tunnel as observe;
+use crate::observe::events as observe;
 use crate::{Error, Result};
 
 /// Copy buffer per direction: one full SSH channel packet (32 KiB) per read.

@@ -13,7 +13,8 @@ use super::{LocalEndpoint, TunnelEvent, TunnelState, auth, host_key, session};
 use crate::Error;
 use crate::config::TunnelConfig;
 use crate::generation::Generation;
-use crate::observe::tunnel::{self as observe, TunnelTelemetry};
+use crate::observe::events as observe;
+use crate::observe::tunnel::TunnelTelemetry;
 
 #[derive(Default)]
 pub(crate) struct Counters {

@@ -14,7 +14,7 @@ use super::session::{self, SshSession};
 use super::{LOG_TARGET, TunnelEvent, TunnelState};
 use crate::Error;
 use crate::generation::Generation;
-use crate::observe::tunnel as observe;
+use crate::observe::events as observe;
 
 /// The live sessions of one tunnel, and what their losses mean for pooled connections.
 pub(crate) struct SessionSet {

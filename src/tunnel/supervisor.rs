@@ -21,7 +21,7 @@ use super::Inner;
 use super::session::{self, SshSession};
 use super::{LOG_TARGET, TunnelEvent, TunnelState};
 use crate::config::BackoffPolicy;
-use crate::observe::tunnel as observe;
+use crate::observe::events as observe;
 use crate::{Error, Result};
 
 /// Why a round of attempts ended without a session.

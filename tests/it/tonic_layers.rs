@@ -25,13 +25,17 @@ struct Handlers {
     calls: Arc<AtomicUsize>,
 }
 
+/// What `InjectDatabaseLayer` put into the request.
+fn injected<T: Send + Sync + 'static, B>(request: &Request<B>) -> Result<&T, Status> {
+    request
+        .extensions()
+        .get::<T>()
+        .ok_or_else(|| Status::internal("InjectDatabaseLayer is missing"))
+}
+
 impl Database for Handlers {
     async fn health(&self, request: Request<HealthRequest>) -> Result<Response<HealthReply>, Status> {
-        let manager = request
-            .extensions()
-            .get::<ConnectionManager>()
-            .ok_or_else(|| Status::internal("InjectDatabaseLayer is missing"))?;
-        let status = manager.status();
+        let status = injected::<ConnectionManager, _>(&request)?.status();
         Ok(Response::new(HealthReply {
             healthy: status.healthy,
             ..Default::default()
@@ -40,10 +44,7 @@ impl Database for Handlers {
 
     async fn now(&self, request: Request<NowRequest>) -> Result<Response<NowReply>, Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        let db = request
-            .extensions()
-            .get::<DatabaseConnection>()
-            .ok_or_else(|| Status::internal("InjectDatabaseLayer is missing"))?;
+        let db = injected::<DatabaseConnection, _>(&request)?;
         let id = request.extensions().get::<CorrelationId>().map(|id| id.to_string());
         let row = db
             .query_one_raw(Statement::from_string(DbBackend::Postgres, "SELECT now()::text"))

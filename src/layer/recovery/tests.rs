@@ -43,6 +43,13 @@ fn harness(healthy: bool) -> Harness {
     }
 }
 
+impl Harness {
+    /// The layer with a wait far longer than any test: only an event ends it.
+    fn patient(&self) -> RecoveryLayer {
+        self.layer.clone().max_wait(Duration::from_secs(60))
+    }
+}
+
 type ReqBody = Full<Bytes>;
 
 /// An inner service that records each call's body and marks the first `fail` responses as
@@ -189,11 +196,7 @@ async fn shutting_down_is_shed_at_once() {
 async fn a_permanent_failure_is_shed_at_once_and_during_a_wait() {
     let h = harness(false);
     let fake = Fake::new(0);
-    let service = h
-        .layer
-        .clone()
-        .max_wait(Duration::from_secs(60))
-        .layer_service(fake.service());
+    let service = h.patient().layer_service(fake.service());
     // Unhealthy and waiting; then the tunnel fails for good (e.g. a changed host key).
     let pending = tokio::spawn(service.clone().oneshot(request(Method::GET, "")));
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -218,11 +221,7 @@ async fn a_permanent_failure_is_shed_at_once_and_during_a_wait() {
 async fn shutdown_during_the_wait_sheds_without_waiting_it_out() {
     let h = harness(false);
     let fake = Fake::new(0);
-    let service = h
-        .layer
-        .clone()
-        .max_wait(Duration::from_secs(60))
-        .layer_service(fake.service());
+    let service = h.patient().layer_service(fake.service());
     let pending = tokio::spawn(service.oneshot(request(Method::GET, "")));
     tokio::time::sleep(Duration::from_millis(50)).await;
     h.shutting_down.store(true, Ordering::SeqCst);
@@ -323,11 +322,7 @@ async fn large_bodies_and_disabled_retries_are_not_retried() {
 async fn poll_ready_does_not_wait_for_the_database() {
     let h = harness(false);
     let fake = Fake::new(0);
-    let mut service = h
-        .layer
-        .clone()
-        .max_wait(Duration::from_secs(60))
-        .layer_service(fake.service());
+    let mut service = h.patient().layer_service(fake.service());
     tokio::time::timeout(Duration::from_secs(1), service.ready())
         .await
         .expect("poll_ready forwards to the inner service only")
