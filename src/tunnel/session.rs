@@ -25,6 +25,9 @@ use crate::{Error, Result};
 /// How long a graceful close waits for the server to acknowledge before aborting the socket.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// What to do about a bastion that offers only RSA host keys to a build without RSA.
+pub(crate) const RSA_FEATURE: &str = "enable the `rsa` feature of sea-orm-tunnel";
+
 /// The russh client configuration for a tunnel.
 pub(crate) fn russh_config(config: &TunnelConfig) -> russh::client::Config {
     russh::client::Config {
@@ -61,7 +64,7 @@ fn preferred_ciphers() -> &'static [russh::cipher::Name] {
 /// russh's host-key list, minus RSA in a build without the `rsa` feature: russh advertises RSA
 /// either way but cannot verify an RSA signature without it, so an RSA-only bastion fails in the
 /// algorithm negotiation instead, where [`handshake_error`] names the feature.
-fn preferred_host_key_algorithms() -> &'static [russh::keys::Algorithm] {
+pub(crate) fn preferred_host_key_algorithms() -> &'static [russh::keys::Algorithm] {
     #[cfg(feature = "rsa")]
     {
         &russh::Preferred::DEFAULT.key
@@ -308,7 +311,7 @@ fn handshake_error(config: &TunnelConfig, e: russh::Error) -> Error {
 
 /// The bastion's host-key algorithms, when the negotiation failed only because this build has no
 /// RSA (`rsa_enabled` is the feature, a parameter so both cases are tested in one build).
-fn rsa_only_host_keys(rsa_enabled: bool, e: &russh::Error) -> Option<String> {
+pub(crate) fn rsa_only_host_keys(rsa_enabled: bool, e: &russh::Error) -> Option<String> {
     let russh::Error::NoCommonAlgo {
         kind: russh::AlgorithmKind::Key,
         theirs,
