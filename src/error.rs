@@ -150,6 +150,19 @@ pub enum Error {
         tried: String,
     },
 
+    /// The bastion needs an algorithm this build leaves out: an optional cargo feature is off.
+    #[error("SSH connection to {host}:{port} needs {needs}: enable the `{feature}` feature of sea-orm-tunnel")]
+    FeatureRequired {
+        /// The bastion host.
+        host: String,
+        /// The bastion port.
+        port: u16,
+        /// What the bastion requires, e.g. "RSA host keys (the bastion offers only rsa-sha2-512)".
+        needs: String,
+        /// The cargo feature that provides it, e.g. `rsa`.
+        feature: &'static str,
+    },
+
     /// TCP connect, handshake or I/O on the SSH transport failed. Usually transient.
     #[error("SSH connection to {host}:{port} failed: {message}")]
     SshConnect {
@@ -232,7 +245,7 @@ impl Error {
     /// `57P01`/`57P02`/`57P03` (admin shutdown, crash shutdown, cannot connect now) and class `08`
     /// (connection exceptions), pool timeouts.
     ///
-    /// Permanent: configuration, files, passphrases, host keys, authentication,
+    /// Permanent: configuration, files, passphrases, host keys, authentication, a missing feature,
     /// administratively refused channels, other database errors (syntax, constraint, permission).
     pub fn is_transient(&self) -> bool {
         match self {
@@ -243,6 +256,7 @@ impl Error {
             | Error::HostKeyChanged { .. }
             | Error::HostKeyRevoked { .. }
             | Error::Auth { .. }
+            | Error::FeatureRequired { .. }
             | Error::NotInitialized(_)
             | Error::ShutDown(_) => false,
             Error::ChannelRefused { transient, .. } => *transient,

@@ -78,6 +78,8 @@
 //! - `testkit`: the test kit.
 //! - `cli`: the `sea-orm-tunnel` command-line tool (`forward`, `check`).
 //! - `backoff`: a `backoff::ExponentialBackoff` converts into a [`BackoffPolicy`](config::BackoffPolicy).
+//! - `rsa`: RSA user keys and RSA host keys (ed25519 and ECDSA need no feature; RSA keys held by
+//!   an ssh-agent work without it). Off by default because of RUSTSEC-2023-0071.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod config;

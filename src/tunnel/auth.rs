@@ -4,8 +4,9 @@
 //!
 //! 1. The key file at `key_path`, if configured. It is loaded and decrypted once, when the tunnel is
 //!    created, so a missing file or a wrong passphrase fails `connect()` at once (permanent errors)
-//!    and reconnects do not pay for the key derivation again. RSA keys sign with the best hash the
-//!    server advertises in `server-sig-algs` (rsa-sha2-512, then rsa-sha2-256).
+//!    and reconnects do not pay for the key derivation again. RSA keys need the `rsa` cargo
+//!    feature and sign with the best hash the server advertises in `server-sig-algs`
+//!    (rsa-sha2-512, then rsa-sha2-256).
 //! 2. Every identity held by the ssh-agent, if `use_agent` is set and an agent socket is known
 //!    (`agent_socket`, else `SSH_AUTH_SOCK`). An unreachable agent is reported, not fatal.
 //!
@@ -17,13 +18,42 @@ use std::sync::Arc;
 
 use russh::client::{AuthResult, Handle, Handler};
 use russh::keys::agent::client::AgentClient;
-use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg};
+use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg};
 use secrecy::ExposeSecret;
 
 use crate::config::AuthConfig;
 use crate::{Error, Result};
 
 const KEY_WHAT: &str = "SSH private key";
+
+/// PKCS#8's `rsaEncryption`: what russh reports for an RSA PKCS#8 key when built without RSA.
+const RSA_ENCRYPTION_OID: &str = "1.2.840.113549.1.1.1";
+
+/// Refuses an RSA key in a build without the `rsa` feature, before it is offered to a server
+/// (russh would only fail once the server has accepted the key, with an error naming no feature).
+pub(crate) fn require_rsa_support(path: &Path, algorithm: &Algorithm) -> Result<()> {
+    check_rsa_support(cfg!(feature = "rsa"), path, algorithm)
+}
+
+/// [`require_rsa_support`] with the feature as a parameter, so both outcomes are tested in one build.
+fn check_rsa_support(rsa_enabled: bool, path: &Path, algorithm: &Algorithm) -> Result<()> {
+    if rsa_enabled || !matches!(algorithm, Algorithm::Rsa { .. }) {
+        return Ok(());
+    }
+    Err(rsa_disabled(path))
+}
+
+fn rsa_disabled(path: &Path) -> Error {
+    Error::File {
+        what: KEY_WHAT,
+        path: path.to_owned(),
+        message: "is an RSA key, and this build has no RSA support: enable the `rsa` feature of \
+                  sea-orm-tunnel, or use an ed25519 or ECDSA key (RSA is off by default because of \
+                  RUSTSEC-2023-0071)"
+            .into(),
+        source: None,
+    }
+}
 
 /// Key material and agent location, resolved once per tunnel.
 pub(crate) struct Credentials {
@@ -199,6 +229,12 @@ fn transport_error(host: &str, port: u16, e: russh::Error) -> Error {
 /// OpenSSH-format keys are parsed with `ssh_key` directly so an encrypted key is told apart from a
 /// corrupt one; PEM/PKCS#8 keys go through russh's decoder.
 pub(crate) fn load_key(path: &Path, passphrase: Option<&secrecy::SecretString>) -> Result<PrivateKey> {
+    let key = decode_key(path, passphrase)?;
+    require_rsa_support(path, &key.algorithm())?;
+    Ok(key)
+}
+
+fn decode_key(path: &Path, passphrase: Option<&secrecy::SecretString>) -> Result<PrivateKey> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::File {
         what: KEY_WHAT,
         path: path.to_owned(),
@@ -218,6 +254,8 @@ pub(crate) fn load_key(path: &Path, passphrase: Option<&secrecy::SecretString>) 
     if text.trim_start().starts_with("-----BEGIN OPENSSH PRIVATE KEY-----") {
         let key = PrivateKey::from_openssh(text.as_bytes())
             .map_err(|e| malformed(format!("is not a valid OpenSSH private key: {e}"), Some(Arc::new(e))))?;
+        // Before asking for a passphrase: the key type is readable while still encrypted.
+        require_rsa_support(path, &key.algorithm())?;
         if !key.is_encrypted() {
             return Ok(key);
         }
@@ -238,6 +276,11 @@ pub(crate) fn load_key(path: &Path, passphrase: Option<&secrecy::SecretString>) 
             path: path.to_owned(),
             problem: "no passphrase was given",
         },
+        // Without the `rsa` feature russh rejects RSA PEM and PKCS#8 keys before decoding them.
+        russh::keys::Error::UnsupportedKeyType { key_type_string, .. } if key_type_string == "RSA" => {
+            rsa_disabled(path)
+        }
+        russh::keys::Error::UnknownAlgorithm(oid) if oid.to_string() == RSA_ENCRYPTION_OID => rsa_disabled(path),
         _ if encrypted_pem && passphrase.is_some() => Error::KeyPassphrase {
             path: path.to_owned(),
             problem: "the passphrase is wrong",
@@ -247,4 +290,58 @@ pub(crate) fn load_key(path: &Path, passphrase: Option<&secrecy::SecretString>) 
             Some(Arc::new(other)),
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PATH: &str = "/keys/id_rsa";
+
+    fn rsa_error_text(result: Result<()>) -> String {
+        match result {
+            Err(e @ Error::File { .. }) => {
+                assert!(!e.is_transient(), "a build without RSA does not heal by retrying");
+                e.to_string()
+            }
+            other => panic!("expected the missing-feature error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_rsa_key_without_the_feature_names_the_feature_and_the_file() {
+        for hash in [None, Some(HashAlg::Sha256), Some(HashAlg::Sha512)] {
+            let text = rsa_error_text(check_rsa_support(false, Path::new(PATH), &Algorithm::Rsa { hash }));
+            assert!(text.contains("enable the `rsa` feature of sea-orm-tunnel"), "{text}");
+            assert!(text.contains(PATH), "{text}");
+            assert!(text.contains("RSA key"), "{text}");
+        }
+    }
+
+    #[test]
+    fn other_key_types_need_no_feature_and_rsa_is_accepted_with_it() {
+        let ecdsa = Algorithm::Ecdsa {
+            curve: russh::keys::EcdsaCurve::NistP256,
+        };
+        for algorithm in [Algorithm::Ed25519, ecdsa] {
+            check_rsa_support(false, Path::new(PATH), &algorithm).unwrap();
+            check_rsa_support(true, Path::new(PATH), &algorithm).unwrap();
+        }
+        check_rsa_support(true, Path::new(PATH), &Algorithm::Rsa { hash: None }).unwrap();
+    }
+
+    /// What this build does (the crate's own tests enable `rsa`; `cargo check` without it is the
+    /// other half).
+    #[cfg(feature = "rsa")]
+    #[test]
+    fn this_build_accepts_rsa_keys() {
+        require_rsa_support(Path::new(PATH), &Algorithm::Rsa { hash: None }).unwrap();
+    }
+
+    #[cfg(not(feature = "rsa"))]
+    #[test]
+    fn this_build_refuses_rsa_keys() {
+        let text = rsa_error_text(require_rsa_support(Path::new(PATH), &Algorithm::Rsa { hash: None }));
+        assert!(text.contains("`rsa` feature"), "{text}");
+    }
 }

@@ -359,12 +359,12 @@ async fn tunnel_steps<F: FnMut(&Step)>(
             format_args!("{}; server key {} {}", h.banner, h.key_type, h.fingerprint),
         ),
         Err(e) => {
-            return Err(rec.fail(
-                StepKind::SshHandshake,
-                Some(t.elapsed()),
-                e,
-                "the port answers but does not complete an SSH key exchange: is it really sshd?",
-            ));
+            let hint = if e.contains(super::session::RSA_FEATURE) {
+                "build with `--features rsa`, or give the bastion an ed25519 or ECDSA host key"
+            } else {
+                "the port answers but does not complete an SSH key exchange: is it really sshd?"
+            };
+            return Err(rec.fail(StepKind::SshHandshake, Some(t.elapsed()), e, hint));
         }
     }
 
@@ -576,7 +576,14 @@ async fn ssh_handshake(addr: SocketAddr, timeout: Duration) -> std::result::Resu
         .map_err(|_| format!("no SSH banner within {timeout:?}"))?
         .map_err(|e| format!("reading the SSH banner: {e}"))?;
     let captured = Arc::new(Mutex::new(None));
-    let config = Arc::new(russh::client::Config::default());
+    // The tunnel's host-key algorithms, so a server this build cannot verify fails here, by name.
+    let config = Arc::new(russh::client::Config {
+        preferred: russh::Preferred {
+            key: std::borrow::Cow::Borrowed(super::session::preferred_host_key_algorithms()),
+            ..russh::Preferred::default()
+        },
+        ..russh::client::Config::default()
+    });
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("second TCP connect: {e}"))?;
@@ -594,7 +601,13 @@ async fn ssh_handshake(addr: SocketAddr, timeout: Duration) -> std::result::Resu
             fingerprint: key.fingerprint(russh::keys::HashAlg::Sha256).to_string(),
         }),
         (None, Err(_)) => Err(format!("{banner}: no key exchange within {timeout:?}")),
-        (None, Ok(Err(e))) => Err(format!("{banner}: key exchange failed: {e}")),
+        (None, Ok(Err(e))) => Err(match super::session::rsa_only_host_keys(cfg!(feature = "rsa"), &e) {
+            Some(offered) => format!(
+                "{banner}: the server offers only RSA host keys ({offered}) and this build has no RSA: {}",
+                super::session::RSA_FEATURE
+            ),
+            None => format!("{banner}: key exchange failed: {e}"),
+        }),
         (None, Ok(Ok(_))) => Err(format!("{banner}: the server never proved a host key")),
     }
 }

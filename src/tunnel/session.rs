@@ -25,6 +25,9 @@ use crate::{Error, Result};
 /// How long a graceful close waits for the server to acknowledge before aborting the socket.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// What to do about a bastion that offers only RSA host keys to a build without RSA.
+pub(crate) const RSA_FEATURE: &str = "enable the `rsa` feature of sea-orm-tunnel";
+
 /// The russh client configuration for a tunnel.
 pub(crate) fn russh_config(config: &TunnelConfig) -> russh::client::Config {
     russh::client::Config {
@@ -38,6 +41,7 @@ pub(crate) fn russh_config(config: &TunnelConfig) -> russh::client::Config {
         maximum_packet_size: 32 * 1024,
         preferred: russh::Preferred {
             cipher: Cow::Borrowed(preferred_ciphers()),
+            key: Cow::Borrowed(preferred_host_key_algorithms()),
             ..russh::Preferred::default()
         },
         ..Default::default()
@@ -54,6 +58,33 @@ fn preferred_ciphers() -> &'static [russh::cipher::Name] {
         &AES_FIRST
     } else {
         &CHACHA_FIRST
+    }
+}
+
+/// russh's host-key list, minus RSA in a build without the `rsa` feature: russh advertises RSA
+/// either way but cannot verify an RSA signature without it, so an RSA-only bastion fails in the
+/// algorithm negotiation instead, where [`handshake_error`] names the feature.
+pub(crate) fn preferred_host_key_algorithms() -> &'static [russh::keys::Algorithm] {
+    #[cfg(feature = "rsa")]
+    {
+        &russh::Preferred::DEFAULT.key
+    }
+    #[cfg(not(feature = "rsa"))]
+    {
+        use russh::keys::{Algorithm, EcdsaCurve};
+        static WITHOUT_RSA: [Algorithm; 4] = [
+            Algorithm::Ed25519,
+            Algorithm::Ecdsa {
+                curve: EcdsaCurve::NistP256,
+            },
+            Algorithm::Ecdsa {
+                curve: EcdsaCurve::NistP384,
+            },
+            Algorithm::Ecdsa {
+                curve: EcdsaCurve::NistP521,
+            },
+        ];
+        &WITHOUT_RSA
     }
 }
 
@@ -262,12 +293,35 @@ pub(crate) async fn establish(inner: &Inner) -> Result<Arc<SshSession>> {
 }
 
 fn handshake_error(config: &TunnelConfig, e: russh::Error) -> Error {
+    if let Some(offered) = rsa_only_host_keys(cfg!(feature = "rsa"), &e) {
+        return Error::FeatureRequired {
+            host: config.host.clone(),
+            port: config.port,
+            needs: format!("RSA host keys (the bastion offers only {offered})"),
+            feature: "rsa",
+        };
+    }
     Error::SshConnect {
         host: config.host.clone(),
         port: config.port,
         message: format!("SSH handshake failed: {e}"),
         source: Some(Arc::new(e)),
     }
+}
+
+/// The bastion's host-key algorithms, when the negotiation failed only because this build has no
+/// RSA (`rsa_enabled` is the feature, a parameter so both cases are tested in one build).
+pub(crate) fn rsa_only_host_keys(rsa_enabled: bool, e: &russh::Error) -> Option<String> {
+    let russh::Error::NoCommonAlgo {
+        kind: russh::AlgorithmKind::Key,
+        theirs,
+        ..
+    } = e
+    else {
+        return None;
+    };
+    let is_rsa = |name: &String| name.starts_with("rsa-sha2-") || name.starts_with("ssh-rsa");
+    (!rsa_enabled && theirs.iter().any(is_rsa)).then(|| theirs.join(","))
 }
 
 /// Watches one session until it dies (or the tunnel shuts down), then reports it lost; or
@@ -367,5 +421,63 @@ impl std::fmt::Debug for SshSession {
             .field("id", &self.id)
             .field("channels", &self.channels.load(Ordering::Relaxed))
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_common_host_key(theirs: &[&str]) -> russh::Error {
+        russh::Error::NoCommonAlgo {
+            kind: russh::AlgorithmKind::Key,
+            ours: vec!["ssh-ed25519".into()],
+            theirs: theirs.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn an_rsa_only_bastion_without_the_feature_is_named() {
+        let e = no_common_host_key(&["rsa-sha2-512", "rsa-sha2-256"]);
+        assert_eq!(
+            rsa_only_host_keys(false, &e).as_deref(),
+            Some("rsa-sha2-512,rsa-sha2-256")
+        );
+        // With RSA built in, a failed negotiation is something else and keeps russh's message.
+        assert_eq!(rsa_only_host_keys(true, &e), None);
+        // No RSA on offer either (e.g. DSA only): not ours to explain.
+        assert_eq!(rsa_only_host_keys(false, &no_common_host_key(&["ssh-dss"])), None);
+        let cipher = russh::Error::NoCommonAlgo {
+            kind: russh::AlgorithmKind::Cipher,
+            ours: vec![],
+            theirs: vec!["rsa-sha2-512".into()],
+        };
+        assert_eq!(rsa_only_host_keys(false, &cipher), None);
+    }
+
+    #[test]
+    fn the_missing_feature_error_is_permanent_and_says_what_to_enable() {
+        let config = TunnelConfig::new("bastion.example", "deploy").port(2222);
+        let e = handshake_error(&config, no_common_host_key(&["ssh-rsa", "rsa-sha2-512"]));
+        if cfg!(feature = "rsa") {
+            assert!(matches!(e, Error::SshConnect { .. }), "{e:?}");
+        } else {
+            let text = e.to_string();
+            assert!(!e.is_transient(), "{e:?}");
+            assert!(text.contains("bastion.example:2222"), "{text}");
+            assert!(text.contains("enable the `rsa` feature of sea-orm-tunnel"), "{text}");
+            assert!(text.contains("ssh-rsa,rsa-sha2-512"), "{text}");
+        }
+    }
+
+    #[test]
+    fn rsa_host_keys_are_offered_only_with_the_feature() {
+        let offered = preferred_host_key_algorithms();
+        assert!(offered.contains(&russh::keys::Algorithm::Ed25519));
+        assert_eq!(
+            offered.iter().any(|a| matches!(a, russh::keys::Algorithm::Rsa { .. })),
+            cfg!(feature = "rsa"),
+            "{offered:?}"
+        );
     }
 }
