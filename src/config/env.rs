@@ -16,7 +16,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 
 use super::validate::Naming;
-use super::{AuthConfig, Config, HostKeyPolicy, LocalEndpointConfig, Profile, TunnelConfig};
+use super::{AuthConfig, Config, HostKeyPolicy, JumpHost, LocalEndpointConfig, Profile, TunnelConfig};
 use crate::url::{parse_database_url, tcp_target};
 use crate::{Error, Result};
 
@@ -55,6 +55,8 @@ pub const ENV_VARS: &[&str] = &[
     "SSH_RETRY_DELAY",
     "SSH_KEEPALIVE_INTERVAL",
     "SSH_KEEPALIVE_MAX",
+    "SSH_PROXY_JUMP",
+    "SSH_CERTIFICATE_PATH",
 ];
 
 impl Config {
@@ -92,6 +94,8 @@ impl Config {
     /// | `SSH_MAX_CHANNELS` / `SSH_MAX_SESSIONS` | profile |
     /// | `SSH_MAX_RETRIES` (0 = forever) / `SSH_RETRY_DELAY` (ms) | profile |
     /// | `SSH_KEEPALIVE_INTERVAL` (ms) / `SSH_KEEPALIVE_MAX` | 5000 / 3 |
+    /// | `SSH_PROXY_JUMP` (`[user@]host[:port],...`, OpenSSH `ProxyJump`) | none |
+    /// | `SSH_CERTIFICATE_PATH` (OpenSSH user certificate) | `<key>-cert.pub` when present |
     ///
     /// Booleans accept `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off` (any case). `~` in paths
     /// is expanded with `$HOME`. The `SSH_*` variables are read only when `SSH_HOST` is set.
@@ -517,6 +521,12 @@ fn read_tunnel(
     if let Some(v) = vars.count("SSH_KEEPALIVE_MAX", usize::MAX)? {
         t.keepalive_max = v;
     }
+    if let Some(hops) = vars.parse("SSH_PROXY_JUMP", |name, v| JumpHost::parse_list(v, name))? {
+        t.proxy_jump = hops;
+    }
+    if let Some(path) = vars.path("SSH_CERTIFICATE_PATH")? {
+        t.auth.certificate_path = Some(path);
+    }
     Ok(Some(t))
 }
 
@@ -577,6 +587,9 @@ fn read_auth(vars: &Vars<'_>) -> Result<AuthConfig> {
         passphrase,
         use_agent,
         agent_socket: None,
+        extra_key_paths: Vec::new(),
+        certificate_path: None,
+        identities_only: false,
     })
 }
 

@@ -56,6 +56,30 @@ pub struct TunnelConfig {
     /// How long an extra SSH session opened for capacity may stay without channels before it is
     /// closed; the last session is always kept. Default 60 s.
     pub session_idle_timeout: Duration,
+    /// `SSH_PROXY_JUMP` (OpenSSH `ProxyJump`): jump hosts to pass through, in order, before
+    /// [`host`](Self::host). Empty = connect directly. Default empty.
+    pub proxy_jump: Vec<JumpHost>,
+    /// ssh_config `HostKeyAlias`: the name to look up and record in known_hosts instead of
+    /// [`host`](Self::host) (the port is then not part of the lookup). Default `None`.
+    pub host_key_alias: Option<String>,
+    /// More known_hosts files to read, after [`known_hosts`](Self::known_hosts) (ssh_config's
+    /// further `UserKnownHostsFile`s and `GlobalKnownHostsFile`). Only read: `accept-new` appends
+    /// to [`known_hosts`](Self::known_hosts). Default empty.
+    pub extra_known_hosts: Vec<PathBuf>,
+}
+
+/// One hop of a ProxyJump chain: `[user@]host[:port]`.
+///
+/// `user` and `port` unset mean the tunnel's user and port 22 (OpenSSH's meaning).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JumpHost {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// Port; `None` = 22.
+    pub port: Option<u16>,
+    /// Login name; `None` = the tunnel's [`user`](TunnelConfig::user).
+    pub user: Option<String>,
 }
 
 /// SSH authentication sources, tried in order: key file, then agent.
@@ -73,6 +97,15 @@ pub struct AuthConfig {
     /// The ssh-agent socket to use instead of `SSH_AUTH_SOCK` (read when the tunnel connects).
     /// Default `None`.
     pub agent_socket: Option<PathBuf>,
+    /// More private keys to offer after [`key_path`](Self::key_path), in order (ssh_config's
+    /// further `IdentityFile`s). Default empty.
+    pub extra_key_paths: Vec<PathBuf>,
+    /// `SSH_CERTIFICATE_PATH` (ssh_config `CertificateFile`): an OpenSSH user certificate for
+    /// the key. `None` = `<key>-cert.pub` when that file exists. Default `None`.
+    pub certificate_path: Option<PathBuf>,
+    /// ssh_config `IdentitiesOnly`: offer agent keys only when they match a configured key
+    /// file. Default false.
+    pub identities_only: bool,
 }
 
 /// How the bastion's host key is verified.
@@ -136,7 +169,31 @@ impl TunnelConfig {
             keepalive_max: profile::KEEPALIVE_MAX,
             connect_timeout: d.connect_timeout,
             session_idle_timeout: Duration::from_secs(60),
+            proxy_jump: Vec::new(),
+            host_key_alias: None,
+            extra_known_hosts: Vec::new(),
         }
+    }
+
+    /// `SSH_PROXY_JUMP`: pass through these jump hosts, in order (empty = connect directly).
+    #[must_use]
+    pub fn proxy_jump(mut self, hops: impl IntoIterator<Item = JumpHost>) -> Self {
+        self.proxy_jump = hops.into_iter().collect();
+        self
+    }
+
+    /// ssh_config `HostKeyAlias`: verify and record the host key under this name.
+    #[must_use]
+    pub fn host_key_alias(mut self, alias: impl Into<String>) -> Self {
+        self.host_key_alias = Some(alias.into());
+        self
+    }
+
+    /// Also read these known_hosts files (read-only), after [`known_hosts`](Self::known_hosts).
+    #[must_use]
+    pub fn extra_known_hosts(mut self, files: impl IntoIterator<Item = PathBuf>) -> Self {
+        self.extra_known_hosts = files.into_iter().collect();
+        self
     }
 
     /// `SSH_HOST`: the bastion.
@@ -303,6 +360,9 @@ impl fmt::Debug for TunnelConfig {
             .field("keepalive_max", &self.keepalive_max)
             .field("connect_timeout", &self.connect_timeout)
             .field("session_idle_timeout", &self.session_idle_timeout)
+            .field("proxy_jump", &self.proxy_jump)
+            .field("host_key_alias", &self.host_key_alias)
+            .field("extra_known_hosts", &self.extra_known_hosts)
             .finish()
     }
 }
@@ -323,6 +383,9 @@ impl AuthConfig {
             passphrase: None,
             use_agent: agent,
             agent_socket: None,
+            extra_key_paths: Vec::new(),
+            certificate_path: None,
+            identities_only: false,
         }
     }
 
@@ -333,6 +396,9 @@ impl AuthConfig {
             passphrase: None,
             use_agent: false,
             agent_socket: None,
+            extra_key_paths: Vec::new(),
+            certificate_path: None,
+            identities_only: false,
         }
     }
 
@@ -343,6 +409,9 @@ impl AuthConfig {
             passphrase: None,
             use_agent: true,
             agent_socket: None,
+            extra_key_paths: Vec::new(),
+            certificate_path: None,
+            identities_only: false,
         }
     }
 
@@ -376,6 +445,28 @@ impl AuthConfig {
         self
     }
 
+    /// `SSH_CERTIFICATE_PATH`: the OpenSSH user certificate to present with the key (default:
+    /// `<key>-cert.pub` when that file exists). A leading `~/` is expanded with `$HOME`.
+    #[must_use]
+    pub fn certificate(mut self, path: impl Into<PathBuf>) -> Self {
+        self.certificate_path = Some(expand_home(path.into()));
+        self
+    }
+
+    /// More private keys to offer after [`key_path`](Self::key_path), in order.
+    #[must_use]
+    pub fn extra_key_paths(mut self, paths: impl IntoIterator<Item = PathBuf>) -> Self {
+        self.extra_key_paths = paths.into_iter().map(expand_home).collect();
+        self
+    }
+
+    /// ssh_config `IdentitiesOnly`: offer agent keys only when they match a configured key file.
+    #[must_use]
+    pub fn identities_only(mut self, only: bool) -> Self {
+        self.identities_only = only;
+        self
+    }
+
     /// Use the ssh-agent listening on `socket` instead of the one `SSH_AUTH_SOCK` names, and
     /// enable the agent. For services that run their own agent, and for tests.
     #[must_use]
@@ -400,6 +491,9 @@ impl fmt::Debug for AuthConfig {
             .field("passphrase", &self.passphrase.as_ref().map(|_| Redacted))
             .field("use_agent", &self.use_agent)
             .field("agent_socket", &self.agent_socket)
+            .field("extra_key_paths", &self.extra_key_paths)
+            .field("certificate_path", &self.certificate_path)
+            .field("identities_only", &self.identities_only)
             .finish()
     }
 }
@@ -483,6 +577,105 @@ impl fmt::Display for HostKeyPolicy {
     }
 }
 
+impl JumpHost {
+    /// A hop `host` with the tunnel's user and port 22.
+    pub fn new(host: impl Into<String>) -> Self {
+        JumpHost {
+            host: host.into(),
+            port: None,
+            user: None,
+        }
+    }
+
+    /// The port of this hop.
+    #[must_use]
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// The login name on this hop.
+    #[must_use]
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// Parses OpenSSH `ProxyJump` syntax: comma-separated `[user@]host[:port]` or
+    /// `ssh://[user@]host[:port]`, IPv6 addresses in brackets; `none` (or empty) = no hops.
+    /// `variable` names the setting in errors (e.g. `SSH_PROXY_JUMP`).
+    pub fn parse_list(value: &str, variable: &str) -> Result<Vec<JumpHost>> {
+        let value = value.trim();
+        if value.is_empty() || value.eq_ignore_ascii_case("none") {
+            return Ok(Vec::new());
+        }
+        value
+            .split(',')
+            .map(|hop| JumpHost::parse_one(hop.trim(), variable))
+            .collect()
+    }
+
+    fn parse_one(hop: &str, variable: &str) -> Result<JumpHost> {
+        let bad = |why: &str| Error::config(variable, format!("jump host {hop:?} {why}"));
+        let rest = hop.strip_prefix("ssh://").unwrap_or(hop);
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (user, hostport) = match rest.rsplit_once('@') {
+            Some(("", _)) => return Err(bad("has an empty user name before '@'")),
+            Some((u, h)) => (Some(u.to_owned()), h),
+            None => (None, rest),
+        };
+        let (host, port) = if let Some(inner) = hostport.strip_prefix('[') {
+            let (host, after) = inner.split_once(']').ok_or_else(|| bad("has '[' without ']'"))?;
+            match after {
+                "" => (host, None),
+                p => (
+                    host,
+                    Some(p.strip_prefix(':').ok_or_else(|| bad("has text after ']'"))?),
+                ),
+            }
+        } else {
+            match hostport.split_once(':') {
+                Some((h, p)) if !p.contains(':') => (h, Some(p)),
+                // A bare IPv6 address without brackets and without a port.
+                Some(_) => (hostport, None),
+                None => (hostport, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("has no host name"));
+        }
+        if host.starts_with('-') || host.chars().any(|c| c.is_whitespace() || c == '/' || c == '\\') {
+            return Err(bad("is not a valid host name"));
+        }
+        let port = match port {
+            None => None,
+            Some(p) => match p.parse::<u16>() {
+                Ok(0) | Err(_) => return Err(bad("has a port that is not a number from 1 to 65535")),
+                Ok(p) => Some(p),
+            },
+        };
+        Ok(JumpHost {
+            host: host.to_owned(),
+            port,
+            user,
+        })
+    }
+}
+
+impl fmt::Display for JumpHost {
+    /// `[user@]host[:port]`, IPv6 hosts in brackets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(user) = &self.user {
+            write!(f, "{user}@")?;
+        }
+        match (self.host.contains(':'), self.port) {
+            (true, Some(p)) => write!(f, "[{}]:{p}", self.host),
+            (false, Some(p)) => write!(f, "{}:{p}", self.host),
+            (_, None) => f.write_str(&self.host),
+        }
+    }
+}
+
 impl Default for LocalEndpointConfig {
     /// `Tcp(0)`: an ephemeral loopback port.
     fn default() -> Self {
@@ -527,5 +720,27 @@ mod tests {
         assert!(HostKeyPolicy::from_str("SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2t").is_err());
         assert!(HostKeyPolicy::from_str("SHA256:short").is_err());
         assert!(HostKeyPolicy::from_str("MD5:aa:bb").is_err());
+    }
+
+    #[test]
+    fn proxy_jump_syntax() {
+        let hops =
+            JumpHost::parse_list("alice@jump1:2222, jump2,ssh://bob@[::1]:23,[fe80::1]", "SSH_PROXY_JUMP").unwrap();
+        assert_eq!(
+            hops,
+            vec![
+                JumpHost::new("jump1").user("alice").port(2222),
+                JumpHost::new("jump2"),
+                JumpHost::new("::1").user("bob").port(23),
+                JumpHost::new("fe80::1"),
+            ]
+        );
+        assert_eq!(hops[2].to_string(), "bob@[::1]:23");
+        assert_eq!(hops[0].to_string(), "alice@jump1:2222");
+        assert!(JumpHost::parse_list("none", "X").unwrap().is_empty());
+        for bad in ["jump:0", "jump:http", "@jump", "a,,b", "[::1", "-oProxyCommand=x"] {
+            let e = JumpHost::parse_list(bad, "SSH_PROXY_JUMP").unwrap_err().to_string();
+            assert!(e.contains("SSH_PROXY_JUMP"), "{bad}: {e}");
+        }
     }
 }

@@ -15,5 +15,5 @@ pub use fault_proxy::FaultProxy;
 pub use helpers::{eventually, fast_config};
 pub use postgres::TempPostgres;
 pub use sandbox::Sandbox;
-pub use sshd::{KeyKind, OpenSshd, SshForward};
+pub use sshd::{KeyKind, OpenSshd, OpenSshdBuilder, SshForward};
 pub use util::TestkitError;

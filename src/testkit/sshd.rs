@@ -4,7 +4,7 @@
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -52,10 +52,11 @@ impl KeyKind {
 
 /// The system OpenSSH `sshd` with a private configuration in a temp dir.
 ///
-/// It listens on `127.0.0.1` on a free port with its own ed25519 host key, allows only public
+/// It listens on `127.0.0.1` (or the [builder](OpenSshd::builder)'s loopback address) on a free port with its own ed25519 host key, allows only public
 /// key authentication for the current OS user, and allows TCP forwarding. An unencrypted
 /// ed25519 client key is generated and authorised, and a `known_hosts` file lists the host key
-/// as `[127.0.0.1]:PORT`.
+/// as `[127.0.0.1]:PORT`. [`OpenSshd::builder`] picks another loopback address and adds
+/// `sshd_config` lines.
 ///
 /// Faults: [`drop_sessions`](Self::drop_sessions) kills established sessions (the listener stays),
 /// [`pause_sessions`](Self::pause_sessions) freezes them (a silent dead link),
@@ -89,6 +90,56 @@ pub struct OpenSshd {
     user: String,
     host_key: Mutex<HostKey>,
     counter: AtomicUsize,
+    /// The loopback address sshd listens on (`127.0.0.1` unless the builder chose another).
+    address: IpAddr,
+    /// `host` as written in known_hosts and used to connect: the address's text.
+    host: String,
+    /// Extra sshd_config lines, written before the defaults (sshd keeps a keyword's first value).
+    extra_config: Mutex<Vec<String>>,
+}
+
+/// Options for [`OpenSshd`]: [`OpenSshd::builder`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use sea_orm_tunnel::testkit::OpenSshd;
+///
+/// // A second bastion on another loopback address that drops unauthenticated connections early.
+/// let sshd = OpenSshd::builder()
+///     .address("127.0.0.2".parse()?)
+///     .config_line("MaxStartups 3:50:6")
+///     .start()
+///     .await?;
+/// assert_eq!(sshd.host(), "127.0.0.2");
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct OpenSshdBuilder {
+    address: IpAddr,
+    extra_config: Vec<String>,
+}
+
+impl OpenSshdBuilder {
+    /// Listen on this loopback address instead of `127.0.0.1` (e.g. `127.0.0.2`, for a second
+    /// host in a jump chain). Only loopback addresses are accepted by [`start`](Self::start).
+    pub fn address(mut self, address: IpAddr) -> Self {
+        self.address = address;
+        self
+    }
+
+    /// An extra `sshd_config` line (e.g. `MaxStartups 3:50:6`, `TrustedUserCAKeys /path`). Extra
+    /// lines come before the test kit's defaults, and sshd keeps the first value of a keyword, so
+    /// they override them.
+    pub fn config_line(mut self, line: impl Into<String>) -> Self {
+        self.extra_config.push(line.into());
+        self
+    }
+
+    /// Generates keys and config and starts sshd, as [`OpenSshd::start`] does.
+    pub async fn start(self) -> Result<OpenSshd> {
+        OpenSshd::start_with(self).await
+    }
 }
 
 #[derive(Clone)]
@@ -117,6 +168,24 @@ impl OpenSshd {
     /// Fails with [`TestkitError::MissingBinary`] naming `apt-get install openssh-server` when
     /// `sshd` is not on `PATH` or in `/usr/sbin`.
     pub async fn start() -> Result<OpenSshd> {
+        Self::builder().start().await
+    }
+
+    /// Options: listen address, extra `sshd_config` lines.
+    pub fn builder() -> OpenSshdBuilder {
+        OpenSshdBuilder {
+            address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            extra_config: Vec::new(),
+        }
+    }
+
+    async fn start_with(options: OpenSshdBuilder) -> Result<OpenSshd> {
+        if !options.address.is_loopback() {
+            return Err(TestkitError::Unsupported(format!(
+                "OpenSshd listens only on loopback addresses, not {}",
+                options.address
+            )));
+        }
         let system_dirs = [
             PathBuf::from("/usr/sbin"),
             PathBuf::from("/usr/local/sbin"),
@@ -145,6 +214,9 @@ impl OpenSshd {
                 fingerprint: String::new(),
             }),
             counter: AtomicUsize::new(0),
+            address: options.address,
+            host: options.address.to_string(),
+            extra_config: Mutex::new(options.extra_config),
             dir,
         };
         let client_key = sshd.client_key_path();
@@ -174,9 +246,10 @@ impl OpenSshd {
         Ok(sshd)
     }
 
-    /// Always `127.0.0.1`.
+    /// The address sshd listens on as text: `127.0.0.1` unless [`OpenSshdBuilder::address`]
+    /// chose another.
     pub fn host(&self) -> &str {
-        "127.0.0.1"
+        &self.host
     }
 
     /// The port sshd listens on; stable across [`stop`](Self::stop) / [`start_again`](Self::start_again).
@@ -184,9 +257,23 @@ impl OpenSshd {
         self.port.load(Ordering::Relaxed)
     }
 
-    /// `127.0.0.1:PORT`.
+    /// `HOST:PORT` (`127.0.0.1:PORT` by default).
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port()))
+        SocketAddr::new(self.address, self.port())
+    }
+
+    /// Appends an `sshd_config` line (overriding the test kit's default for that keyword) and
+    /// restarts the server on the same port when it is running, so the line takes effect.
+    pub async fn add_config_line(&self, line: impl Into<String>) -> Result<()> {
+        self.extra_config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(line.into());
+        self.write_config()?;
+        if self.is_running() {
+            self.restart().await?;
+        }
+        Ok(())
     }
 
     /// The OS user that may log in (the current user).
@@ -204,7 +291,7 @@ impl OpenSshd {
         self.dir.path().join("id_ed25519")
     }
 
-    /// A known_hosts file with one line: `[127.0.0.1]:PORT ssh-ed25519 ...`.
+    /// A known_hosts file with one line: `[HOST]:PORT ssh-ed25519 ...`.
     ///
     /// [`rotate_host_key`](Self::rotate_host_key) leaves it unchanged (so it then records the
     /// old key); [`trust_host_key`](Self::trust_host_key) rewrites it.
@@ -236,9 +323,9 @@ impl OpenSshd {
         self.host_key.lock().unwrap_or_else(|p| p.into_inner()).public.clone()
     }
 
-    /// The known_hosts line for the current host key: `[127.0.0.1]:PORT ssh-ed25519 AAAA...`.
+    /// The known_hosts line for the current host key: `[HOST]:PORT ssh-ed25519 AAAA...`.
     pub fn known_hosts_line(&self) -> String {
-        format!("[127.0.0.1]:{} {}", self.port(), self.host_public_key())
+        format!("[{}]:{} {}", self.host, self.port(), self.host_public_key())
     }
 
     /// Rewrites [`known_hosts_path`](Self::known_hosts_path) to list the current host key only.
@@ -398,7 +485,7 @@ impl OpenSshd {
             ])
             .arg("-o")
             .arg(format!("UserKnownHostsFile={}", self.known_hosts_path().display()))
-            .args(["-o", "ConnectTimeout=20", "-l", &self.user, "127.0.0.1"])
+            .args(["-o", "ConnectTimeout=20", "-l", &self.user, &self.host])
             .stdin(Stdio::null());
         cmd
     }
@@ -517,11 +604,20 @@ impl OpenSshd {
 
     fn write_config(&self) -> Result<()> {
         let dir = self.dir.path().display();
+        let extra: String = self
+            .extra_config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|line| format!("{line}\n"))
+            .collect();
         let config = format!(
             "# Generated by sea-orm-tunnel's test kit.\n\
+             # Extra lines first: sshd keeps the first value of a keyword.\n\
+             {extra}\
              Port {port}\n\
-             ListenAddress 127.0.0.1\n\
-             AddressFamily inet\n\
+             ListenAddress {address}\n\
+             AddressFamily {family}\n\
              HostKey {dir}/ssh_host_ed25519_key\n\
              PidFile {dir}/sshd.pid\n\
              AuthorizedKeysFile {dir}/authorized_keys\n\
@@ -545,6 +641,8 @@ impl OpenSshd {
              LogLevel VERBOSE\n",
             port = self.port(),
             user = self.user,
+            address = self.address,
+            family = if self.address.is_ipv4() { "inet" } else { "inet6" },
         );
         let path = self.config_path();
         std::fs::write(&path, config).map_err(|e| TestkitError::io(format!("writing {}", path.display()), e))
