@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sea_orm_tunnel::Error;
 use sea_orm_tunnel::config::{
-    AuthConfig, BackoffPolicy, Config, ENV_VARS, HostKeyPolicy, LocalEndpointConfig, PoolConfig, Profile,
+    AuthConfig, BackoffPolicy, Config, ENV_VARS, HostKeyPolicy, JumpHost, LocalEndpointConfig, PoolConfig, Profile,
     SessionSettings, TunnelConfig, redact_url,
 };
 use secrecy::ExposeSecret;
@@ -171,6 +171,8 @@ fn every_variable_is_parsed() {
         ("SSH_RETRY_DELAY", "750"),
         ("SSH_KEEPALIVE_INTERVAL", "1500"),
         ("SSH_KEEPALIVE_MAX", "2"),
+        ("SSH_PROXY_JUMP", "ops@jump.example.com:2200,jump2.example.com"),
+        ("SSH_CERTIFICATE_PATH", "~/deploy_key-cert.pub"),
         ("HOME", home.path().to_str().unwrap()),
         ("SSH_AUTH_SOCK", socket.to_str().unwrap()),
     ]);
@@ -216,6 +218,17 @@ fn every_variable_is_parsed() {
     assert_eq!(t.keepalive_interval, ms(1_500));
     assert_eq!(t.keepalive_max, 2);
     assert_eq!(t.connect_timeout, ms(2_500), "the tunnel waits as long as the pool");
+    assert_eq!(
+        t.proxy_jump,
+        vec![
+            JumpHost::new("jump.example.com").user("ops").port(2200),
+            JumpHost::new("jump2.example.com")
+        ]
+    );
+    assert_eq!(
+        t.auth.certificate_path.as_deref(),
+        Some(home.path().join("deploy_key-cert.pub").as_path())
+    );
 }
 
 #[test]
