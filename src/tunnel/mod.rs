@@ -34,8 +34,9 @@
 //!   fail the acquire at once).
 //! - **Liveness.** Every session is pinged each `keepalive_interval`; without a reply for
 //!   `keepalive_interval × keepalive_max` it is declared dead and its socket is aborted.
-//! - **Recovery.** When the last session is lost the supervisor reconnects: the first attempt at
-//!   once, then with the `reconnect` backoff. Each attempt is a [`TunnelEvent::Reconnecting`];
+//! - **Recovery.** When the last session is lost the supervisor reconnects: the first attempt
+//!   after a random spread in `[0, min(initial_delay, 1 s))` (so replicas that lost one bastion
+//!   together do not all knock at once; none without jitter), then with the `reconnect` backoff. Each attempt is a [`TunnelEvent::Reconnecting`];
 //!   after `max_retries` (0 = forever) the state becomes [`TunnelState::Failed`]. The tunnel
 //!   keeps trying: `reconnect.max_delay` (plus jitter) after a round gave up on transient errors
 //!   it starts a new round with the same schedule and limit, until it is shut down. Permanent

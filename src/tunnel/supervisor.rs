@@ -1,8 +1,11 @@
 //! The supervisor: establishes the first session and replaces lost ones with backoff.
 //!
-//! Schedule: the first attempt runs at once (a dropped session is usually back in ~0.1 s), every
-//! retry waits the next delay of `config.reconnect` ([`BackoffPolicy::delays`]). The schedule ends
-//! after `max_retries` retries (0 = never) or `max_elapsed`; then the tunnel is
+//! Schedule: the initial connect's first attempt runs at once. The first attempt after a lost
+//! session waits a random spread in `[0, min(initial_delay, 1 s))` (none when the policy's jitter
+//! is 0): replicas that lost one bastion together must not all knock in the same instant, or
+//! sshd's `MaxStartups` (default `10:30:100`) drops their unauthenticated connections at random.
+//! Every retry waits the next delay of `config.reconnect` ([`BackoffPolicy::delays`]). The
+//! schedule ends after `max_retries` retries (0 = never) or `max_elapsed`; then the tunnel is
 //! [`TunnelState::Failed`] with the last error. A permanent error ends it at once.
 //!
 //! The supervisor alone decides when a round starts. After a round gave up on transient errors
@@ -95,7 +98,11 @@ fn fail(inner: &Inner, error: Error) {
 /// One round of connection attempts following the backoff schedule.
 async fn attempts(inner: &Arc<Inner>, reconnecting: bool) -> std::result::Result<Arc<SshSession>, Outcome> {
     let mut delays = inner.config.reconnect.delays();
-    let mut delay = Duration::ZERO;
+    let mut delay = if reconnecting {
+        first_reconnect_spread(&inner.config.reconnect, fastrand::f64())
+    } else {
+        Duration::ZERO
+    };
     let mut attempt: u32 = 1;
     let mut last_error = if reconnecting {
         inner.last_error().map(|e| e.to_string()).unwrap_or_default()
@@ -146,6 +153,22 @@ async fn attempts(inner: &Arc<Inner>, reconnecting: bool) -> std::result::Result
     }
 }
 
+/// How long the first reconnect attempt after a lost session waits: `unit` (uniform in `[0, 1)`)
+/// of a window of `min(initial_delay, 1 s)`. A policy without jitter keeps a deterministic
+/// schedule: the attempt runs at once.
+fn first_reconnect_spread(policy: &BackoffPolicy, unit: f64) -> Duration {
+    let jitter = if policy.jitter.is_finite() {
+        policy.jitter.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    if jitter == 0.0 {
+        return Duration::ZERO;
+    }
+    let window = policy.initial_delay.min(Duration::from_secs(1)).as_secs_f64();
+    Duration::try_from_secs_f64(window * unit.clamp(0.0, 1.0)).unwrap_or(Duration::ZERO)
+}
+
 /// The pause between a round that gave up and the next one: the slowest retry of the schedule,
 /// `max_delay`, stretched by up to `jitter` (as the schedule's delays are) so that tunnels that
 /// lost the same bastion do not all come back at the same instant.
@@ -162,6 +185,30 @@ fn round_pause(policy: &BackoffPolicy) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_reconnect_is_spread_over_at_most_a_second() {
+        let policy = |initial: u64, jitter: f64| BackoffPolicy::new(Duration::from_millis(initial)).jitter(jitter);
+        // Production-like: 1 s first delay, 20 % jitter -> a 1 s window.
+        assert_eq!(first_reconnect_spread(&policy(1000, 0.2), 0.0), Duration::ZERO);
+        let top = first_reconnect_spread(&policy(1000, 0.2), 0.999_999);
+        assert!(
+            top > Duration::from_millis(999) && top < Duration::from_secs(1),
+            "{top:?}"
+        );
+        // Never more than a second, however long the first delay and wide the jitter.
+        assert!(first_reconnect_spread(&policy(30_000, 1.0), 0.999_999) < Duration::from_secs(1));
+        // Never more than the first delay itself.
+        assert!(first_reconnect_spread(&policy(100, 0.5), 0.999_999) < Duration::from_millis(100));
+        // No jitter: a deterministic schedule, the first attempt at once.
+        assert_eq!(first_reconnect_spread(&policy(1000, 0.0), 0.7), Duration::ZERO);
+        assert_eq!(first_reconnect_spread(&policy(1000, f64::NAN), 0.7), Duration::ZERO);
+        // Spread, not a constant: two replicas drawing different numbers wait differently.
+        assert_ne!(
+            first_reconnect_spread(&policy(1000, 0.2), 0.1),
+            first_reconnect_spread(&policy(1000, 0.2), 0.9)
+        );
+    }
 
     #[test]
     fn the_pause_between_rounds_is_max_delay_stretched_by_the_jitter() {
