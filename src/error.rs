@@ -150,6 +150,19 @@ pub enum Error {
         tried: String,
     },
 
+    /// PostgreSQL rejected the password (SQLSTATE 28P01) from a rotating
+    /// [`PasswordSource`](crate::config::PasswordSource). Transient while the source is being
+    /// re-read (within its `rejection_grace`), permanent after that.
+    #[error("PostgreSQL rejected the password from {source_name}: {message}")]
+    PasswordRejected {
+        /// The source, e.g. `DATABASE_PASSWORD_FILE (/run/secrets/db)`; never the password.
+        source_name: String,
+        /// The server's error, and how long it has been rejected.
+        message: String,
+        /// Whether a fresh read may still fix it.
+        transient: bool,
+    },
+
     /// The bastion needs an algorithm this build leaves out: an optional cargo feature is off.
     #[error("SSH connection to {host}:{port} needs {needs}: enable the `{feature}` feature of sea-orm-tunnel")]
     FeatureRequired {
@@ -259,7 +272,7 @@ impl Error {
             | Error::FeatureRequired { .. }
             | Error::NotInitialized(_)
             | Error::ShutDown(_) => false,
-            Error::ChannelRefused { transient, .. } => *transient,
+            Error::ChannelRefused { transient, .. } | Error::PasswordRejected { transient, .. } => *transient,
             Error::TunnelFailed(inner) => inner.is_transient(),
             Error::SshConnect { .. } | Error::TunnelLost { .. } | Error::Timeout { .. } | Error::Io { .. } => true,
             Error::Database(e) => db_err_is_transient(e),

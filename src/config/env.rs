@@ -38,6 +38,7 @@ pub const ENV_VARS: &[&str] = &[
     "POSTGRES_LEAK_DETECTION_THRESHOLD",
     "CONNECTION_LOG_TO_DB",
     "SHUTDOWN_DRAIN_TIMEOUT",
+    "DATABASE_PASSWORD_FILE",
     "SSH_HOST",
     "SSH_PORT",
     "SSH_USER",
@@ -81,6 +82,7 @@ impl Config {
     /// | `POSTGRES_LEAK_DETECTION_THRESHOLD` (ms, 0 = off) | off |
     /// | `CONNECTION_LOG_TO_DB` | false |
     /// | `SHUTDOWN_DRAIN_TIMEOUT` (ms) | 5000 |
+    /// | `DATABASE_PASSWORD_FILE` (the password, re-read when the file changes; `DATABASE_URL` then has none) | none |
     /// | `SSH_HOST` | unset = no tunnel |
     /// | `SSH_PORT` | 22 |
     /// | `SSH_USER` | required with `SSH_HOST` |
@@ -411,6 +413,9 @@ fn read_config(vars: &Vars<'_>) -> Result<Config> {
     }
     if let Some(v) = vars.millis("SHUTDOWN_DRAIN_TIMEOUT")? {
         config.shutdown_drain_timeout = v;
+    }
+    if let Some(path) = vars.path("DATABASE_PASSWORD_FILE")? {
+        config.password_source = Some(super::PasswordSource::file(path));
     }
 
     config.tunnel = read_tunnel(vars, profile, Some(&url), config.pool.connect_timeout)?;

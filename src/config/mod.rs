@@ -39,6 +39,7 @@ use crate::url::{parse_database_url, tcp_target};
 
 mod backoff;
 mod env;
+mod password;
 mod pool;
 mod profile;
 mod tunnel;
@@ -47,6 +48,7 @@ mod validate;
 pub use crate::url::redact_url;
 pub use backoff::BackoffPolicy;
 pub use env::{ENV_VARS, is_set};
+pub use password::{Credential, CredentialFuture, PasswordProvider, PasswordSource, PasswordSourceKind};
 pub use pool::{HealthConfig, PoolConfig, SessionSettings};
 pub use profile::ProfileDefaults;
 pub use tunnel::{AuthConfig, HostKeyPolicy, JumpHost, LocalEndpointConfig, TunnelConfig};
@@ -87,6 +89,9 @@ pub struct Config {
     pub log_to_db: bool,
     /// `SHUTDOWN_DRAIN_TIMEOUT`: how long shutdown waits for checked-out connections. Default 5 s.
     pub shutdown_drain_timeout: Duration,
+    /// `DATABASE_PASSWORD_FILE`, or a provider: a password that rotates. `None` = the password of
+    /// `DATABASE_URL`. Default `None`.
+    pub password_source: Option<PasswordSource>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -117,7 +122,24 @@ impl Config {
             // migration and a little load on the server the application depends on.
             log_to_db: false,
             shutdown_drain_timeout: profile::SHUTDOWN_DRAIN_TIMEOUT,
+            password_source: None,
         }
+    }
+
+    /// The database password comes from `source` (a file re-read when it changes, or an async
+    /// provider) instead of `DATABASE_URL`, which must then carry none. New connections use the
+    /// newest password without a restart. See [`PasswordSource`].
+    #[must_use]
+    pub fn password_source(mut self, source: PasswordSource) -> Self {
+        self.password_source = Some(source);
+        self
+    }
+
+    /// `DATABASE_PASSWORD_FILE`: [`password_source`](Self::password_source) with
+    /// [`PasswordSource::file`].
+    #[must_use]
+    pub fn password_file(self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.password_source(PasswordSource::file(path))
     }
 
     /// Replaces `DATABASE_URL`. It does not change the remote side of a tunnel that was already set.
@@ -283,6 +305,7 @@ impl fmt::Debug for Config {
             .field("session", &self.session)
             .field("log_to_db", &self.log_to_db)
             .field("shutdown_drain_timeout", &self.shutdown_drain_timeout)
+            .field("password_source", &self.password_source)
             .finish()
     }
 }

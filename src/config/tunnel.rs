@@ -504,7 +504,7 @@ fn home_dir() -> Option<PathBuf> {
 }
 
 /// Expands a leading `~` / `~/` with the process's `$HOME`; other paths are returned unchanged.
-fn expand_home(path: PathBuf) -> PathBuf {
+pub(crate) fn expand_home(path: PathBuf) -> PathBuf {
     match (path.strip_prefix("~"), home_dir()) {
         (Ok(rest), Some(home)) => home.join(rest),
         _ => path,

@@ -60,6 +60,12 @@ impl Config {
         validate_health(&self.health, n)?;
         validate_backoff(&self.recovery, &|f| format!("recovery.{f}"))?;
         validate_session(&self.session, n)?;
+        if let Some(source) = &self.password_source {
+            let has_password = crate::url::split_password(self.database_url.expose_secret())
+                .1
+                .is_some();
+            validate_password_source(source, has_password, url_field, n)?;
+        }
         if let Some(tunnel) = &self.tunnel {
             if tunnel.remote_host.is_empty() && tcp_target(&options).is_none() {
                 return Err(Error::config(
@@ -107,6 +113,33 @@ impl BackoffPolicy {
     pub fn validate(&self) -> Result<()> {
         validate_backoff(self, &|f| f.to_owned())
     }
+}
+
+/// A rotating password replaces the URL's: both at once would leave one of them unused.
+fn validate_password_source(
+    source: &super::PasswordSource,
+    url_has_password: bool,
+    url_field: &str,
+    n: Naming,
+) -> Result<()> {
+    let field = n.pick("password_source", "DATABASE_PASSWORD_FILE");
+    if url_has_password {
+        return Err(Error::config(
+            field,
+            format!(
+                "is set and {url_field} carries a password too: remove the password from {url_field}                  (the {} is used for every new connection)",
+                source.describe()
+            ),
+        ));
+    }
+    nonzero(source.check_interval, &format!("{field}.check_interval"))?;
+    nonzero(source.refresh_interval, &format!("{field}.refresh_interval"))?;
+    if let super::PasswordSourceKind::File(path) = &source.kind
+        && path.as_os_str().is_empty()
+    {
+        return Err(Error::config(field, "is empty: give the path of the password file"));
+    }
+    Ok(())
 }
 
 fn nonzero(value: Duration, field: &str) -> Result<()> {

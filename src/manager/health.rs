@@ -178,9 +178,12 @@ impl Inner {
                             &format_args!("after a failed probe ({} retirements so far)", self.generation.bumps()),
                         );
                     }
+                    let e = crate::error::Error::Database(e);
                     error = Some(match self.tunnel.as_ref().and_then(|t| t.permanent_error()) {
                         // The driver saw a closed socket; say why it was closed.
                         Some(cause) => format!("database unreachable through the tunnel: {cause}"),
+                        // A rejected rotating password asks for a fresh read at once.
+                        None if super::password::is_password_rejected(&e) => format!("database: {}", self.explain(e)),
                         None => format!("database: {e}"),
                     });
                     false

@@ -55,6 +55,7 @@
 
 mod health;
 mod hooks;
+mod password;
 mod pool;
 mod retry;
 mod shutdown;
@@ -161,6 +162,8 @@ pub(crate) struct Inner {
     /// health check on a failed probe, read by the hooks.
     generation: Arc<Generation>,
     sink: Option<LogSink>,
+    /// The rotating password, when `config.password_source` is set.
+    password: Option<Arc<password::Rotation>>,
     /// The connection log's own one-connection pool (see `pool::sink_connect_options`).
     sink_db: Option<DatabaseConnection>,
     health: watch::Sender<HealthStatus>,
@@ -230,7 +233,12 @@ impl ConnectionManager {
         };
         let next_id = Arc::new(AtomicU64::new(0));
         let hooks = Arc::new(Hooks::new(&config.pool, next_id.clone(), generation.clone()));
-        let mut options = pool::connect_options(&config, &endpoint, hooks.clone())?;
+        let password = match &config.password_source {
+            Some(source) => Some(password::Rotation::start(source.clone()).await?),
+            None => None,
+        };
+        let current_password = || password.as_ref().map(|r| r.current());
+        let mut options = pool::connect_options(&config, &endpoint, hooks.clone(), current_password())?;
         // Lazy, so the connection log (when enabled) sees the very first connection too; the
         // first health check below opens it and reports what went wrong. sqlx's own minimum is
         // 0: the connections it opens for it reach the pool without any checkout hook, so
@@ -239,7 +247,7 @@ impl ConnectionManager {
         let db = Database::connect(options).await?;
         hooks.attach_pool(Some(db.get_postgres_connection_pool().clone()));
         let sink_db = if config.log_to_db {
-            let mut options = pool::sink_connect_options(&config, &endpoint)?;
+            let mut options = pool::sink_connect_options(&config, &endpoint, current_password())?;
             options.connect_lazy(true);
             Some(Database::connect(options).await?)
         } else {
@@ -261,6 +269,7 @@ impl ConnectionManager {
             next_id,
             generation,
             sink,
+            password,
             sink_db,
             health,
             health_events,
@@ -301,7 +310,12 @@ impl ConnectionManager {
             tunnel_events,
             inner.config.health.interval,
         ));
-        inner.tasks.spawn(maintenance(weak, inner.cancel.clone()));
+        inner.tasks.spawn(maintenance(weak.clone(), inner.cancel.clone()));
+        if let Some(rotation) = &inner.password {
+            inner
+                .tasks
+                .spawn(password::run(weak, rotation.clone(), inner.cancel.clone()));
+        }
         if let (Some(tunnel), true) = (&inner.tunnel, inner.sink.is_some()) {
             inner.tasks.spawn(forward_tunnel_events(
                 Arc::downgrade(inner),
@@ -338,8 +352,13 @@ impl ConnectionManager {
             inner.next_id.clone(),
             inner.generation.clone(),
         ));
-        pool::connect_options(&inner.config, &inner.endpoint, hooks)
-            .expect("the configuration was validated when the manager started")
+        pool::connect_options(
+            &inner.config,
+            &inner.endpoint,
+            hooks,
+            inner.password.as_ref().map(|r| r.current()),
+        )
+        .expect("the configuration was validated when the manager started")
     }
 
     /// The tunnel, when one is configured.

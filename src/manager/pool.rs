@@ -20,7 +20,7 @@
 use std::sync::Arc;
 
 use sea_orm::ConnectOptions;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::hooks::{self, Hooks};
 use crate::config::{Config, SessionSettings};
@@ -48,9 +48,17 @@ impl Endpoint {
 }
 
 /// Builds the options; `hooks` are installed on the sqlx pool options.
-pub(crate) fn connect_options(config: &Config, endpoint: &Endpoint, hooks: Arc<Hooks>) -> Result<ConnectOptions> {
+///
+/// `password`, when set (a rotating [`PasswordSource`](crate::config::PasswordSource)), is the one
+/// new connections log in with; otherwise `DATABASE_URL`'s.
+pub(crate) fn connect_options(
+    config: &Config,
+    endpoint: &Endpoint,
+    hooks: Arc<Hooks>,
+    password: Option<SecretString>,
+) -> Result<ConnectOptions> {
     let pool = &config.pool;
-    let mut options = base_options(config, endpoint)?;
+    let mut options = base_options(config, endpoint, password)?;
     options
         .max_connections(pool.max_connections)
         .min_connections(pool.min_connections)
@@ -69,8 +77,12 @@ pub(crate) fn connect_options(config: &Config, endpoint: &Endpoint, hooks: Arc<H
 ///
 /// Separate from the managed pool so that shutdown can refuse every application acquisition
 /// at once while the log is still flushed, and so the log never takes an application's slot.
-pub(crate) fn sink_connect_options(config: &Config, endpoint: &Endpoint) -> Result<ConnectOptions> {
-    let mut options = base_options(config, endpoint)?;
+pub(crate) fn sink_connect_options(
+    config: &Config,
+    endpoint: &Endpoint,
+    password: Option<SecretString>,
+) -> Result<ConnectOptions> {
+    let mut options = base_options(config, endpoint, password)?;
     options
         .max_connections(1)
         .min_connections(0)
@@ -81,7 +93,7 @@ pub(crate) fn sink_connect_options(config: &Config, endpoint: &Endpoint) -> Resu
 
 /// What both pools share: the URL (pointed at the tunnel), the password handed over out of
 /// band, the session settings, timeouts, quiet sqlx logging.
-fn base_options(config: &Config, endpoint: &Endpoint) -> Result<ConnectOptions> {
+fn base_options(config: &Config, endpoint: &Endpoint, rotating: Option<SecretString>) -> Result<ConnectOptions> {
     // Validates the URL (the error never repeats the password).
     config.database_options()?;
     let url = match endpoint {
@@ -92,6 +104,7 @@ fn base_options(config: &Config, endpoint: &Endpoint) -> Result<ConnectOptions> 
     // derived `Debug` is recorded by its own trace-level instrumentation (and printed by anyone
     // who debug-prints the options). It is handed to sqlx directly instead.
     let (url, password) = split_password(&url);
+    let password = rotating.or(password);
     let pool = &config.pool;
     let mut options = ConnectOptions::new(url);
     options
@@ -144,6 +157,7 @@ mod tests {
             &config,
             &Endpoint::from_tunnel(&LocalEndpoint::Tcp("127.0.0.1:40000".parse().unwrap()), 5432),
             hooks,
+            None,
         )
         .unwrap();
         let debug = format!("{options:?}");

@@ -97,6 +97,12 @@ impl super::Inner {
     /// ([`Error::TunnelFailed`] around the tunnel's error, or the permanent
     /// [`Error::ChannelRefused`]).
     pub(crate) fn explain(&self, error: Error) -> Error {
+        if let Some(rotation) = &self.password
+            && super::password::is_password_rejected(&error)
+        {
+            // A rotating password may be ahead of (or behind) the server for a moment.
+            return rotation.rejected(error);
+        }
         if error.is_transient()
             && let Some(cause) = self.tunnel.as_ref().and_then(|t| t.permanent_error())
         {

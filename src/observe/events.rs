@@ -71,6 +71,8 @@ pub enum EventKind {
     TunnelDisconnected,
     /// An attempt of a reconnect round is about to run (level WARN).
     TunnelReconnecting,
+    /// The database password changed at its source and new connections use it (level INFO).
+    PasswordRotated,
 }
 
 impl EventKind {
@@ -89,6 +91,7 @@ impl EventKind {
             EventKind::TunnelConnected => "tunnel_connected",
             EventKind::TunnelDisconnected => "tunnel_disconnected",
             EventKind::TunnelReconnecting => "tunnel_reconnecting",
+            EventKind::PasswordRotated => "password_rotated",
         }
     }
 }
@@ -294,6 +297,20 @@ pub(crate) fn health_check(
             "health check: healthy"
         );
     }
+}
+
+/// The database password changed at `source`; new connections log in with it.
+pub(crate) fn password_rotated(pool: &str, source: &str, version: u64) {
+    metrics::counter!(super::metrics::DB_PASSWORD_ROTATIONS_TOTAL, super::metrics::POOL_LABEL => pool.to_owned())
+        .increment(1);
+    tracing::info!(
+        target: TARGET_MANAGER,
+        event = EventKind::PasswordRotated.as_str(),
+        pool,
+        source,
+        version,
+        "database password rotated; new connections use the new one"
+    );
 }
 
 pub(crate) fn manager_lifecycle(what: &str, detail: &dyn fmt::Display) {

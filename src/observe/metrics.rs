@@ -44,6 +44,9 @@ pub const DB_REQUESTS_RETRIED_TOTAL: &str = "db_requests_retried_total";
 /// Counter (labels `pool`, `reason` = `queue_full` / `outage_buffer_full` / `rejected` / `closed`):
 /// connection-log events dropped instead of written.
 pub const CONNECTION_LOG_DROPPED_TOTAL: &str = "connection_log_dropped_total";
+/// Counter (label `pool`): database password rotations picked up from a
+/// [`PasswordSource`](crate::config::PasswordSource) (new connections use the new password).
+pub const DB_PASSWORD_ROTATIONS_TOTAL: &str = "db_password_rotations_total";
 
 /// Label every metric of this crate carries: the pool (or tunnel) it belongs to.
 pub const POOL_LABEL: &str = "pool";

@@ -17,6 +17,7 @@ mod log_sink;
 mod manager;
 mod manager_tunnel;
 mod migration;
+mod password;
 mod security;
 mod testkit;
 mod tonic_layers;
