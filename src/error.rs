@@ -163,6 +163,18 @@ pub enum Error {
         transient: bool,
     },
 
+    /// The database moved under the pool: a demoted primary answered SQLSTATE 25006 to a
+    /// read-write pool. Transient: the pool generation was retired, so a retry gets a new
+    /// connection, which reaches the current primary.
+    #[error("database failover: {signal}: {source}")]
+    Failover {
+        /// What showed it.
+        signal: &'static str,
+        /// The database error.
+        #[source]
+        source: sea_orm::DbErr,
+    },
+
     /// The bastion needs an algorithm this build leaves out: an optional cargo feature is off.
     #[error("SSH connection to {host}:{port} needs {needs}: enable the `{feature}` feature of sea-orm-tunnel")]
     FeatureRequired {
@@ -274,7 +286,11 @@ impl Error {
             | Error::ShutDown(_) => false,
             Error::ChannelRefused { transient, .. } | Error::PasswordRejected { transient, .. } => *transient,
             Error::TunnelFailed(inner) => inner.is_transient(),
-            Error::SshConnect { .. } | Error::TunnelLost { .. } | Error::Timeout { .. } | Error::Io { .. } => true,
+            Error::SshConnect { .. }
+            | Error::TunnelLost { .. }
+            | Error::Timeout { .. }
+            | Error::Io { .. }
+            | Error::Failover { .. } => true,
             Error::Database(e) => db_err_is_transient(e),
         }
     }
@@ -289,8 +305,11 @@ impl Error {
 }
 
 impl From<sea_orm::DbErr> for Error {
+    /// [`Error::Database`]; inside a request served through
+    /// [`InjectDatabaseLayer`](crate::layer::InjectDatabaseLayer), a failover signal (SQLSTATE
+    /// 25006 on a read-write pool) becomes [`Error::Failover`] and retires the pool generation.
     fn from(e: sea_orm::DbErr) -> Self {
-        Error::Database(e)
+        crate::manager::failover::observe_in_scope(e)
     }
 }
 

@@ -177,6 +177,8 @@ where
         // The call itself (not only the future) runs in the span: some services do their work there.
         let future = span.in_scope(|| self.inner.call(request));
         let future = with_correlation_id(id.shared(), future.instrument(span));
+        // A `DbErr` turned into our `Error` while serving it is looked at for failover signals.
+        let future = self.manager.failover_detector().scope(future);
         ResponseFuture {
             inner: Box::pin(future),
             request_id,

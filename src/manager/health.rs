@@ -335,6 +335,10 @@ pub(crate) async fn run(
     first_delay: Duration,
 ) {
     let mut recheck: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
+    // A failover signal asks for a check at once (holds only the detector, not the manager).
+    let Some(failover) = inner.upgrade().map(|i| i.failover.clone()) else {
+        return;
+    };
     // A deadline, not a fresh sleep per iteration: tunnel events must not postpone checks.
     let mut next_check = tokio::time::Instant::now() + first_delay;
     loop {
@@ -353,6 +357,7 @@ pub(crate) async fn run(
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep_until(next_check) => {}
+            () = failover.check_now.notified() => {}
             event = tunnel_event => match event {
                 Some(TunnelEvent::Reconnecting { attempt, delay, .. }) => {
                     let Some(inner) = inner.upgrade() else { return };

@@ -53,6 +53,7 @@
 //! [`AcquireTimeLayer`](crate::observe::events::AcquireTimeLayer); add that layer to your
 //! tracing subscriber to get it for every query SeaORM makes.
 
+pub(crate) mod failover;
 mod health;
 mod hooks;
 mod password;
@@ -162,6 +163,8 @@ pub(crate) struct Inner {
     /// health check on a failed probe, read by the hooks.
     generation: Arc<Generation>,
     sink: Option<LogSink>,
+    /// Failover signals: retire the generation, ask for a health check.
+    failover: Arc<failover::Failover>,
     /// The rotating password, when `config.password_source` is set.
     password: Option<Arc<password::Rotation>>,
     /// The connection log's own one-connection pool (see `pool::sink_connect_options`).
@@ -260,6 +263,11 @@ impl ConnectionManager {
         });
         let (health, _) = watch::channel(HealthStatus::initial());
         let (health_events, _) = broadcast::channel(64);
+        let failover = Arc::new(failover::Failover::new(
+            generation.clone(),
+            config.session.read_only,
+            hooks.pool_label().to_owned(),
+        ));
         let inner = Arc::new(Inner {
             config,
             db,
@@ -269,6 +277,7 @@ impl ConnectionManager {
             next_id,
             generation,
             sink,
+            failover,
             password,
             sink_db,
             health,
@@ -434,6 +443,11 @@ impl ConnectionManager {
     /// [`retry`](Self::retry) and [`begin`](Self::begin) already do this.
     pub fn explain_error(&self, error: impl Into<Error>) -> Error {
         self.inner.explain(error.into())
+    }
+
+    /// The failover detector, for the inject layer's request scope.
+    pub(crate) fn failover_detector(&self) -> Arc<failover::Failover> {
+        self.inner.failover.clone()
     }
 
     /// Whether [`shutdown`](Self::shutdown) has begun.

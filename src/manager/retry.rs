@@ -97,6 +97,12 @@ impl super::Inner {
     /// ([`Error::TunnelFailed`] around the tunnel's error, or the permanent
     /// [`Error::ChannelRefused`]).
     pub(crate) fn explain(&self, error: Error) -> Error {
+        // Inside a request scope, `From<DbErr>` already looked at it.
+        let error = if super::failover::in_scope() {
+            error
+        } else {
+            self.failover.observe(error)
+        };
         if let Some(rotation) = &self.password
             && super::password::is_password_rejected(&error)
         {

@@ -73,6 +73,8 @@ pub enum EventKind {
     TunnelReconnecting,
     /// The database password changed at its source and new connections use it (level INFO).
     PasswordRotated,
+    /// A failover was detected and the pool generation retired (level WARN).
+    DatabaseFailover,
 }
 
 impl EventKind {
@@ -92,6 +94,7 @@ impl EventKind {
             EventKind::TunnelDisconnected => "tunnel_disconnected",
             EventKind::TunnelReconnecting => "tunnel_reconnecting",
             EventKind::PasswordRotated => "password_rotated",
+            EventKind::DatabaseFailover => "database_failover",
         }
     }
 }
@@ -297,6 +300,18 @@ pub(crate) fn health_check(
             "health check: healthy"
         );
     }
+}
+
+/// A failover was detected (`why`); every pooled connection was retired.
+pub(crate) fn database_failover(pool: &str, why: &str) {
+    metrics::counter!(super::metrics::DB_FAILOVERS_TOTAL, super::metrics::POOL_LABEL => pool.to_owned()).increment(1);
+    tracing::warn!(
+        target: TARGET_MANAGER,
+        event = EventKind::DatabaseFailover.as_str(),
+        pool,
+        signal = why,
+        "database failover detected; pooled connections retired, checking health now"
+    );
 }
 
 /// The database password changed at `source`; new connections log in with it.

@@ -47,6 +47,8 @@ pub const CONNECTION_LOG_DROPPED_TOTAL: &str = "connection_log_dropped_total";
 /// Counter (label `pool`): database password rotations picked up from a
 /// [`PasswordSource`](crate::config::PasswordSource) (new connections use the new password).
 pub const DB_PASSWORD_ROTATIONS_TOTAL: &str = "db_password_rotations_total";
+/// Counter (label `pool`): failovers detected (each retired the pool generation once).
+pub const DB_FAILOVERS_TOTAL: &str = "db_failovers_total";
 
 /// Label every metric of this crate carries: the pool (or tunnel) it belongs to.
 pub const POOL_LABEL: &str = "pool";

@@ -38,7 +38,6 @@ use super::util::{Result, TestkitError};
 #[derive(Debug)]
 pub struct FaultProxy {
     addr: SocketAddr,
-    target: SocketAddr,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -52,6 +51,8 @@ struct Shared {
     cut: Mutex<CancellationToken>,
     live: AtomicUsize,
     accepted: AtomicUsize,
+    /// Where new connections go (see `retarget`).
+    target: Mutex<SocketAddr>,
 }
 
 impl FaultProxy {
@@ -68,19 +69,13 @@ impl FaultProxy {
             cut: Mutex::new(CancellationToken::new()),
             live: AtomicUsize::new(0),
             accepted: AtomicUsize::new(0),
+            target: Mutex::new(target),
         });
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(accept_loop(
-            listener,
-            target,
-            shared.clone(),
-            shutdown.clone(),
-            tracker.clone(),
-        ));
+        tracker.spawn(accept_loop(listener, shared.clone(), shutdown.clone(), tracker.clone()));
         Ok(FaultProxy {
             addr,
-            target,
             shared,
             shutdown,
             tracker,
@@ -92,9 +87,15 @@ impl FaultProxy {
         self.addr
     }
 
-    /// Where connections are forwarded.
+    /// Where new connections are forwarded.
     pub fn target(&self) -> SocketAddr {
-        self.target
+        *self.shared.target.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forwards new connections to `target` from now on; established ones stay where they are,
+    /// as when a DNS name moves to a new primary during a failover.
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.shared.target.lock().unwrap_or_else(|p| p.into_inner()) = target;
     }
 
     /// Resets every established connection (SO_LINGER 0, then close: both peers see an RST).
@@ -148,13 +149,7 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    target: SocketAddr,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken, tracker: TaskTracker) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -172,6 +167,7 @@ async fn accept_loop(
         shared.accepted.fetch_add(1, Ordering::SeqCst);
         let cut = shared.cut.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let guard = LiveGuard::new(shared.clone());
+        let target = *shared.target.lock().unwrap_or_else(|p| p.into_inner());
         tracker.spawn(connection(client, target, shared.clone(), cut, shutdown.clone(), guard));
     }
 }

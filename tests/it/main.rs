@@ -10,6 +10,7 @@ mod bastion;
 mod chaos;
 mod cli;
 mod config;
+mod failover;
 mod herd;
 mod hostile;
 mod layer_correlation;

@@ -1,0 +1,171 @@
+//! Failover awareness: errors that mean "the database moved" retire the pool generation.
+//!
+//! A managed database that fails over (RDS Multi-AZ, Patroni, a promoted standby) leaves a pool
+//! pinned to the old primary: its connections answer `cannot execute INSERT in a read-only
+//! transaction` (SQLSTATE 25006) once it is demoted, or die together (57P01–57P03, class 08).
+//! New connections go where the database's name points now (behind a bastion, each channel
+//! resolves it on the bastion), so what is needed is to stop handing out the old ones.
+//!
+//! Signals, wherever the manager sees an error (`manager.retry`, `begin`, `explain_error`, the
+//! health check, and any `?` on a [`DbErr`](sea_orm::DbErr) inside a request served through
+//! [`InjectDatabaseLayer`](crate::layer::InjectDatabaseLayer)):
+//! - 25006 while the pool's session is not read-only: [`Error::Failover`] (transient, so
+//!   `manager.retry` and the recovery layer retry it) and a signal;
+//! - 57P01–57P03 / class 08 three times within two seconds: a signal (the errors are transient
+//!   already).
+//!
+//! A signal retires the whole pool generation once (later signals within [`DEBOUNCE`] are the
+//! same failover), counts `db_failovers_total`, logs a `database_failover` event and asks the
+//! health loop for a check at once.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sea_orm::DbErr;
+use tokio::sync::Notify;
+
+use crate::error::Error;
+use crate::generation::Generation;
+
+/// Signals within this long of a retirement belong to the same failover.
+pub(crate) const DEBOUNCE: Duration = Duration::from_secs(2);
+/// Connection failures within this window make a burst ...
+const BURST_WINDOW: Duration = Duration::from_secs(2);
+/// ... of this many.
+const BURST_COUNT: usize = 3;
+
+pub(crate) struct Failover {
+    generation: Arc<Generation>,
+    /// The pool's own session is read-only: a 25006 is then the application's write, not a move.
+    read_only_session: bool,
+    pool_label: String,
+    last_retired: Mutex<Option<Instant>>,
+    burst: Mutex<VecDeque<Instant>>,
+    /// The health loop waits on this for an immediate check.
+    pub(crate) check_now: Notify,
+}
+
+tokio::task_local! {
+    static IN_SCOPE: Arc<Failover>;
+}
+
+impl Failover {
+    pub(crate) fn new(generation: Arc<Generation>, read_only_session: bool, pool_label: String) -> Failover {
+        Failover {
+            generation,
+            read_only_session,
+            pool_label,
+            last_retired: Mutex::new(None),
+            burst: Mutex::new(VecDeque::new()),
+            check_now: Notify::new(),
+        }
+    }
+
+    /// Looks at `error` for a failover signal; returns the error a caller should act on.
+    pub(crate) fn observe(&self, error: Error) -> Error {
+        let Error::Database(db) = &error else { return error };
+        let Some(code) = sqlstate(db) else { return error };
+        if code == "25006" && !self.read_only_session {
+            self.signal("read-only transaction (SQLSTATE 25006) on a read-write pool");
+            let Error::Database(source) = error else {
+                unreachable!("matched above")
+            };
+            return Error::Failover {
+                signal: "the server is read-only (SQLSTATE 25006): it was demoted, the primary moved",
+                source,
+            };
+        }
+        if matches!(code.as_str(), "57P01" | "57P02" | "57P03") || code.starts_with("08") {
+            let now = Instant::now();
+            let burst = {
+                let mut burst = lock(&self.burst);
+                burst.push_back(now);
+                while burst.front().is_some_and(|t| now.duration_since(*t) > BURST_WINDOW) {
+                    burst.pop_front();
+                }
+                burst.len() >= BURST_COUNT
+            };
+            if burst {
+                lock(&self.burst).clear();
+                self.signal("a burst of server shutdowns / connection failures (57P0x, 08xxx)");
+            }
+        }
+        error
+    }
+
+    /// Retires the generation unless this failover already did.
+    fn signal(&self, why: &str) {
+        {
+            let mut last = lock(&self.last_retired);
+            if last.is_some_and(|t| t.elapsed() < DEBOUNCE) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        self.generation.retire_all();
+        crate::observe::events::database_failover(&self.pool_label, why);
+        self.check_now.notify_one();
+    }
+
+    /// Runs `fut` with this detector in scope: a [`DbErr`] converted into [`Error`] inside it is
+    /// observed (see [`observe_in_scope`]).
+    pub(crate) async fn scope<F: Future>(self: Arc<Self>, fut: F) -> F::Output {
+        IN_SCOPE.scope(self, fut).await
+    }
+}
+
+/// `From<DbErr> for Error`: observed by the detector of the request being served, if any.
+pub(crate) fn observe_in_scope(error: DbErr) -> Error {
+    match IN_SCOPE.try_with(Arc::clone) {
+        Ok(detector) => detector.observe(Error::Database(error)),
+        Err(_) => Error::Database(error),
+    }
+}
+
+/// Whether a request scope's detector is active (so `From<DbErr>` observes errors).
+pub(crate) fn in_scope() -> bool {
+    IN_SCOPE.try_with(|_| ()).is_ok()
+}
+
+/// The SQLSTATE of a database error, if PostgreSQL sent one.
+pub(crate) fn sqlstate(e: &DbErr) -> Option<String> {
+    let runtime = match e {
+        DbErr::Conn(r) | DbErr::Exec(r) | DbErr::Query(r) => r,
+        _ => return None,
+    };
+    match runtime {
+        sea_orm::RuntimeErr::SqlxError(e) => match e.as_ref() {
+            sea_orm::sqlx::Error::Database(e) => e.code().map(|c| c.into_owned()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn custom() -> Error {
+        Error::Database(DbErr::Custom("not a server error".into()))
+    }
+
+    #[test]
+    fn a_burst_retires_once_and_other_errors_never() {
+        let generation = Arc::new(Generation::new());
+        let f = Failover::new(generation.clone(), false, "default".into());
+        // Errors without a SQLSTATE are not signals.
+        for _ in 0..10 {
+            assert!(matches!(f.observe(custom()), Error::Database(_)));
+        }
+        assert_eq!(generation.bumps(), 0);
+        f.signal("test");
+        f.signal("test again, same failover");
+        assert_eq!(generation.bumps(), 1, "one retirement per failover");
+    }
+}
