@@ -71,6 +71,8 @@ mod forward;
 mod global;
 pub(crate) mod host_key;
 mod inner;
+#[allow(dead_code)] // Wired into the forward path with the PgBouncer mode.
+pub(crate) mod pgbouncer;
 mod session;
 mod sessions;
 mod socket;

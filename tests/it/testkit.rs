@@ -377,3 +377,54 @@ async fn fault_proxy_blackhole_holds_everything_until_restore() {
         .expect("drop is noticed");
     assert!(matches!(read, Err(_) | Ok(0)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbouncer_pools_in_transaction_mode_restarts_and_pauses() {
+    use sea_orm::ConnectionTrait;
+    use sea_orm_tunnel::testkit::{PgBouncer, PoolMode};
+
+    let pg = TempPostgres::start().await.unwrap();
+    let bouncer = PgBouncer::builder()
+        .mode(PoolMode::Transaction)
+        .default_pool_size(2)
+        .start(&pg)
+        .await
+        .unwrap();
+    assert_eq!(bouncer.mode(), PoolMode::Transaction);
+    // As PgBouncer ships: sqlx's `extra_float_digits` is refused with its own message.
+    let refused = sea_orm::Database::connect(bouncer.url()).await.unwrap_err().to_string();
+    assert!(refused.contains("unsupported startup parameter"), "{refused}");
+    // A simple-protocol client is served, through the pool.
+    let pools = bouncer.admin("SHOW POOLS").await.unwrap();
+    assert!(pools.contains("pool_mode") || pools.contains("cl_active"), "{pools}");
+    let tolerant = PgBouncer::builder()
+        .ignore_startup_parameter("extra_float_digits")
+        .start(&pg)
+        .await
+        .unwrap();
+    let db = sea_orm::Database::connect(tolerant.url()).await.unwrap();
+    db.execute_unprepared("SELECT 1").await.unwrap();
+    // Restart on the same port: the pool reconnects.
+    tolerant.restart().await.unwrap();
+    let db = sea_orm::Database::connect(tolerant.url()).await.unwrap();
+    db.execute_unprepared("SELECT 1").await.unwrap();
+    // PAUSE holds queries until RESUME.
+    tolerant.pause().await.unwrap();
+    let held = tokio::spawn({
+        let url = tolerant.url();
+        async move {
+            let db = sea_orm::Database::connect(url).await.unwrap();
+            db.execute_unprepared("SELECT 1").await.map(|_| ())
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "held while paused");
+    tolerant.resume().await.unwrap();
+    held.await.unwrap().unwrap();
+    // The server saw at most the pool's connections from PgBouncer.
+    let log = std::fs::read_to_string(tolerant.log_path()).unwrap();
+    assert!(
+        log.contains("new connection to server") || log.contains("login attempt"),
+        "{log}"
+    );
+}
