@@ -123,7 +123,7 @@ impl Rewriter {
 
     /// One client message (`msg` = tag, length, body): appends what goes to the server to
     /// `to_server` and any local reply to `to_client`.
-    pub(crate) fn from_client(&mut self, msg: &[u8], to_server: &mut Vec<u8>, to_client: &mut Vec<u8>) {
+    pub(crate) fn client_message(&mut self, msg: &[u8], to_server: &mut Vec<u8>, to_client: &mut Vec<u8>) {
         let tag = msg[0];
         let body = &msg[5..];
         match tag {
@@ -198,7 +198,7 @@ impl Rewriter {
     }
 
     /// One server message: appends what goes to the client to `to_client`.
-    pub(crate) fn from_server(&mut self, msg: &[u8], to_client: &mut Vec<u8>) {
+    pub(crate) fn server_message(&mut self, msg: &[u8], to_client: &mut Vec<u8>) {
         let tag = msg[0];
         match tag {
             // Asynchronous: notices, parameter changes, notifications, and COPY traffic.
@@ -386,13 +386,13 @@ mod tests {
         fn client(&mut self, msgs: &[Vec<u8>]) -> Vec<u8> {
             self.to_server.clear();
             for m in msgs {
-                self.r.from_client(m, &mut self.to_server, &mut self.to_client);
+                self.r.client_message(m, &mut self.to_server, &mut self.to_client);
             }
             std::mem::take(&mut self.to_server)
         }
         fn server(&mut self, msgs: &[Vec<u8>]) -> Vec<u8> {
             for m in msgs {
-                self.r.from_server(m, &mut self.to_client);
+                self.r.server_message(m, &mut self.to_client);
             }
             std::mem::take(&mut self.to_client)
         }
