@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use russh::client::{DisconnectReason, Handle, Handler};
-use russh::keys::{PublicKey, PublicKeyOrCertificate};
+use russh::keys::PublicKeyOrCertificate;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -42,6 +42,16 @@ pub(crate) fn russh_config(config: &TunnelConfig) -> russh::client::Config {
         preferred: russh::Preferred {
             cipher: Cow::Borrowed(preferred_ciphers()),
             key: Cow::Borrowed(preferred_host_key_algorithms()),
+            // Host certificates only when known_hosts has an `@cert-authority` line that could
+            // vouch for this host (read when the tunnel is created): otherwise a server that
+            // prefers certificates would present one that only its plain key could verify.
+            host_key_certificates: if HostKeyVerifier::for_tunnel(config)
+                .could_verify_certificates(&config.host, config.port)
+            {
+                Cow::Borrowed(preferred_host_key_algorithms())
+            } else {
+                Cow::Borrowed(&[])
+            },
             ..russh::Preferred::default()
         },
         ..Default::default()
@@ -127,12 +137,12 @@ impl Handler for ClientHandler {
     type Error = russh::Error;
 
     async fn check_server_key(&mut self, server_key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
-        let key: PublicKey = match server_key {
-            PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
-            // Certificates are not requested; if one comes anyway, verify its plain key.
-            PublicKeyOrCertificate::Certificate(cert) => PublicKey::from(cert.public_key().clone()),
+        let verdict = match server_key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => self.verifier.verify(&self.host, self.port, key),
+            // russh checks neither the CA signature, the principals nor the validity: we do.
+            PublicKeyOrCertificate::Certificate(cert) => self.verifier.verify_certificate(&self.host, self.port, cert),
         };
-        match self.verifier.verify(&self.host, self.port, &key) {
+        match verdict {
             Ok(()) => Ok(true),
             Err(e) => {
                 *lock(&self.verdict) = Some(e);

@@ -297,9 +297,13 @@ fn wildcards_and_negation() {
     assert_unknown(v.verify("example.com", 22, &key));
     v.verify("127.0.0.1", 22, &key).expect("? matches one character");
     assert_unknown(v.verify("127.0.0.10", 22, &key));
-    assert_unknown(v.verify("127.0.0.1", 2222, &key));
+    // `[127.0.0.1]:2222` matches no line, so the port-less name is tried, and `127.0.0.?` holds it.
+    v.verify("127.0.0.1", 2222, &key)
+        .expect("port-less fallback through a wildcard, as OpenSSH");
+    assert_unknown(v.verify("127.0.0.10", 2222, &key));
     v.verify("10.0.3.4", 2222, &key).expect("wildcard inside [host]:port");
     assert_unknown(v.verify("10.0.3.4", 22, &key));
+    assert_unknown(v.verify("10.0.3.4", 2200, &key));
 }
 
 #[test]
@@ -313,7 +317,7 @@ fn negation_excludes_the_line_even_when_it_comes_last() {
 }
 
 #[test]
-fn bracketed_port_entries_only_match_their_port_and_plain_only_port_22() {
+fn bracketed_port_entries_only_match_their_port_and_plain_ones_only_where_the_port_has_none() {
     let s = Scratch::new();
     let k2222 = s.key("a", "ed25519");
     let k22 = s.key("b", "ed25519");
@@ -325,10 +329,177 @@ fn bracketed_port_entries_only_match_their_port_and_plain_only_port_22() {
     let v = s.verifier(strict());
     v.verify("127.0.0.1", 2222, &k2222).unwrap();
     v.verify("127.0.0.1", 22, &k22).unwrap();
-    // Each port has its own record, so the other port's key is a changed key, not a match.
+    // Each port with a record of its own: the other port's key is a changed key, not a match,
+    // and the plain line does not rescue it (OpenSSH falls back only when the port has none).
     assert_changed(v.verify("127.0.0.1", 2222, &k22));
     assert_changed(v.verify("127.0.0.1", 22, &k2222));
+    // Port 2200 has no record: the plain line is consulted and holds k22, not k2222.
+    v.verify("127.0.0.1", 2200, &k22)
+        .expect("found matching key w/out port");
     assert_unknown(v.verify("127.0.0.1", 2200, &k2222));
+}
+
+/// OpenSSH's `check_host_key`: `[host]:port` first; only when it knows no key of this type
+/// (`HOST_NEW`) is the plain name tried, and only an accepting plain line counts.
+#[test]
+fn port_less_fallback_decision_table() {
+    let s = Scratch::new();
+    let key = s.key("host", "ed25519");
+    s.key("other", "ed25519");
+    s.key("ec", "ecdsa");
+    let (pk, po, pe) = (s.pub_text("host"), s.pub_text("other"), s.pub_text("ec"));
+    enum Want {
+        Ok,
+        Unknown,
+        Changed,
+        Revoked,
+    }
+    let cases = [
+        ("plain line holds the key", format!("bastion {pk}\n"), Want::Ok),
+        ("plain line, other key", format!("bastion {po}\n"), Want::Unknown),
+        (
+            "port-ful line holds another key",
+            format!("[bastion]:2222 {po}\nbastion {pk}\n"),
+            Want::Changed,
+        ),
+        (
+            "port-ful line holds another type only",
+            format!("[bastion]:2222 {pe}\nbastion {pk}\n"),
+            Want::Ok,
+        ),
+        (
+            "other port's line only",
+            format!("[bastion]:2200 {pk}\n"),
+            Want::Unknown,
+        ),
+        ("hashed plain name", String::new(), Want::Ok),
+        ("wildcard plain", format!("bast*,!x {pk}\n"), Want::Ok),
+        ("negated plain", format!("bast*,!bastion {pk}\n"), Want::Unknown),
+        ("a bare * also matches the port-ful name", format!("* {pk}\n"), Want::Ok),
+        (
+            "revoked under the plain name",
+            format!("bastion {pk}\n@revoked bastion {pk}\n"),
+            Want::Revoked,
+        ),
+        (
+            "revoked under the port-ful name",
+            format!("bastion {pk}\n@revoked [bastion]:2222 {pk}\n"),
+            Want::Revoked,
+        ),
+        (
+            "CA line is not a key",
+            format!("@cert-authority bastion {pk}\n"),
+            Want::Unknown,
+        ),
+    ];
+    for (what, contents, want) in cases {
+        let contents = if contents.is_empty() {
+            let path = s.write_known_hosts(&format!("bastion {pk}\n"));
+            run(Command::new("ssh-keygen").arg("-H").arg("-f").arg(&path));
+            fs::read_to_string(&path).unwrap()
+        } else {
+            contents
+        };
+        s.write_known_hosts(&contents);
+        let result = s.verifier(strict()).verify("bastion", 2222, &key);
+        let ok = match want {
+            Want::Ok => result.is_ok(),
+            Want::Unknown => matches!(&result, Err(Error::HostKeyUnknown { host, .. }) if host == "[bastion]:2222"),
+            Want::Changed => matches!(&result, Err(Error::HostKeyChanged { host, .. }) if host == "[bastion]:2222"),
+            Want::Revoked => matches!(result, Err(Error::HostKeyRevoked { .. })),
+        };
+        assert!(ok, "{what}: {contents:?} -> {result:?}");
+    }
+}
+
+#[test]
+fn accept_new_after_a_failed_fallback_learns_the_port_ful_name() {
+    let s = Scratch::new();
+    let key = s.key("host", "ed25519");
+    let other = s.key("other", "ed25519");
+    let path = s.write_known_hosts(&format!("bastion {}\n", s.pub_text("other")));
+    HostKeyVerifier::new(HostKeyPolicy::AcceptNew, path.clone())
+        .verify("bastion", 2222, &key)
+        .expect("OpenSSH learns `[bastion]:2222` here");
+    let contents = fs::read_to_string(&path).unwrap();
+    assert!(
+        contents.ends_with(&format!("{}\n", known_hosts_line("bastion", 2222, &key))),
+        "{contents}"
+    );
+    // The plain line is untouched and still holds the other key for port 22.
+    s.verifier(strict()).verify("bastion", 22, &other).unwrap();
+    assert_changed(s.verifier(strict()).verify("bastion", 22, &key));
+}
+
+#[test]
+fn host_key_alias_replaces_the_name_and_disables_the_fallback() {
+    let s = Scratch::new();
+    let key = s.key("host", "ed25519");
+    let pk = s.pub_text("host");
+    s.write_known_hosts(&format!("db-bastion {pk}\n10.9.9.9 {pk}\n"));
+    let alias = |policy| s.verifier(policy).with_alias(Some("DB-Bastion".into()));
+    alias(strict())
+        .verify("10.0.0.1", 2222, &key)
+        .expect("the alias' line, port ignored");
+    alias(strict()).verify("10.0.0.1", 22, &key).expect("port 22 too");
+    // Without the alias the real name is looked up.
+    assert_unknown(s.verifier(strict()).verify("10.0.0.1", 2222, &key));
+    // An alias with no line: no fallback to the host's own (plain) line.
+    let none = s.verifier(strict()).with_alias(Some("nowhere".into()));
+    match none.verify("10.9.9.9", 2222, &key) {
+        Err(Error::HostKeyUnknown { host, .. }) => assert_eq!(host, "nowhere"),
+        other => panic!("{other:?}"),
+    }
+    // accept-new records the alias, without a port.
+    s.write_known_hosts("");
+    alias(HostKeyPolicy::AcceptNew).verify("10.0.0.1", 2222, &key).unwrap();
+    let contents = fs::read_to_string(s.path("known_hosts")).unwrap();
+    assert!(contents.starts_with("db-bastion ssh-ed25519 "), "{contents}");
+}
+
+#[test]
+fn extra_known_hosts_files_are_read_but_never_written() {
+    let s = Scratch::new();
+    let key = s.key("host", "ed25519");
+    let other = s.key("other", "ed25519");
+    let global = s.path("ssh_known_hosts");
+    fs::write(&global, format!("[bastion]:2222 {}\n", s.pub_text("host"))).unwrap();
+    let missing = s.path("does-not-exist");
+    let with_extra = |policy| {
+        s.verifier(policy)
+            .with_extra_known_hosts(vec![missing.clone(), global.clone()])
+    };
+    with_extra(strict())
+        .verify("bastion", 2222, &key)
+        .expect("found in the extra file");
+    assert_unknown(s.verifier(strict()).verify("bastion", 2222, &key));
+    // A changed key names the extra file's line.
+    match with_extra(strict()).verify("bastion", 2222, &other) {
+        Err(Error::HostKeyChanged { source_of_expected, .. }) => {
+            assert!(
+                source_of_expected.contains("ssh_known_hosts (line 1)"),
+                "{source_of_expected}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // accept-new learns an unknown host into known_hosts, never into the extra file.
+    let before = fs::read_to_string(&global).unwrap();
+    with_extra(HostKeyPolicy::AcceptNew)
+        .verify("elsewhere", 2222, &key)
+        .unwrap();
+    assert_eq!(fs::read_to_string(&global).unwrap(), before);
+    assert!(
+        fs::read_to_string(s.path("known_hosts"))
+            .unwrap()
+            .starts_with("[elsewhere]:2222 ")
+    );
+    // A revocation in an extra file applies to the main file's key.
+    fs::write(&global, format!("@revoked * {}\n", s.pub_text("host"))).unwrap();
+    match with_extra(strict()).verify("elsewhere", 2222, &key) {
+        Err(Error::HostKeyRevoked { known_hosts, .. }) => assert_eq!(known_hosts, global),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
