@@ -27,11 +27,11 @@
 //! - `@cert-authority` lines are used only for host certificates (see
 //!   [`HostKeyVerifier::verify_certificate`]); they never accept a plain key.
 //! - The presented key is accepted when any matching line holds it, so a host may list an old and
-//!   a new key of the same type during rotation. A host listed with other keys of the *same* type
-//!   but not this one has a changed key.
-//! - A host listed only with keys of *other* types is treated like OpenSSH does: the presented key
-//!   is not known (not "changed"); `strict` rejects it as unknown and `accept-new` learns it.
-//!   OpenSSH's client avoids that case by preferring the known key types during key exchange.
+//!   a new key during rotation. A host listed with other keys but not this one has a changed key,
+//!   whatever their types: OpenSSH 9 says "REMOTE HOST IDENTIFICATION HAS CHANGED ... Offending
+//!   ECDSA key" for an ed25519 key presented to a host known only by an ECDSA key, under strict
+//!   and accept-new alike. Like `ssh`, the tunnel avoids that case by preferring, in the key
+//!   exchange, the key types known for the host ([`HostKeyVerifier::known_key_algorithms`]).
 //!
 //! Verification reads the files on every call (they are small and only read per SSH connect), so
 //! an edit to known_hosts takes effect on the next reconnect.
@@ -180,7 +180,7 @@ impl HostKeyVerifier {
                 let _guard = LEARN_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 let files = self.read()?;
                 match check(&files, &name, fallback.as_deref(), key) {
-                    Verdict::Unknown { other_types } => self.learn(&files, &name, key, other_types),
+                    Verdict::Unknown => self.learn(&files, &name, key),
                     verdict => self.verdict_to_result(&files, &name, key, verdict),
                 }
             }
@@ -204,6 +204,33 @@ impl HostKeyVerifier {
                 .matching(&n)
                 .any(|l| l.entry.marker() == Some(&Marker::CertAuthority))
         })
+    }
+
+    /// The algorithms of the plain keys known_hosts lists for `host:port` (the port-less name's
+    /// when the port-ful name has none), each once, in file order; empty for a pinned or
+    /// insecure policy. The key exchange prefers them, as `ssh` does (`order_hostkeyalgs`), so a
+    /// server with several host keys presents the one on record.
+    pub(crate) fn known_key_algorithms(&self, host: &str, port: u16) -> Vec<Algorithm> {
+        if !matches!(self.policy, HostKeyPolicy::Strict | HostKeyPolicy::AcceptNew) {
+            return Vec::new();
+        }
+        let Ok(files) = self.read() else {
+            return Vec::new();
+        };
+        let (name, fallback) = self.names(host, port);
+        let mut found = Vec::new();
+        for n in [Some(name), fallback].into_iter().flatten() {
+            for line in files.matching(&n) {
+                let algorithm = line.entry.public_key().algorithm();
+                if line.entry.marker().is_none() && !found.contains(&algorithm) {
+                    found.push(algorithm);
+                }
+            }
+            if !found.is_empty() {
+                break;
+            }
+        }
+        found
     }
 
     /// Checks a host certificate `host:port` presented, as OpenSSH does.
@@ -317,7 +344,7 @@ impl HostKeyVerifier {
         }
     }
 
-    fn learn(&self, files: &Files, name: &str, key: &PublicKey, other_types: bool) -> Result<()> {
+    fn learn(&self, files: &Files, name: &str, key: &PublicKey) -> Result<()> {
         let line = try_known_hosts_line(name, key).map_err(|e| self.file_error("cannot encode the host key", e))?;
         append_line(&self.known_hosts, &line, files.primary_needs_newline)
             .map_err(|e| self.file_error("cannot add the new host key", e))?;
@@ -326,7 +353,6 @@ impl HostKeyVerifier {
             host = %name,
             fingerprint = %fingerprint(key),
             known_hosts = %self.known_hosts.display(),
-            other_key_types_known = other_types,
             "learned a new SSH host key (accept-new)"
         );
         Ok(())
@@ -383,21 +409,11 @@ impl HostKeyVerifier {
     fn verdict_to_result(&self, files: &Files, name: &str, key: &PublicKey, verdict: Verdict) -> Result<()> {
         match verdict {
             Verdict::Accepted => Ok(()),
-            Verdict::Unknown { other_types } => {
-                if other_types {
-                    tracing::warn!(
-                        target: LOG_TARGET,
-                        host = %name,
-                        key_type = key.algorithm().as_str(),
-                        "known_hosts lists this host only with keys of other types"
-                    );
-                }
-                Err(Error::HostKeyUnknown {
-                    host: name.to_owned(),
-                    fingerprint: fingerprint(key),
-                    known_hosts: self.known_hosts.clone(),
-                })
-            }
+            Verdict::Unknown => Err(Error::HostKeyUnknown {
+                host: name.to_owned(),
+                fingerprint: fingerprint(key),
+                known_hosts: self.known_hosts.clone(),
+            }),
             Verdict::Changed { expected } => {
                 let fingerprints: Vec<&str> = expected.iter().map(|(fp, _, _)| fp.as_str()).collect();
                 // Group the line numbers by file, in file order.
@@ -593,20 +609,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 enum Verdict {
     /// A line for the host holds this key and no `@revoked` line does.
     Accepted,
-    /// No line for the host holds a key of this type. `other_types`: the host is listed with keys of other types.
-    Unknown { other_types: bool },
-    /// The host is listed with other keys of this type: `(fingerprint, file index, line number)` of each.
+    /// No plain-key line matches the host (OpenSSH's `HOST_NEW`).
+    Unknown,
+    /// The host is listed with other keys (of any type): `(fingerprint, file index, line number)` of each.
     Changed { expected: Vec<(String, usize, usize)> },
     /// An `@revoked` line for the host holds this key (file index, 1-based line number).
     Revoked { file: usize, line: usize },
 }
 
-/// OpenSSH's `check_host_key` verdict: `name` first; when it knows no key of this type for the
-/// host (`Unknown`), the port-less `fallback` name may accept the key ("found matching key w/out
+/// OpenSSH's `check_host_key` verdict: `name` first; when it lists no key for the host at all
+/// (`Unknown`), the port-less `fallback` name may accept the key ("found matching key w/out
 /// port") or, unlike OpenSSH, revoke it. Anything else under the fallback leaves `name`'s verdict.
 fn check(files: &Files, name: &str, fallback: Option<&str>, key: &PublicKey) -> Verdict {
     let verdict = lookup(files, name, key);
-    let (Verdict::Unknown { other_types }, Some(fallback)) = (&verdict, fallback) else {
+    let (Verdict::Unknown, Some(fallback)) = (&verdict, fallback) else {
         return verdict;
     };
     match lookup(files, fallback, key) {
@@ -615,18 +631,14 @@ fn check(files: &Files, name: &str, fallback: Option<&str>, key: &PublicKey) -> 
             Verdict::Accepted
         }
         revoked @ Verdict::Revoked { .. } => revoked,
-        _ => Verdict::Unknown {
-            other_types: *other_types,
-        },
+        _ => Verdict::Unknown,
     }
 }
 
 /// Looks `name` (already in lookup form) and `key` up in the parsed files.
 fn lookup(files: &Files, name: &str, key: &PublicKey) -> Verdict {
-    let key_type = type_class(key.algorithm());
     let mut accepted = false;
-    let mut same_type = Vec::new();
-    let mut other_types = false;
+    let mut others = Vec::new();
     for line in files.matching(name) {
         let listed = line.entry.public_key();
         let same_key = listed.key_data() == key.key_data();
@@ -640,26 +652,35 @@ fn lookup(files: &Files, name: &str, key: &PublicKey) -> Verdict {
             }
             Some(Marker::Revoked) | Some(Marker::CertAuthority) => {}
             None if same_key => accepted = true,
-            None if type_class(listed.algorithm()) == key_type => {
-                same_type.push((listed.fingerprint(HashAlg::Sha256).to_string(), line.file, line.no));
-            }
-            None => other_types = true,
+            // Any other key, whatever its type: OpenSSH's `HOST_CHANGED`.
+            None => others.push((
+                same_type(listed.algorithm(), key.algorithm()),
+                (listed.fingerprint(HashAlg::Sha256).to_string(), line.file, line.no),
+            )),
         }
     }
     if accepted {
         Verdict::Accepted
-    } else if !same_type.is_empty() {
-        Verdict::Changed { expected: same_type }
+    } else if !others.is_empty() {
+        // Name the keys of the presented type when there are any: those were replaced.
+        let any_same = others.iter().any(|(same, _)| *same);
+        Verdict::Changed {
+            expected: others
+                .into_iter()
+                .filter(|(same, _)| *same || !any_same)
+                .map(|(_, e)| e)
+                .collect(),
+        }
     } else {
-        Verdict::Unknown { other_types }
+        Verdict::Unknown
     }
 }
 
 /// Key "type" as OpenSSH compares it: RSA regardless of signature hash, ECDSA per curve.
-fn type_class(algorithm: Algorithm) -> Algorithm {
-    match algorithm {
-        Algorithm::Rsa { .. } => Algorithm::Rsa { hash: None },
-        other => other,
+fn same_type(a: Algorithm, b: Algorithm) -> bool {
+    match (a, b) {
+        (Algorithm::Rsa { .. }, Algorithm::Rsa { .. }) => true,
+        (a, b) => a == b,
     }
 }
 

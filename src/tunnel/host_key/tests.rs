@@ -212,21 +212,37 @@ fn a_different_key_of_the_same_type_is_changed_and_names_both_fingerprints() {
 }
 
 #[test]
-fn a_host_known_only_with_other_key_types_is_unknown_and_accept_new_adds_it() {
-    // Chosen to match OpenSSH: a key of a type not on record is "not known", not "changed".
+fn a_host_known_only_with_other_key_types_has_a_changed_key_as_in_openssh() {
+    // OpenSSH 9 (`check_hostkeys_by_key_or_type`): any other key on record for the host makes the
+    // presented one "changed" ("Offending ECDSA key"), under strict and accept-new alike.
     let s = Scratch::new();
-    let ecdsa = s.key("ecdsa", "ecdsa");
+    s.key("ecdsa", "ecdsa");
     let ed = s.key("ed", "ed25519");
     s.write_known_hosts(&format!("bastion {}\n", s.pub_text("ecdsa")));
-    assert_unknown(s.verifier(strict()).verify("bastion", 22, &ed));
-
-    s.verifier(HostKeyPolicy::AcceptNew)
-        .verify("bastion", 22, &ed)
-        .expect("accept-new learns the new type");
-    let v = s.verifier(strict());
-    v.verify("bastion", 22, &ed).expect("learned key now known");
-    v.verify("bastion", 22, &ecdsa)
-        .expect("old key of the other type still known");
+    for policy in [strict(), HostKeyPolicy::AcceptNew] {
+        assert_changed(s.verifier(policy).verify("bastion", 22, &ed));
+    }
+    assert_eq!(
+        fs::read_to_string(s.path("known_hosts")).unwrap().lines().count(),
+        1,
+        "nothing learned"
+    );
+    // The key exchange is steered to the type on record instead.
+    let known = s.verifier(strict()).known_key_algorithms("bastion", 22);
+    assert_eq!(
+        known,
+        vec![Algorithm::Ecdsa {
+            curve: russh::keys::EcdsaCurve::NistP256
+        }]
+    );
+    assert!(s.verifier(strict()).known_key_algorithms("elsewhere", 22).is_empty());
+    // Both types on record: either is accepted.
+    s.write_known_hosts(&format!(
+        "bastion {}\nbastion {}\n",
+        s.pub_text("ecdsa"),
+        s.pub_text("ed")
+    ));
+    s.verifier(strict()).verify("bastion", 22, &ed).unwrap();
 }
 
 #[test]
@@ -365,7 +381,7 @@ fn port_less_fallback_decision_table() {
         (
             "port-ful line holds another type only",
             format!("[bastion]:2222 {pe}\nbastion {pk}\n"),
-            Want::Ok,
+            Want::Changed,
         ),
         (
             "other port's line only",
