@@ -78,6 +78,8 @@ fn rsa_disabled(path: &Path) -> Error {
 /// disk for every session.
 pub(crate) struct Credentials {
     keys: Vec<KeySource>,
+    /// Extra key files that could not be loaded, with why (listed in an authentication error).
+    skipped: Vec<String>,
     passphrase: Option<SecretString>,
     agent: Option<PathBuf>,
     /// The agent is enabled, whether or not a socket was found.
@@ -312,12 +314,20 @@ impl Credentials {
                 ),
             ));
         }
+        let mut skipped = Vec::new();
         for path in &auth.extra_key_paths {
             if !path.exists() {
                 tracing::debug!(target: LOG_TARGET, key = %path.display(), "skipping a missing extra SSH key file");
                 continue;
             }
-            keys.push(KeySource::load(path, None, auth.passphrase.as_ref())?);
+            // As `ssh` does with an IdentityFile it cannot use: skip it, say so, go on.
+            match KeySource::load(path, None, auth.passphrase.as_ref()) {
+                Ok(source) => keys.push(source),
+                Err(e) => {
+                    tracing::warn!(target: LOG_TARGET, key = %path.display(), error = %e, "skipping an extra SSH key file");
+                    skipped.push(format!("publickey {} skipped ({e})", path.display()));
+                }
+            }
         }
         let agent = if auth.use_agent {
             auth.agent_socket
@@ -326,7 +336,7 @@ impl Credentials {
         } else {
             None
         };
-        if keys.is_empty() && !auth.use_agent {
+        if keys.is_empty() && !auth.use_agent && skipped.is_empty() {
             return Err(Error::config(
                 "tunnel.auth",
                 "no authentication method: set a key path (SSH_KEY_PATH) or enable the agent (SSH_USE_AGENT)",
@@ -334,6 +344,7 @@ impl Credentials {
         }
         Ok(Self {
             keys,
+            skipped,
             passphrase: auth.passphrase.clone(),
             agent,
             use_agent: auth.use_agent,
@@ -359,8 +370,7 @@ impl Credentials {
             configured.push(key.public_key().key_data().clone());
             if let Some((_, cert)) = &state.cert {
                 if is_valid_at(cert, now) {
-                    let result = handle
-                        .authenticate_openssh_cert(user, key.clone(), cert.clone())
+                    let result = authenticate_certificate(handle, user, &key, cert)
                         .await
                         .map_err(|e| transport_error(host, port, e))?;
                     if result.success() {
@@ -395,6 +405,9 @@ impl Credentials {
                 key.algorithm(),
                 outcome_text(&result)
             ));
+        }
+        for skipped in &self.skipped {
+            attempts.note(format_args!("{skipped}"));
         }
         if let Some(sock) = &self.agent {
             match self
@@ -501,6 +514,83 @@ impl Credentials {
 enum AgentOutcome {
     Success,
     Failed(String),
+}
+
+/// Offers `cert` with its private `key`. RSA certificates are signed with the best SHA-2 hash
+/// the server accepts (`rsa-sha2-512-cert-v01@openssh.com`, ...): russh's
+/// `authenticate_openssh_cert` would announce `ssh-rsa-cert-v01` (SHA-1), which OpenSSH 8.8+
+/// refuses, so they go through `authenticate_certificate_with` and an in-memory signer.
+async fn authenticate_certificate<H: Handler>(
+    handle: &mut Handle<H>,
+    user: &str,
+    key: &Arc<PrivateKey>,
+    cert: &Certificate,
+) -> Result<AuthResult, russh::Error> {
+    #[cfg(feature = "rsa")]
+    if key.algorithm().is_rsa() {
+        let hash = rsa_hash(handle).await;
+        return match handle
+            .authenticate_certificate_with(user, cert.clone(), hash, &mut RsaSigner(key.clone()))
+            .await
+        {
+            Ok(result) => Ok(result),
+            Err(RsaSignError::Send) => Err(russh::Error::SendError),
+            Err(RsaSignError::Sign(why)) => {
+                tracing::warn!(target: LOG_TARGET, error = %why, "signing with the RSA certificate's key failed");
+                Ok(AuthResult::Failure {
+                    remaining_methods: russh::MethodSet::empty(),
+                    partial_success: false,
+                })
+            }
+        };
+    }
+    handle.authenticate_openssh_cert(user, key.clone(), cert.clone()).await
+}
+
+/// Signs the user-authentication request with an RSA key held in memory, for the hash russh asks.
+#[cfg(feature = "rsa")]
+struct RsaSigner(Arc<PrivateKey>);
+
+#[cfg(feature = "rsa")]
+enum RsaSignError {
+    Send,
+    Sign(String),
+}
+
+#[cfg(feature = "rsa")]
+impl From<russh::SendError> for RsaSignError {
+    fn from(_: russh::SendError) -> Self {
+        RsaSignError::Send
+    }
+}
+
+#[cfg(feature = "rsa")]
+impl russh::Signer for RsaSigner {
+    type Error = RsaSignError;
+
+    fn auth_sign(
+        &mut self,
+        _identity: &AgentIdentity,
+        hash_alg: Option<HashAlg>,
+        mut to_sign: Vec<u8>,
+    ) -> impl Future<Output = Result<Vec<u8>, Self::Error>> + Send {
+        use russh::keys::signature::Signer as _;
+        use russh::keys::ssh_key::encoding::Encode as _;
+        use russh::keys::ssh_key::private::KeypairData;
+        let signed = match self.0.key_data() {
+            KeypairData::Rsa(pair) => (pair, hash_alg.or(Some(HashAlg::Sha256)))
+                .try_sign(&to_sign)
+                .map_err(|e| RsaSignError::Sign(e.to_string()))
+                .and_then(|sig| {
+                    // The signature goes after the signed data, as one SSH string.
+                    sig.encode_prefixed(&mut to_sign)
+                        .map_err(|e| RsaSignError::Sign(e.to_string()))
+                        .map(|()| to_sign)
+                }),
+            _ => Err(RsaSignError::Sign("not an RSA key".into())),
+        };
+        std::future::ready(signed)
+    }
 }
 
 /// The hash for an RSA signature: the best the server advertises, rsa-sha2-256 if it says nothing

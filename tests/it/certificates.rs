@@ -287,7 +287,11 @@ async fn extra_key_paths_are_offered_in_order_after_the_key_path() {
     let stranger = sshd.generate_key(KeyKind::Ed25519, None).await.unwrap();
     let second = sshd.generate_key(KeyKind::Ecdsa, None).await.unwrap();
     let missing = sshd.dir().join("no_such_identity");
-    let auth = || AuthConfig::key_file(&stranger).extra_key_paths([missing.clone(), second.clone()]);
+    let encrypted = sshd
+        .generate_key(KeyKind::Ed25519, Some("another passphrase"))
+        .await
+        .unwrap();
+    let auth = || AuthConfig::key_file(&stranger).extra_key_paths([missing.clone(), encrypted.clone(), second.clone()]);
     match tunnel_verdict(cfg(&sshd).auth(auth())).await {
         Err(Error::Auth { tried, .. }) => {
             let first = tried.find(&stranger.display().to_string()).expect("key_path listed");
@@ -296,6 +300,10 @@ async fn extra_key_paths_are_offered_in_order_after_the_key_path() {
             assert!(
                 !tried.contains("no_such_identity"),
                 "a missing extra key is skipped: {tried}"
+            );
+            assert!(
+                tried.contains(&format!("publickey {} skipped", encrypted.display())),
+                "an unusable extra key is skipped and named: {tried}"
             );
         }
         other => panic!("expected Error::Auth, got {other:?}"),
@@ -672,4 +680,18 @@ async fn a_plain_known_hosts_keeps_working_against_a_server_that_offers_a_certif
     tunnel_verdict(cfg(&sshd)).await.expect("plain key verified");
     let (ok, stderr) = ssh_verdict(&sshd, &sshd.client_key_path(), &[]).await;
     assert!(ok, "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_certificates_of_every_key_type_log_in() {
+    let (sshd, ca) = cert_only_sshd().await;
+    for kind in [KeyKind::Ed25519, KeyKind::Ecdsa, KeyKind::Rsa] {
+        let key = sshd.generate_key(kind, None).await.unwrap();
+        let id = format!("every-type-{kind:?}");
+        sshd.sign_user_key(&ca, &key, &id, "-5m:+1h").await.unwrap();
+        tunnel_verdict(cfg(&sshd).auth(AuthConfig::key_file(&key)))
+            .await
+            .unwrap_or_else(|e| panic!("{kind:?} certificate: {e}"));
+        assert!(sshd_log(&sshd).contains(&format!("ID {id}")), "{kind:?}");
+    }
 }
