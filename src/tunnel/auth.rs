@@ -707,6 +707,30 @@ mod tests {
     }
 
     #[test]
+    fn the_default_certificate_is_next_to_the_key_as_ssh_looks_for_it() {
+        assert_eq!(
+            default_cert_path(Path::new("/home/u/.ssh/id_ed25519")),
+            PathBuf::from("/home/u/.ssh/id_ed25519-cert.pub")
+        );
+        assert_eq!(
+            default_cert_path(Path::new("keys/deploy.key")),
+            PathBuf::from("keys/deploy.key-cert.pub")
+        );
+    }
+
+    #[test]
+    fn a_certificate_is_required_to_have_its_key() {
+        let auth = AuthConfig::agent().certificate("/certs/id-cert.pub");
+        match Credentials::load(&auth) {
+            Err(Error::Config { field, message }) => {
+                assert_eq!(field, "SSH_CERTIFICATE_PATH");
+                assert!(message.contains("SSH_KEY_PATH"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn other_key_types_need_no_feature_and_rsa_is_accepted_with_it() {
         let ecdsa = Algorithm::Ecdsa {
             curve: russh::keys::EcdsaCurve::NistP256,

@@ -855,3 +855,136 @@ async fn real_sshd_key_from_the_wire_against_ssh_keyscan_output() {
         "{written} vs {rescanned}"
     );
 }
+
+/// Host certificates made by `ssh-keygen -s`, checked without a server.
+mod certificates {
+    use super::*;
+
+    /// Signs `Scratch` key `name` with CA `ca` and returns the certificate.
+    fn sign(s: &Scratch, ca: &str, name: &str, principals: &str, validity: &str, host: bool) -> Certificate {
+        let mut cmd = Command::new("ssh-keygen");
+        cmd.args(["-q", "-s"])
+            .arg(s.path(ca))
+            .args(["-I", "test-id", "-z", "7", "-V", validity]);
+        if !principals.is_empty() {
+            cmd.args(["-n", principals]);
+        }
+        if host {
+            cmd.arg("-h");
+        }
+        run(cmd.arg(s.path(name).with_extension("pub")));
+        let mut cert_path = s.path(name).into_os_string();
+        cert_path.push("-cert.pub");
+        Certificate::read_file(Path::new(&cert_path)).expect("ssh-keygen wrote a certificate")
+    }
+
+    fn problem(result: Result<()>) -> String {
+        match result {
+            Err(e @ Error::HostCertificate { .. }) => {
+                assert!(!e.is_transient());
+                e.to_string()
+            }
+            other => panic!("expected HostCertificate, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_check_of_a_host_certificate() {
+        let s = Scratch::new();
+        s.key("ca", "ed25519");
+        s.key("other_ca", "ed25519");
+        s.key("host", "ed25519");
+        let ca_line = format!("@cert-authority bastion,*.example.com {}\n", s.pub_text("ca"));
+        s.write_known_hosts(&ca_line);
+        let v = s.verifier(strict());
+
+        let good = sign(&s, "ca", "host", "bastion,db-?.example.com", "-5m:+1h", true);
+        v.verify_certificate("bastion", 22, &good)
+            .expect("principal, CA, window");
+        v.verify_certificate("Bastion", 2222, &good)
+            .expect("port-less fallback for the CA line; names are case-insensitive");
+        v.verify_certificate("db-1.example.com", 22, &good)
+            .expect("a wildcard principal, as OpenSSH allows in host certificates");
+        let text = problem(v.verify_certificate("db-10.example.com", 22, &good));
+        assert!(text.contains("not issued for \"db-10.example.com\""), "{text}");
+        assert!(text.contains("test-id") && text.contains("serial 7"), "{text}");
+
+        let expired = sign(&s, "ca", "host", "bastion", "-2h:-1h", true);
+        let text = problem(v.verify_certificate("bastion", 22, &expired));
+        assert!(text.contains("expired: valid from"), "{text}");
+        let future = sign(&s, "ca", "host", "bastion", "+1h:+2h", true);
+        assert!(problem(v.verify_certificate("bastion", 22, &future)).contains("not yet valid"));
+
+        let user_cert = sign(&s, "ca", "host", "bastion", "-5m:+1h", false);
+        assert!(problem(v.verify_certificate("bastion", 22, &user_cert)).contains("user certificate"));
+
+        let no_principals = sign(&s, "ca", "host", "", "-5m:+1h", true);
+        assert!(problem(v.verify_certificate("bastion", 22, &no_principals)).contains("no principals"));
+
+        // Signed by a CA known_hosts does not trust: the plain key decides (unknown here).
+        let stranger = sign(&s, "other_ca", "host", "bastion", "-5m:+1h", true);
+        assert_unknown(v.verify_certificate("bastion", 22, &stranger));
+
+        // A refused certificate whose key is listed as a plain key is accepted, as in OpenSSH.
+        s.write_known_hosts(&format!("{ca_line}bastion {}\n", s.pub_text("host")));
+        v.verify_certificate("bastion", 22, &expired)
+            .expect("plain key fallback");
+        v.verify_certificate("bastion", 22, &stranger)
+            .expect("plain key, unknown CA");
+
+        // Revocation of the CA or of the certified key wins over everything.
+        s.write_known_hosts(&format!(
+            "{ca_line}bastion {}\n@revoked * {}\n",
+            s.pub_text("host"),
+            s.pub_text("ca")
+        ));
+        assert!(problem(v.verify_certificate("bastion", 22, &good)).contains("@revoked"));
+        s.write_known_hosts(&format!("{ca_line}@revoked bastion {}\n", s.pub_text("host")));
+        assert!(matches!(
+            v.verify_certificate("bastion", 22, &good),
+            Err(Error::HostKeyRevoked { .. })
+        ));
+
+        // A CA line under the port-ful name shadows the plain name's.
+        s.write_known_hosts(&format!(
+            "@cert-authority [bastion]:2222 {}\n{ca_line}",
+            s.pub_text("other_ca")
+        ));
+        assert_unknown(v.verify_certificate("bastion", 2222, &good));
+        v.verify_certificate("bastion", 22, &good).unwrap();
+    }
+
+    #[test]
+    fn alias_policies_and_when_certificates_are_asked_for() {
+        let s = Scratch::new();
+        s.key("ca", "ed25519");
+        s.key("host", "ed25519");
+        s.write_known_hosts(&format!("@cert-authority db-bastion {}\n", s.pub_text("ca")));
+        let cert = sign(&s, "ca", "host", "db-bastion", "-5m:+1h", true);
+        let alias = s.verifier(strict()).with_alias(Some("db-bastion".into()));
+        alias
+            .verify_certificate("10.1.2.3", 2222, &cert)
+            .expect("principal = alias");
+        assert!(alias.could_verify_certificates("10.1.2.3", 2222));
+        assert!(!s.verifier(strict()).could_verify_certificates("10.1.2.3", 2222));
+        assert_unknown(s.verifier(strict()).verify_certificate("10.1.2.3", 2222, &cert));
+        // Pinned: the certificate's key is compared; insecure: accepted.
+        let key = PublicKey::new(cert.public_key().clone(), "");
+        let pinned = HostKeyVerifier::new(HostKeyPolicy::Fingerprint(fingerprint(&key)), s.path("none"));
+        pinned.verify_certificate("x", 22, &cert).unwrap();
+        assert!(!pinned.could_verify_certificates("db-bastion", 22));
+        HostKeyVerifier::new(HostKeyPolicy::InsecureAcceptAny, s.path("none"))
+            .verify_certificate("x", 22, &cert)
+            .unwrap();
+    }
+
+    #[test]
+    fn unix_times_are_formatted_like_date() {
+        assert_eq!(format_unix(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_unix(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_unix(1_764_633_599), "2025-12-01T23:59:59Z");
+        assert_eq!(format_unix(u64::MAX), "forever");
+        let out = run(Command::new("date").args(["-u", "-d", "@4102444800", "+%Y-%m-%dT%H:%M:%SZ"]));
+        assert_eq!(format_unix(4_102_444_800), out.trim());
+    }
+}
