@@ -45,12 +45,9 @@ fn sshd_log(sshd: &OpenSshd) -> String {
 /// and stderr.
 async fn ssh_verdict(sshd: &OpenSshd, identity: &Path, extra: &[&str]) -> (bool, String) {
     let mut cmd = sshd.ssh_command(identity);
-    // Options go before the host (ssh_command ends with `-l USER HOST`): insert via a new command.
-    let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
-    let program = cmd.get_program().to_owned();
-    let (opts, dest) = args.split_at(args.len() - 3);
-    cmd = Command::new(program);
-    cmd.args(opts).args(extra).args(dest).arg("true").stdin(Stdio::null());
+    // ssh reads options after the host name too (it restarts option parsing there); options
+    // ssh_command already set keep their value (the first one wins).
+    cmd.args(extra).arg("true").stdin(Stdio::null());
     let out = tokio::task::spawn_blocking(move || cmd.output().expect("ssh runs"))
         .await
         .unwrap();
