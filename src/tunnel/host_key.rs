@@ -173,7 +173,8 @@ impl HostKeyVerifier {
             HostKeyPolicy::Fingerprint(pinned) => verify_pinned(&name, pinned, key),
             HostKeyPolicy::Strict => {
                 let files = self.read()?;
-                self.verdict_to_result(&files, &name, key, check(&files, &name, fallback.as_deref(), key))
+                let verdict = check(&files, &name, fallback.as_deref(), key);
+                self.verdict_to_result(&files, (host, port, &name), key, verdict)
             }
             HostKeyPolicy::AcceptNew => {
                 // Lock before reading so the check and the append are one step.
@@ -181,7 +182,7 @@ impl HostKeyVerifier {
                 let files = self.read()?;
                 match check(&files, &name, fallback.as_deref(), key) {
                     Verdict::Unknown => self.learn(&files, &name, key),
-                    verdict => self.verdict_to_result(&files, &name, key, verdict),
+                    verdict => self.verdict_to_result(&files, (host, port, &name), key, verdict),
                 }
             }
         }
@@ -406,7 +407,13 @@ impl HostKeyVerifier {
         }
     }
 
-    fn verdict_to_result(&self, files: &Files, name: &str, key: &PublicKey, verdict: Verdict) -> Result<()> {
+    fn verdict_to_result(
+        &self,
+        files: &Files,
+        (host, port, name): (&str, u16, &str),
+        key: &PublicKey,
+        verdict: Verdict,
+    ) -> Result<()> {
         match verdict {
             Verdict::Accepted => Ok(()),
             Verdict::Unknown => Err(Error::HostKeyUnknown {
@@ -414,7 +421,18 @@ impl HostKeyVerifier {
                 fingerprint: fingerprint(key),
                 known_hosts: self.known_hosts.clone(),
             }),
-            Verdict::Changed { expected } => {
+            // Recorded by RSA keys only, and this build cannot negotiate RSA: not a changed key
+            // but a missing feature (`ssh` would have asked for the RSA key).
+            Verdict::Changed { only_rsa: true, .. } if !cfg!(feature = "rsa") => Err(Error::FeatureRequired {
+                host: host.to_owned(),
+                port,
+                needs: format!(
+                    "RSA host keys (known_hosts records {name} by RSA keys only; the bastion presented {})",
+                    key.algorithm()
+                ),
+                feature: "rsa",
+            }),
+            Verdict::Changed { expected, .. } => {
                 let fingerprints: Vec<&str> = expected.iter().map(|(fp, _, _)| fp.as_str()).collect();
                 // Group the line numbers by file, in file order.
                 let mut sources = Vec::new();
@@ -612,7 +630,11 @@ enum Verdict {
     /// No plain-key line matches the host (OpenSSH's `HOST_NEW`).
     Unknown,
     /// The host is listed with other keys (of any type): `(fingerprint, file index, line number)` of each.
-    Changed { expected: Vec<(String, usize, usize)> },
+    /// `only_rsa`: those are all RSA keys and the presented one is not.
+    Changed {
+        expected: Vec<(String, usize, usize)>,
+        only_rsa: bool,
+    },
     /// An `@revoked` line for the host holds this key (file index, 1-based line number).
     Revoked { file: usize, line: usize },
 }
@@ -639,6 +661,7 @@ fn check(files: &Files, name: &str, fallback: Option<&str>, key: &PublicKey) -> 
 fn lookup(files: &Files, name: &str, key: &PublicKey) -> Verdict {
     let mut accepted = false;
     let mut others = Vec::new();
+    let mut others_rsa = true;
     for line in files.matching(name) {
         let listed = line.entry.public_key();
         let same_key = listed.key_data() == key.key_data();
@@ -653,10 +676,13 @@ fn lookup(files: &Files, name: &str, key: &PublicKey) -> Verdict {
             Some(Marker::Revoked) | Some(Marker::CertAuthority) => {}
             None if same_key => accepted = true,
             // Any other key, whatever its type: OpenSSH's `HOST_CHANGED`.
-            None => others.push((
-                same_type(listed.algorithm(), key.algorithm()),
-                (listed.fingerprint(HashAlg::Sha256).to_string(), line.file, line.no),
-            )),
+            None => others.push({
+                others_rsa &= listed.algorithm().is_rsa();
+                (
+                    same_type(listed.algorithm(), key.algorithm()),
+                    (listed.fingerprint(HashAlg::Sha256).to_string(), line.file, line.no),
+                )
+            }),
         }
     }
     if accepted {
@@ -665,6 +691,7 @@ fn lookup(files: &Files, name: &str, key: &PublicKey) -> Verdict {
         // Name the keys of the presented type when there are any: those were replaced.
         let any_same = others.iter().any(|(same, _)| *same);
         Verdict::Changed {
+            only_rsa: !key.algorithm().is_rsa() && others_rsa,
             expected: others
                 .into_iter()
                 .filter(|(same, _)| *same || !any_same)

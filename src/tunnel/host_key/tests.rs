@@ -988,3 +988,39 @@ mod certificates {
         assert_eq!(format_unix(4_102_444_800), out.trim());
     }
 }
+
+#[test]
+fn a_host_recorded_by_rsa_keys_only_is_told_apart_for_builds_without_rsa() {
+    let s = Scratch::new();
+    s.key("rsa", "rsa");
+    let ed = s.key("ed", "ed25519");
+    s.write_known_hosts(&format!("bastion {}\n", s.pub_text("rsa")));
+    let v = s.verifier(strict());
+    let files = v.read().unwrap();
+    assert!(matches!(
+        check(&files, "bastion", None, &ed),
+        Verdict::Changed { only_rsa: true, .. }
+    ));
+    let result = v.verify("bastion", 22, &ed);
+    if cfg!(feature = "rsa") {
+        // With RSA the key exchange asks for the RSA key; an ed25519 one is a changed key.
+        assert_changed(result);
+    } else {
+        match result {
+            Err(e @ Error::FeatureRequired { .. }) => assert!(e.to_string().contains("`rsa` feature"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Another key type on record besides RSA: a changed key in every build.
+    s.key("ec", "ecdsa");
+    s.write_known_hosts(&format!(
+        "bastion {}\nbastion {}\n",
+        s.pub_text("rsa"),
+        s.pub_text("ec")
+    ));
+    let files = v.read().unwrap();
+    assert!(matches!(
+        check(&files, "bastion", None, &ed),
+        Verdict::Changed { only_rsa: false, .. }
+    ));
+}
