@@ -261,6 +261,37 @@ pub enum Error {
         #[source]
         source: Arc<std::io::Error>,
     },
+
+    /// The bastion presented an OpenSSH host certificate signed by a CA that known_hosts trusts
+    /// for it (`@cert-authority`), and the certificate is not acceptable: expired or not yet
+    /// valid, not issued for this host name, not a host certificate, a bad CA signature, an
+    /// unknown critical option, or a CA marked `@revoked`. Permanent.
+    #[error("host certificate for {host} refused: {problem} (CA listed in {known_hosts:?})")]
+    HostCertificate {
+        /// The host name the certificate was checked for (`host`, or the HostKeyAlias).
+        host: String,
+        /// What is wrong, with the certificate's key id, serial and validity window.
+        problem: String,
+        /// The known_hosts file holding the `@cert-authority` (or `@revoked`) line.
+        known_hosts: PathBuf,
+    },
+
+    /// The OpenSSH user certificate is outside its validity window, also after being read again
+    /// from disk. Transient: a renewal written to the file (Vault, step-ca) is picked up by the
+    /// next attempt.
+    #[error(
+        "SSH user certificate {path:?} is not valid now ({now}): it is valid from {valid_after} to {valid_before}; renew it (the file is read again on every connection attempt)"
+    )]
+    UserCertificateExpired {
+        /// The certificate file.
+        path: PathBuf,
+        /// Start of the validity window (UTC).
+        valid_after: String,
+        /// End of the validity window (UTC).
+        valid_before: String,
+        /// The time of the check (UTC).
+        now: String,
+    },
 }
 
 impl Error {
@@ -282,6 +313,7 @@ impl Error {
             | Error::HostKeyRevoked { .. }
             | Error::Auth { .. }
             | Error::FeatureRequired { .. }
+            | Error::HostCertificate { .. }
             | Error::NotInitialized(_)
             | Error::ShutDown(_) => false,
             Error::ChannelRefused { transient, .. } | Error::PasswordRejected { transient, .. } => *transient,
@@ -291,6 +323,8 @@ impl Error {
             | Error::Timeout { .. }
             | Error::Io { .. }
             | Error::Failover { .. } => true,
+            // A renewed certificate on disk heals it: the file is read again on every attempt.
+            Error::UserCertificateExpired { .. } => true,
             Error::Database(e) => db_err_is_transient(e),
         }
     }

@@ -864,3 +864,112 @@ fn ensure_privsep_dir() -> Result<()> {
         "sshd needs the directory {PRIVSEP_DIR}; create it once as root: `mkdir -p {PRIVSEP_DIR}`"
     )))
 }
+
+/// OpenSSH certificates: a certificate authority, user certificates for `TrustedUserCAKeys`,
+/// host certificates for `HostCertificate` (all made by the real `ssh-keygen -s`).
+impl OpenSshd {
+    /// Generates a certificate authority key pair in the temp dir and returns its private key's
+    /// path (the public key is the same path plus `.pub`, e.g. for an `@cert-authority` line).
+    pub async fn generate_ca(&self, name: &str) -> Result<PathBuf> {
+        let path = self.dir.path().join(format!("ca_{name}"));
+        self.keygen(&path, KeyKind::Ed25519, None, &format!("sea-orm-tunnel test CA {name}"))
+            .await?;
+        Ok(path)
+    }
+
+    /// Signs the public key of `key` (a private key with its `.pub` next to it, or the `.pub`)
+    /// with the CA `ca` (`ssh-keygen -s CA -I ID -n PRINCIPALS -V VALIDITY [-h] KEY.pub`) and
+    /// returns the certificate's path, `<key>-cert.pub`. `validity` is in `ssh-keygen -V` form
+    /// (`-5m:+1h`, `always:forever`, `-2h:-1h` for an expired one); `host` makes a host
+    /// certificate. An existing certificate file is replaced.
+    pub async fn sign_key(
+        &self,
+        ca: &Path,
+        key: &Path,
+        id: &str,
+        principals: &[&str],
+        validity: &str,
+        host: bool,
+    ) -> Result<PathBuf> {
+        let public = public_key_file(key);
+        // `KEY.pub` → `KEY-cert.pub`, as ssh-keygen names it.
+        let cert = {
+            let mut s = public.with_extension("").into_os_string();
+            s.push("-cert.pub");
+            PathBuf::from(s)
+        };
+        let _ = std::fs::remove_file(&cert);
+        let mut cmd = Command::new(&self.keygen_bin);
+        cmd.arg("-q")
+            .arg("-s")
+            .arg(ca)
+            .arg("-I")
+            .arg(id)
+            .arg("-V")
+            .arg(validity)
+            .arg("-z")
+            .arg(self.counter.fetch_add(1, Ordering::Relaxed).to_string());
+        if !principals.is_empty() {
+            cmd.arg("-n").arg(principals.join(","));
+        }
+        if host {
+            cmd.arg("-h");
+        }
+        cmd.arg(&public).stdin(Stdio::null());
+        util::run(cmd, "signing a certificate (ssh-keygen -s)").await?;
+        Ok(cert)
+    }
+
+    /// Signs [`client_key_path`](Self::client_key_path)-style user key `key` for this server's
+    /// user: [`sign_key`](Self::sign_key) with principal [`user`](Self::user).
+    pub async fn sign_user_key(&self, ca: &Path, key: &Path, id: &str, validity: &str) -> Result<PathBuf> {
+        let user = self.user.clone();
+        self.sign_key(ca, key, id, &[&user], validity, false).await
+    }
+
+    /// Makes sshd trust user certificates signed by `ca` (`TrustedUserCAKeys`) and empties
+    /// `authorized_keys`, so plain keys are no longer authorised; restarts the server.
+    pub async fn trust_user_ca(&self, ca: &Path) -> Result<()> {
+        let path = self.authorized_keys_path();
+        std::fs::write(&path, "").map_err(|e| TestkitError::io(format!("emptying {}", path.display()), e))?;
+        self.add_config_line(format!("TrustedUserCAKeys {}", public_key_file(ca).display()))
+            .await
+    }
+
+    /// Gives sshd a host certificate for its host key, signed by `ca` for `principals` and
+    /// `validity` (`HostCertificate`), and restarts it. Calling it again replaces the
+    /// certificate (and restarts again). Returns the certificate's path.
+    pub async fn use_host_certificate(&self, ca: &Path, principals: &[&str], validity: &str) -> Result<PathBuf> {
+        let cert = self
+            .sign_key(
+                ca,
+                &self.host_key_path(),
+                "sea-orm-tunnel test host",
+                principals,
+                validity,
+                true,
+            )
+            .await?;
+        let line = format!("HostCertificate {}", cert.display());
+        let already = self
+            .extra_config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&line);
+        if already {
+            self.restart().await?;
+        } else {
+            self.add_config_line(line).await?;
+        }
+        Ok(cert)
+    }
+
+    /// A known_hosts line trusting `ca` for `hosts` (a pattern list): `@cert-authority HOSTS KEY`.
+    pub fn cert_authority_line(&self, ca: &Path, hosts: &str) -> Result<String> {
+        let public = public_key_file(ca);
+        let text = std::fs::read_to_string(&public)
+            .map_err(|e| TestkitError::io(format!("reading {}", public.display()), e))?;
+        let key = text.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        Ok(format!("@cert-authority {hosts} {key}"))
+    }
+}

@@ -308,14 +308,10 @@ impl SshTunnel {
                 source: std::io::Error::other(e).into(),
             })??;
         let (listener, endpoint, unix_dir) = forward::bind(&config).await?;
-        let inner = Arc::new(Inner::new(
-            config,
-            pool_label.into(),
-            generation,
-            credentials,
-            endpoint,
-            unix_dir,
-        ));
+        let mut inner = Inner::new(config, pool_label.into(), generation, credentials, endpoint, unix_dir);
+        // HostKeyAlias and the extra known_hosts files (issue 12).
+        inner.verifier = host_key::HostKeyVerifier::for_tunnel(&inner.config);
+        let inner = Arc::new(inner);
         let tunnel = SshTunnel {
             _alive: Arc::new(inner.cancel.clone().drop_guard()),
             inner: inner.clone(),

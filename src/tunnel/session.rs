@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use russh::client::{DisconnectReason, Handle, Handler};
-use russh::keys::{PublicKey, PublicKeyOrCertificate};
+use russh::keys::PublicKeyOrCertificate;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -30,6 +30,7 @@ pub(crate) const RSA_FEATURE: &str = "enable the `rsa` feature of sea-orm-tunnel
 
 /// The russh client configuration for a tunnel.
 pub(crate) fn russh_config(config: &TunnelConfig) -> russh::client::Config {
+    let verifier = HostKeyVerifier::for_tunnel(config);
     russh::client::Config {
         // connect_stream does not apply this flag itself (the socket wrapper sets TCP_NODELAY),
         // but keep the config truthful.
@@ -41,7 +42,20 @@ pub(crate) fn russh_config(config: &TunnelConfig) -> russh::client::Config {
         maximum_packet_size: 32 * 1024,
         preferred: russh::Preferred {
             cipher: Cow::Borrowed(preferred_ciphers()),
-            key: Cow::Borrowed(preferred_host_key_algorithms()),
+            // The key types known_hosts lists for the host first, as `ssh` orders them: a server
+            // with several host keys then presents the recorded one (another type would be a
+            // changed key). Read when the tunnel is created.
+            key: Cow::Owned(ordered_host_key_algorithms(
+                &verifier.known_key_algorithms(&config.host, config.port),
+            )),
+            // Host certificates only when known_hosts has an `@cert-authority` line that could
+            // vouch for this host (read when the tunnel is created): otherwise a server that
+            // prefers certificates would present one that only its plain key could verify.
+            host_key_certificates: if verifier.could_verify_certificates(&config.host, config.port) {
+                Cow::Borrowed(preferred_host_key_algorithms())
+            } else {
+                Cow::Borrowed(&[])
+            },
             ..russh::Preferred::default()
         },
         ..Default::default()
@@ -88,6 +102,22 @@ pub(crate) fn preferred_host_key_algorithms() -> &'static [russh::keys::Algorith
     }
 }
 
+/// [`preferred_host_key_algorithms`] with the algorithms of the `known` key types moved to the
+/// front (RSA regardless of its signature hash, ECDSA per curve), otherwise in their order.
+pub(crate) fn ordered_host_key_algorithms(known: &[russh::keys::Algorithm]) -> Vec<russh::keys::Algorithm> {
+    use russh::keys::Algorithm;
+    let same_type = |a: &Algorithm, k: &Algorithm| match (a, k) {
+        (Algorithm::Rsa { .. }, Algorithm::Rsa { .. }) => true,
+        _ => a == k,
+    };
+    let (mut first, rest): (Vec<_>, Vec<_>) = preferred_host_key_algorithms()
+        .iter()
+        .cloned()
+        .partition(|a| known.iter().any(|k| same_type(a, k)));
+    first.extend(rest);
+    first
+}
+
 fn has_aes_instructions() -> bool {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     {
@@ -127,12 +157,12 @@ impl Handler for ClientHandler {
     type Error = russh::Error;
 
     async fn check_server_key(&mut self, server_key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
-        let key: PublicKey = match server_key {
-            PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
-            // Certificates are not requested; if one comes anyway, verify its plain key.
-            PublicKeyOrCertificate::Certificate(cert) => PublicKey::from(cert.public_key().clone()),
+        let verdict = match server_key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => self.verifier.verify(&self.host, self.port, key),
+            // russh checks neither the CA signature, the principals nor the validity: we do.
+            PublicKeyOrCertificate::Certificate(cert) => self.verifier.verify_certificate(&self.host, self.port, cert),
         };
-        match self.verifier.verify(&self.host, self.port, &key) {
+        match verdict {
             Ok(()) => Ok(true),
             Err(e) => {
                 *lock(&self.verdict) = Some(e);
@@ -467,6 +497,25 @@ mod tests {
             assert!(text.contains("bastion.example:2222"), "{text}");
             assert!(text.contains("enable the `rsa` feature of sea-orm-tunnel"), "{text}");
             assert!(text.contains("ssh-rsa,rsa-sha2-512"), "{text}");
+        }
+    }
+
+    #[test]
+    fn known_host_key_types_are_preferred() {
+        use russh::keys::{Algorithm, EcdsaCurve};
+        let p256 = Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP256,
+        };
+        let ordered = ordered_host_key_algorithms(std::slice::from_ref(&p256));
+        assert_eq!(ordered[0], p256);
+        assert_eq!(ordered.len(), preferred_host_key_algorithms().len());
+        assert_eq!(ordered_host_key_algorithms(&[]), preferred_host_key_algorithms());
+        if cfg!(feature = "rsa") {
+            let ordered = ordered_host_key_algorithms(&[Algorithm::Rsa { hash: None }]);
+            assert!(
+                ordered[..2].iter().all(|a| matches!(a, Algorithm::Rsa { .. })),
+                "{ordered:?}"
+            );
         }
     }
 

@@ -766,15 +766,18 @@ async fn the_real_key_under_a_non_matching_host_or_revoked_is_never_accepted() {
     let blob = lab.blob();
     let port = lab.bastion.port();
     let real_line = lab.bastion.known_hosts_line();
+    // The plain `127.0.0.1` is not here: with no `[127.0.0.1]:PORT` line OpenSSH (and the tunnel)
+    // fall back to the line without port; that case is checked below.
     let hosts = [
         format!("[127.0.0.1]:{}", port.wrapping_add(1).max(1)),
-        "127.0.0.1".to_owned(),
         "127.0.0.2".to_owned(),
+        "127.0.0.?0".to_owned(),
+        "!127.0.0.1,127.0.0.*".to_owned(),
         format!("[127.0.0.2]:{port}"),
         format!("[127.0.0.1]:{port}0"),
         format!("[127.0.0.1]:{port},!*"),
         format!("!*,[127.0.0.1]:{port}"),
-        format!("![127.0.0.1]:{port},*"),
+        format!("![127.0.0.1]:{port},!127.0.0.1,*"),
         format!("|1|{}=|{}=", g.token(27), g.token(27)),
         "localhost".to_owned(),
         format!("[127.0.0.1] :{port}"),
@@ -788,10 +791,33 @@ async fn the_real_key_under_a_non_matching_host_or_revoked_is_never_accepted() {
             "host pattern {host:?}: {verdict:?}"
         );
     }
-    // Revoked, in any order relative to a line that lists it.
+    // The port-less fallback: the plain line holds the key and the port has no line (accepted),
+    // but never past a port-ful line with another key of the type, nor past a revocation.
+    let decoy_dir = tempfile::tempdir().unwrap();
+    let (_, decoy) = Bastion::generate_client_key(decoy_dir.path()).unwrap();
+    let decoy = decoy.to_openssh().unwrap();
+    // (Negating only the port-ful name leaves the plain name to `*`: OpenSSH accepts that too.)
+    for host in [
+        "127.0.0.1".to_owned(),
+        "127.0.0.?".to_owned(),
+        format!("![127.0.0.1]:{port},*"),
+    ] {
+        std::fs::write(&path, format!("{host} ssh-ed25519 {blob}\n")).unwrap();
+        let verdict = lab.accepted(lab.config(&path, HostKeyPolicy::Strict)).await;
+        assert!(matches!(verdict, Ok(true)), "{host:?}, port without line: {verdict:?}");
+    }
+    std::fs::write(
+        &path,
+        format!("[127.0.0.1]:{port} {decoy}\n127.0.0.1 ssh-ed25519 {blob}\n"),
+    )
+    .unwrap();
+    let verdict = lab.accepted(lab.config(&path, HostKeyPolicy::Strict)).await;
+    assert!(matches!(verdict, Err(Error::HostKeyChanged { .. })), "{verdict:?}");
+    // Revoked, in any order relative to a line that lists it, under either name.
     for contents in [
         format!("@revoked * ssh-ed25519 {blob}\n{real_line}\n"),
         format!("{real_line}\n@revoked [127.0.0.1]:{port} ssh-ed25519 {blob}\n"),
+        format!("127.0.0.1 ssh-ed25519 {blob}\n@revoked 127.0.0.1 ssh-ed25519 {blob}\n"),
     ] {
         std::fs::write(&path, &contents).unwrap();
         let verdict = lab.accepted(lab.config(&path, HostKeyPolicy::Strict)).await;
@@ -806,9 +832,6 @@ async fn the_real_key_under_a_non_matching_host_or_revoked_is_never_accepted() {
     let verdict = lab.accepted(lab.config(&as_dir, HostKeyPolicy::Strict)).await;
     assert!(verdict.is_err(), "{verdict:?}");
     // AcceptNew never learns over a changed key, whatever surrounds the recorded one.
-    let decoy_dir = tempfile::tempdir().unwrap();
-    let (_, decoy) = Bastion::generate_client_key(decoy_dir.path()).unwrap();
-    let decoy = decoy.to_openssh().unwrap();
     std::fs::write(&path, format!("# {}\n[127.0.0.1]:{port} {decoy}\n\0\n", g.string(20))).unwrap();
     let verdict = lab.accepted(lab.config(&path, HostKeyPolicy::AcceptNew)).await;
     assert!(matches!(verdict, Err(Error::HostKeyChanged { .. })), "{verdict:?}");

@@ -212,21 +212,37 @@ fn a_different_key_of_the_same_type_is_changed_and_names_both_fingerprints() {
 }
 
 #[test]
-fn a_host_known_only_with_other_key_types_is_unknown_and_accept_new_adds_it() {
-    // Chosen to match OpenSSH: a key of a type not on record is "not known", not "changed".
+fn a_host_known_only_with_other_key_types_has_a_changed_key_as_in_openssh() {
+    // OpenSSH 9 (`check_hostkeys_by_key_or_type`): any other key on record for the host makes the
+    // presented one "changed" ("Offending ECDSA key"), under strict and accept-new alike.
     let s = Scratch::new();
-    let ecdsa = s.key("ecdsa", "ecdsa");
+    s.key("ecdsa", "ecdsa");
     let ed = s.key("ed", "ed25519");
     s.write_known_hosts(&format!("bastion {}\n", s.pub_text("ecdsa")));
-    assert_unknown(s.verifier(strict()).verify("bastion", 22, &ed));
-
-    s.verifier(HostKeyPolicy::AcceptNew)
-        .verify("bastion", 22, &ed)
-        .expect("accept-new learns the new type");
-    let v = s.verifier(strict());
-    v.verify("bastion", 22, &ed).expect("learned key now known");
-    v.verify("bastion", 22, &ecdsa)
-        .expect("old key of the other type still known");
+    for policy in [strict(), HostKeyPolicy::AcceptNew] {
+        assert_changed(s.verifier(policy).verify("bastion", 22, &ed));
+    }
+    assert_eq!(
+        fs::read_to_string(s.path("known_hosts")).unwrap().lines().count(),
+        1,
+        "nothing learned"
+    );
+    // The key exchange is steered to the type on record instead.
+    let known = s.verifier(strict()).known_key_algorithms("bastion", 22);
+    assert_eq!(
+        known,
+        vec![Algorithm::Ecdsa {
+            curve: russh::keys::EcdsaCurve::NistP256
+        }]
+    );
+    assert!(s.verifier(strict()).known_key_algorithms("elsewhere", 22).is_empty());
+    // Both types on record: either is accepted.
+    s.write_known_hosts(&format!(
+        "bastion {}\nbastion {}\n",
+        s.pub_text("ecdsa"),
+        s.pub_text("ed")
+    ));
+    s.verifier(strict()).verify("bastion", 22, &ed).unwrap();
 }
 
 #[test]
@@ -297,9 +313,13 @@ fn wildcards_and_negation() {
     assert_unknown(v.verify("example.com", 22, &key));
     v.verify("127.0.0.1", 22, &key).expect("? matches one character");
     assert_unknown(v.verify("127.0.0.10", 22, &key));
-    assert_unknown(v.verify("127.0.0.1", 2222, &key));
+    // `[127.0.0.1]:2222` matches no line, so the port-less name is tried, and `127.0.0.?` holds it.
+    v.verify("127.0.0.1", 2222, &key)
+        .expect("port-less fallback through a wildcard, as OpenSSH");
+    assert_unknown(v.verify("127.0.0.10", 2222, &key));
     v.verify("10.0.3.4", 2222, &key).expect("wildcard inside [host]:port");
     assert_unknown(v.verify("10.0.3.4", 22, &key));
+    assert_unknown(v.verify("10.0.3.4", 2200, &key));
 }
 
 #[test]
@@ -313,7 +333,7 @@ fn negation_excludes_the_line_even_when_it_comes_last() {
 }
 
 #[test]
-fn bracketed_port_entries_only_match_their_port_and_plain_only_port_22() {
+fn bracketed_port_entries_only_match_their_port_and_plain_ones_only_where_the_port_has_none() {
     let s = Scratch::new();
     let k2222 = s.key("a", "ed25519");
     let k22 = s.key("b", "ed25519");
@@ -325,10 +345,177 @@ fn bracketed_port_entries_only_match_their_port_and_plain_only_port_22() {
     let v = s.verifier(strict());
     v.verify("127.0.0.1", 2222, &k2222).unwrap();
     v.verify("127.0.0.1", 22, &k22).unwrap();
-    // Each port has its own record, so the other port's key is a changed key, not a match.
+    // Each port with a record of its own: the other port's key is a changed key, not a match,
+    // and the plain line does not rescue it (OpenSSH falls back only when the port has none).
     assert_changed(v.verify("127.0.0.1", 2222, &k22));
     assert_changed(v.verify("127.0.0.1", 22, &k2222));
+    // Port 2200 has no record: the plain line is consulted and holds k22, not k2222.
+    v.verify("127.0.0.1", 2200, &k22)
+        .expect("found matching key w/out port");
     assert_unknown(v.verify("127.0.0.1", 2200, &k2222));
+}
+
+/// OpenSSH's `check_host_key`: `[host]:port` first; only when it knows no key of this type
+/// (`HOST_NEW`) is the plain name tried, and only an accepting plain line counts.
+#[test]
+fn port_less_fallback_decision_table() {
+    let s = Scratch::new();
+    let key = s.key("host", "ed25519");
+    s.key("other", "ed25519");
+    s.key("ec", "ecdsa");
+    let (pk, po, pe) = (s.pub_text("host"), s.pub_text("other"), s.pub_text("ec"));
+    enum Want {
+        Ok,
+        Unknown,
+        Changed,
+        Revoked,
+    }
+    let cases = [
+        ("plain line holds the key", format!("bastion {pk}\n"), Want::Ok),
+        ("plain line, other key", format!("bastion {po}\n"), Want::Unknown),
+        (
+            "port-ful line holds another key",
+            format!("[bastion]:2222 {po}\nbastion {pk}\n"),
+            Want::Changed,
+        ),
+        (
+            "port-ful line holds another type only",
+            format!("[bastion]:2222 {pe}\nbastion {pk}\n"),
+            Want::Changed,
+        ),
+        (
+            "other port's line only",
+            format!("[bastion]:2200 {pk}\n"),
+            Want::Unknown,
+        ),
+        ("hashed plain name", String::new(), Want::Ok),
+        ("wildcard plain", format!("bast*,!x {pk}\n"), Want::Ok),
+        ("negated plain", format!("bast*,!bastion {pk}\n"), Want::Unknown),
+        ("a bare * also matches the port-ful name", format!("* {pk}\n"), Want::Ok),
+        (
+            "revoked under the plain name",
+            format!("bastion {pk}\n@revoked bastion {pk}\n"),
+            Want::Revoked,
+        ),
+        (
+            "revoked under the port-ful name",
+            format!("bastion {pk}\n@revoked [bastion]:2222 {pk}\n"),
+            Want::Revoked,
+        ),
+        (
+            "CA line is not a key",
+            format!("@cert-authority bastion {pk}\n"),
+            Want::Unknown,
+        ),
+    ];
+    for (what, contents, want) in cases {
+        let contents = if contents.is_empty() {
+            let path = s.write_known_hosts(&format!("bastion {pk}\n"));
+            run(Command::new("ssh-keygen").arg("-H").arg("-f").arg(&path));
+            fs::read_to_string(&path).unwrap()
+        } else {
+            contents
+        };
+        s.write_known_hosts(&contents);
+        let result = s.verifier(strict()).verify("bastion", 2222, &key);
+        let ok = match want {
+            Want::Ok => result.is_ok(),
+            Want::Unknown => matches!(&result, Err(Error::HostKeyUnknown { host, .. }) if host == "[bastion]:2222"),
+            Want::Changed => matches!(&result, Err(Error::HostKeyChanged { host, .. }) if host == "[bastion]:2222"),
+            Want::Revoked => matches!(result, Err(Error::HostKeyRevoked { .. })),
+        };
+        assert!(ok, "{what}: {contents:?} -> {result:?}");
+    }
+}
+
+#[test]
+fn accept_new_after_a_failed_fallback_learns_the_port_ful_name() {
+    let s = Scratch::new();
+    let key = s.key("host", "ed25519");
+    let other = s.key("other", "ed25519");
+    let path = s.write_known_hosts(&format!("bastion {}\n", s.pub_text("other")));
+    HostKeyVerifier::new(HostKeyPolicy::AcceptNew, path.clone())
+        .verify("bastion", 2222, &key)
+        .expect("OpenSSH learns `[bastion]:2222` here");
+    let contents = fs::read_to_string(&path).unwrap();
+    assert!(
+        contents.ends_with(&format!("{}\n", known_hosts_line("bastion", 2222, &key))),
+        "{contents}"
+    );
+    // The plain line is untouched and still holds the other key for port 22.
+    s.verifier(strict()).verify("bastion", 22, &other).unwrap();
+    assert_changed(s.verifier(strict()).verify("bastion", 22, &key));
+}
+
+#[test]
+fn host_key_alias_replaces_the_name_and_disables_the_fallback() {
+    let s = Scratch::new();
+    let key = s.key("host", "ed25519");
+    let pk = s.pub_text("host");
+    s.write_known_hosts(&format!("db-bastion {pk}\n10.9.9.9 {pk}\n"));
+    let alias = |policy| s.verifier(policy).with_alias(Some("DB-Bastion".into()));
+    alias(strict())
+        .verify("10.0.0.1", 2222, &key)
+        .expect("the alias' line, port ignored");
+    alias(strict()).verify("10.0.0.1", 22, &key).expect("port 22 too");
+    // Without the alias the real name is looked up.
+    assert_unknown(s.verifier(strict()).verify("10.0.0.1", 2222, &key));
+    // An alias with no line: no fallback to the host's own (plain) line.
+    let none = s.verifier(strict()).with_alias(Some("nowhere".into()));
+    match none.verify("10.9.9.9", 2222, &key) {
+        Err(Error::HostKeyUnknown { host, .. }) => assert_eq!(host, "nowhere"),
+        other => panic!("{other:?}"),
+    }
+    // accept-new records the alias, without a port.
+    s.write_known_hosts("");
+    alias(HostKeyPolicy::AcceptNew).verify("10.0.0.1", 2222, &key).unwrap();
+    let contents = fs::read_to_string(s.path("known_hosts")).unwrap();
+    assert!(contents.starts_with("db-bastion ssh-ed25519 "), "{contents}");
+}
+
+#[test]
+fn extra_known_hosts_files_are_read_but_never_written() {
+    let s = Scratch::new();
+    let key = s.key("host", "ed25519");
+    let other = s.key("other", "ed25519");
+    let global = s.path("ssh_known_hosts");
+    fs::write(&global, format!("[bastion]:2222 {}\n", s.pub_text("host"))).unwrap();
+    let missing = s.path("does-not-exist");
+    let with_extra = |policy| {
+        s.verifier(policy)
+            .with_extra_known_hosts(vec![missing.clone(), global.clone()])
+    };
+    with_extra(strict())
+        .verify("bastion", 2222, &key)
+        .expect("found in the extra file");
+    assert_unknown(s.verifier(strict()).verify("bastion", 2222, &key));
+    // A changed key names the extra file's line.
+    match with_extra(strict()).verify("bastion", 2222, &other) {
+        Err(Error::HostKeyChanged { source_of_expected, .. }) => {
+            assert!(
+                source_of_expected.contains("ssh_known_hosts (line 1)"),
+                "{source_of_expected}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // accept-new learns an unknown host into known_hosts, never into the extra file.
+    let before = fs::read_to_string(&global).unwrap();
+    with_extra(HostKeyPolicy::AcceptNew)
+        .verify("elsewhere", 2222, &key)
+        .unwrap();
+    assert_eq!(fs::read_to_string(&global).unwrap(), before);
+    assert!(
+        fs::read_to_string(s.path("known_hosts"))
+            .unwrap()
+            .starts_with("[elsewhere]:2222 ")
+    );
+    // A revocation in an extra file applies to the main file's key.
+    fs::write(&global, format!("@revoked * {}\n", s.pub_text("host"))).unwrap();
+    match with_extra(strict()).verify("elsewhere", 2222, &key) {
+        Err(Error::HostKeyRevoked { known_hosts, .. }) => assert_eq!(known_hosts, global),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -667,4 +854,173 @@ async fn real_sshd_key_from_the_wire_against_ssh_keyscan_output() {
         rescanned.lines().any(|l| format!("{l}\n") == written),
         "{written} vs {rescanned}"
     );
+}
+
+/// Host certificates made by `ssh-keygen -s`, checked without a server.
+mod certificates {
+    use super::*;
+
+    /// Signs `Scratch` key `name` with CA `ca` and returns the certificate.
+    fn sign(s: &Scratch, ca: &str, name: &str, principals: &str, validity: &str, host: bool) -> Certificate {
+        let mut cmd = Command::new("ssh-keygen");
+        cmd.args(["-q", "-s"])
+            .arg(s.path(ca))
+            .args(["-I", "test-id", "-z", "7", "-V", validity]);
+        if !principals.is_empty() {
+            cmd.args(["-n", principals]);
+        }
+        if host {
+            cmd.arg("-h");
+        }
+        run(cmd.arg(s.path(name).with_extension("pub")));
+        let mut cert_path = s.path(name).into_os_string();
+        cert_path.push("-cert.pub");
+        Certificate::read_file(Path::new(&cert_path)).expect("ssh-keygen wrote a certificate")
+    }
+
+    fn problem(result: Result<()>) -> String {
+        match result {
+            Err(e @ Error::HostCertificate { .. }) => {
+                assert!(!e.is_transient());
+                e.to_string()
+            }
+            other => panic!("expected HostCertificate, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_check_of_a_host_certificate() {
+        let s = Scratch::new();
+        s.key("ca", "ed25519");
+        s.key("other_ca", "ed25519");
+        s.key("host", "ed25519");
+        let ca_line = format!("@cert-authority bastion,*.example.com {}\n", s.pub_text("ca"));
+        s.write_known_hosts(&ca_line);
+        let v = s.verifier(strict());
+
+        let good = sign(&s, "ca", "host", "bastion,db-?.example.com", "-5m:+1h", true);
+        v.verify_certificate("bastion", 22, &good)
+            .expect("principal, CA, window");
+        v.verify_certificate("Bastion", 2222, &good)
+            .expect("port-less fallback for the CA line; names are case-insensitive");
+        v.verify_certificate("db-1.example.com", 22, &good)
+            .expect("a wildcard principal, as OpenSSH allows in host certificates");
+        let text = problem(v.verify_certificate("db-10.example.com", 22, &good));
+        assert!(text.contains("not issued for \"db-10.example.com\""), "{text}");
+        assert!(text.contains("test-id") && text.contains("serial 7"), "{text}");
+
+        let expired = sign(&s, "ca", "host", "bastion", "-2h:-1h", true);
+        let text = problem(v.verify_certificate("bastion", 22, &expired));
+        assert!(text.contains("expired: valid from"), "{text}");
+        let future = sign(&s, "ca", "host", "bastion", "+1h:+2h", true);
+        assert!(problem(v.verify_certificate("bastion", 22, &future)).contains("not yet valid"));
+
+        let user_cert = sign(&s, "ca", "host", "bastion", "-5m:+1h", false);
+        assert!(problem(v.verify_certificate("bastion", 22, &user_cert)).contains("user certificate"));
+
+        let no_principals = sign(&s, "ca", "host", "", "-5m:+1h", true);
+        assert!(problem(v.verify_certificate("bastion", 22, &no_principals)).contains("no principals"));
+
+        // Signed by a CA known_hosts does not trust: the plain key decides (unknown here).
+        let stranger = sign(&s, "other_ca", "host", "bastion", "-5m:+1h", true);
+        assert_unknown(v.verify_certificate("bastion", 22, &stranger));
+
+        // A refused certificate whose key is listed as a plain key is accepted, as in OpenSSH.
+        s.write_known_hosts(&format!("{ca_line}bastion {}\n", s.pub_text("host")));
+        v.verify_certificate("bastion", 22, &expired)
+            .expect("plain key fallback");
+        v.verify_certificate("bastion", 22, &stranger)
+            .expect("plain key, unknown CA");
+
+        // Revocation of the CA or of the certified key wins over everything.
+        s.write_known_hosts(&format!(
+            "{ca_line}bastion {}\n@revoked * {}\n",
+            s.pub_text("host"),
+            s.pub_text("ca")
+        ));
+        assert!(problem(v.verify_certificate("bastion", 22, &good)).contains("@revoked"));
+        s.write_known_hosts(&format!("{ca_line}@revoked bastion {}\n", s.pub_text("host")));
+        assert!(matches!(
+            v.verify_certificate("bastion", 22, &good),
+            Err(Error::HostKeyRevoked { .. })
+        ));
+
+        // A CA line under the port-ful name shadows the plain name's.
+        s.write_known_hosts(&format!(
+            "@cert-authority [bastion]:2222 {}\n{ca_line}",
+            s.pub_text("other_ca")
+        ));
+        assert_unknown(v.verify_certificate("bastion", 2222, &good));
+        v.verify_certificate("bastion", 22, &good).unwrap();
+    }
+
+    #[test]
+    fn alias_policies_and_when_certificates_are_asked_for() {
+        let s = Scratch::new();
+        s.key("ca", "ed25519");
+        s.key("host", "ed25519");
+        s.write_known_hosts(&format!("@cert-authority db-bastion {}\n", s.pub_text("ca")));
+        let cert = sign(&s, "ca", "host", "db-bastion", "-5m:+1h", true);
+        let alias = s.verifier(strict()).with_alias(Some("db-bastion".into()));
+        alias
+            .verify_certificate("10.1.2.3", 2222, &cert)
+            .expect("principal = alias");
+        assert!(alias.could_verify_certificates("10.1.2.3", 2222));
+        assert!(!s.verifier(strict()).could_verify_certificates("10.1.2.3", 2222));
+        assert_unknown(s.verifier(strict()).verify_certificate("10.1.2.3", 2222, &cert));
+        // Pinned: the certificate's key is compared; insecure: accepted.
+        let key = PublicKey::new(cert.public_key().clone(), "");
+        let pinned = HostKeyVerifier::new(HostKeyPolicy::Fingerprint(fingerprint(&key)), s.path("none"));
+        pinned.verify_certificate("x", 22, &cert).unwrap();
+        assert!(!pinned.could_verify_certificates("db-bastion", 22));
+        HostKeyVerifier::new(HostKeyPolicy::InsecureAcceptAny, s.path("none"))
+            .verify_certificate("x", 22, &cert)
+            .unwrap();
+    }
+
+    #[test]
+    fn unix_times_are_formatted_like_date() {
+        assert_eq!(format_unix(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_unix(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_unix(1_764_633_599), "2025-12-01T23:59:59Z");
+        assert_eq!(format_unix(u64::MAX), "forever");
+        let out = run(Command::new("date").args(["-u", "-d", "@4102444800", "+%Y-%m-%dT%H:%M:%SZ"]));
+        assert_eq!(format_unix(4_102_444_800), out.trim());
+    }
+}
+
+#[test]
+fn a_host_recorded_by_rsa_keys_only_is_told_apart_for_builds_without_rsa() {
+    let s = Scratch::new();
+    s.key("rsa", "rsa");
+    let ed = s.key("ed", "ed25519");
+    s.write_known_hosts(&format!("bastion {}\n", s.pub_text("rsa")));
+    let v = s.verifier(strict());
+    let files = v.read().unwrap();
+    assert!(matches!(
+        check(&files, "bastion", None, &ed),
+        Verdict::Changed { only_rsa: true, .. }
+    ));
+    let result = v.verify("bastion", 22, &ed);
+    if cfg!(feature = "rsa") {
+        // With RSA the key exchange asks for the RSA key; an ed25519 one is a changed key.
+        assert_changed(result);
+    } else {
+        match result {
+            Err(e @ Error::FeatureRequired { .. }) => assert!(e.to_string().contains("`rsa` feature"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Another key type on record besides RSA: a changed key in every build.
+    s.key("ec", "ecdsa");
+    s.write_known_hosts(&format!(
+        "bastion {}\nbastion {}\n",
+        s.pub_text("rsa"),
+        s.pub_text("ec")
+    ));
+    let files = v.read().unwrap();
+    assert!(matches!(
+        check(&files, "bastion", None, &ed),
+        Verdict::Changed { only_rsa: false, .. }
+    ));
 }
