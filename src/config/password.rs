@@ -178,11 +178,12 @@ impl PasswordSource {
         self
     }
 
-    /// What the source is, for errors and events: `DATABASE_PASSWORD_FILE (/path)` or the
+    /// What the source is, for errors and events: `DATABASE_PASSWORD_FILE ("/path")` or the
     /// provider's [`describe`](PasswordProvider::describe).
     pub fn describe(&self) -> String {
         match &self.kind {
-            PasswordSourceKind::File(path) => format!("DATABASE_PASSWORD_FILE ({})", path.display()),
+            // Debug-quoted: a path from the environment may hold control characters.
+            PasswordSourceKind::File(path) => format!("DATABASE_PASSWORD_FILE ({path:?})"),
             PasswordSourceKind::Provider(p) => p.describe(),
         }
     }

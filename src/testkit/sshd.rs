@@ -129,7 +129,8 @@ impl OpenSshdBuilder {
     }
 
     /// An extra `sshd_config` line (e.g. `MaxStartups 3:50:6`, `TrustedUserCAKeys /path`). It
-    /// replaces the test kit's default line for the same keyword, if any. Lines are written in
+    /// replaces the test kit's default line for the same keyword, if any (a `HostKey` or
+    /// `HostCertificate` line adds to them). Lines are written in
     /// order, before the defaults.
     pub fn config_line(mut self, line: impl Into<String>) -> Self {
         self.extra_config.push(line.into());
@@ -646,7 +647,13 @@ impl OpenSshd {
                 .unwrap_or("")
                 .to_ascii_lowercase()
         };
-        let overridden: Vec<String> = extra_lines.iter().map(|l| keyword(l)).collect();
+        // Keywords that take several lines add to the defaults instead.
+        const ACCUMULATE: [&str; 4] = ["hostkey", "hostcertificate", "acceptenv", "subsystem"];
+        let overridden: Vec<String> = extra_lines
+            .iter()
+            .map(|l| keyword(l))
+            .filter(|k| !ACCUMULATE.contains(&k.as_str()))
+            .collect();
         let config: String = config
             .lines()
             .enumerate()

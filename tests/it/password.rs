@@ -242,7 +242,7 @@ fn the_password_file_comes_from_the_environment() {
     let source = config.password_source.expect("DATABASE_PASSWORD_FILE read");
     assert_eq!(
         source.describe(),
-        format!("DATABASE_PASSWORD_FILE ({})", dir.path().join("secrets/db").display())
+        format!("DATABASE_PASSWORD_FILE ({:?})", dir.path().join("secrets/db"))
     );
     let e = Config::from_env_with(env("postgres://app:pw@db.internal/app"))
         .unwrap_err()
