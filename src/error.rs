@@ -236,6 +236,35 @@ pub enum Error {
         #[source]
         source: Arc<std::io::Error>,
     },
+
+    /// One hop of a ProxyJump chain failed (`SSH_PROXY_JUMP`): `source` is what failed there
+    /// (TCP, handshake, host key, authentication). Transient exactly when `source` is.
+    #[error("hop {hop} of {hops} ({role} {target}): {source}")]
+    Hop {
+        /// 1-based position in the chain; the last hop is the bastion itself.
+        hop: usize,
+        /// Hops in the chain (jump hosts + the bastion).
+        hops: usize,
+        /// `"jump host"` or `"bastion"`.
+        role: &'static str,
+        /// `user@host:port` of that hop.
+        target: String,
+        /// What failed.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// Every configured bastion (`SSH_HOST=a,b:2222`) failed in one connect attempt, or was
+    /// skipped for an earlier permanent error. Transient when at least one failure is.
+    #[error("all {} bastions failed: {}", .errors.len(), join_errors(.errors))]
+    AllBastionsFailed {
+        /// One error per bastion, in the order they were tried; each names its bastion.
+        errors: Vec<Error>,
+    },
+}
+
+fn join_errors(errors: &[Error]) -> String {
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
 impl Error {
@@ -261,8 +290,20 @@ impl Error {
             | Error::ShutDown(_) => false,
             Error::ChannelRefused { transient, .. } => *transient,
             Error::TunnelFailed(inner) => inner.is_transient(),
+            Error::Hop { source, .. } => source.is_transient(),
+            Error::AllBastionsFailed { errors } => errors.iter().any(Error::is_transient),
             Error::SshConnect { .. } | Error::TunnelLost { .. } | Error::Timeout { .. } | Error::Io { .. } => true,
             Error::Database(e) => db_err_is_transient(e),
+        }
+    }
+
+    /// The error without the context this crate wraps around it ([`Error::TunnelFailed`],
+    /// [`Error::Hop`]): e.g. the [`Error::HostKeyChanged`] inside "hop 2 of 2 (...)". Other
+    /// errors (an [`Error::AllBastionsFailed`] too) are returned as they are.
+    pub fn cause(&self) -> &Error {
+        match self {
+            Error::TunnelFailed(inner) | Error::Hop { source: inner, .. } => inner.cause(),
+            other => other,
         }
     }
 

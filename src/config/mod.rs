@@ -49,6 +49,7 @@ pub use backoff::BackoffPolicy;
 pub use env::{ENV_VARS, is_set};
 pub use pool::{HealthConfig, PoolConfig, SessionSettings};
 pub use profile::ProfileDefaults;
+pub use tunnel::BastionHost;
 pub use tunnel::{AuthConfig, HostKeyPolicy, JumpHost, LocalEndpointConfig, TunnelConfig};
 
 /// Deployment profile; selects the defaults in [`ProfileDefaults`].

@@ -159,6 +159,8 @@ pub enum TunnelEvent {
         session: u64,
         /// `true` when this replaced lost sessions.
         reconnect: bool,
+        /// The bastion (`host:port`) the session runs on.
+        bastion: String,
     },
     /// An additional session was opened because every open session was at `max_channels`.
     SessionOpened {
@@ -166,6 +168,8 @@ pub enum TunnelEvent {
         session: u64,
         /// Sessions now open.
         sessions: usize,
+        /// The bastion (`host:port`) the session runs on.
+        bastion: String,
     },
     /// An additional session opened for capacity had no channel for `session_idle_timeout` and
     /// was closed (SSH disconnect). Not a failure: nothing reconnects, and no connection rode it.
@@ -174,6 +178,8 @@ pub enum TunnelEvent {
         session: u64,
         /// Sessions still open.
         sessions: usize,
+        /// The bastion (`host:port`) the session ran on.
+        bastion: String,
     },
     /// A session ended (lost link, closed by the server, keepalive unanswered).
     Disconnected {
@@ -181,6 +187,8 @@ pub enum TunnelEvent {
         session: u64,
         /// Why.
         reason: String,
+        /// The bastion (`host:port`) the session ran on.
+        bastion: String,
     },
     /// Every session is down; reconnect attempt `attempt` starts after `delay`.
     Reconnecting {
@@ -210,6 +218,16 @@ pub enum TunnelEvent {
         channels: usize,
         /// Sessions open when it gave up.
         sessions: usize,
+    },
+    /// With several bastions (`SSH_HOST=a,b:2222`): connecting through one failed, and the next
+    /// one (if any) is tried. A permanent failure takes that bastion out for the tunnel's life.
+    BastionFailed {
+        /// The bastion (`host:port`).
+        bastion: String,
+        /// What failed (names the hop, in a ProxyJump chain).
+        error: Arc<Error>,
+        /// `true` for a permanent error (host key, authentication): not tried again.
+        permanent: bool,
     },
     /// [`SshTunnel::disconnect`] finished.
     Closed,
@@ -254,8 +272,15 @@ impl std::fmt::Debug for SshTunnel {
             .field(
                 "bastion",
                 &format_args!(
-                    "{}@{}:{}",
-                    self.inner.config.user, self.inner.config.host, self.inner.config.port
+                    "{}@{}:{}{}",
+                    self.inner.config.user,
+                    self.inner.config.host,
+                    self.inner.config.port,
+                    if self.inner.config.fallback_hosts.is_empty() {
+                        ""
+                    } else {
+                        " (+ fallbacks)"
+                    }
                 ),
             )
             .field(

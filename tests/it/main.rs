@@ -11,6 +11,7 @@ mod chaos;
 mod cli;
 mod config;
 mod hostile;
+mod jump;
 mod layer_correlation;
 mod log_sink;
 mod manager;

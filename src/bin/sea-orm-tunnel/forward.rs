@@ -148,20 +148,20 @@ async fn shutdown_signal() -> &'static str {
 
 fn log_event(event: &TunnelEvent) {
     match event {
-        TunnelEvent::Connected { session, reconnect } => {
+        TunnelEvent::Connected { session, reconnect, .. } => {
             if *reconnect {
                 log(format_args!("tunnel reconnected (session {session})"));
             } else {
                 log(format_args!("tunnel connected (session {session})"));
             }
         }
-        TunnelEvent::SessionOpened { session, sessions } => log(format_args!(
+        TunnelEvent::SessionOpened { session, sessions, .. } => log(format_args!(
             "additional SSH session {session} opened ({sessions} open)"
         )),
-        TunnelEvent::SessionClosed { session, sessions } => {
+        TunnelEvent::SessionClosed { session, sessions, .. } => {
             log(format_args!("idle SSH session {session} closed ({sessions} open)"))
         }
-        TunnelEvent::Disconnected { session, reason } => log(format_args!("SSH session {session} lost: {reason}")),
+        TunnelEvent::Disconnected { session, reason, .. } => log(format_args!("SSH session {session} lost: {reason}")),
         TunnelEvent::Reconnecting { attempt, delay, error } => log(format_args!(
             "reconnecting: attempt {attempt} in {delay:?} (last error: {error})"
         )),

@@ -1,0 +1,250 @@
+//! ProxyJump chains against real OpenSSH: a jump host on 127.0.0.1 that may only forward to the
+//! bastion on 127.0.0.2 (`PermitOpen`), and the bastion that reaches PostgreSQL.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::support::*;
+use sea_orm_tunnel::Error;
+use sea_orm_tunnel::config::{AuthConfig, BackoffPolicy, JumpHost, TunnelConfig};
+use sea_orm_tunnel::testkit::{OpenSshd, TempPostgres};
+use sea_orm_tunnel::tunnel::{SshTunnel, TunnelEvent};
+
+/// PostgreSQL, a bastion on 127.0.0.2 and a jump host on 127.0.0.1 that forwards only to it.
+struct Chain {
+    pg: TempPostgres,
+    jump: OpenSshd,
+    bastion: OpenSshd,
+    /// Both hosts' known_hosts lines.
+    known_hosts: PathBuf,
+}
+
+impl Chain {
+    async fn start() -> Chain {
+        let (pg, bastion) = tokio::join!(
+            TempPostgres::start(),
+            OpenSshd::builder().address("127.0.0.2".parse().unwrap()).start()
+        );
+        let (pg, bastion) = (
+            pg.expect("PostgreSQL starts"),
+            bastion.expect("sshd on 127.0.0.2 starts"),
+        );
+        let jump = OpenSshd::builder()
+            .config_line(format!("PermitOpen {}:{}", bastion.host(), bastion.port()))
+            // debug1 logs each direct-tcpip request: "server_request_direct_tcpip: ... target HOST port N".
+            .config_line("LogLevel DEBUG1")
+            .start()
+            .await
+            .expect("the jump sshd starts");
+        // One client key for both hops, one known_hosts for both hosts.
+        bastion.authorize_key(&jump.client_key_path()).unwrap();
+        let known_hosts = jump.dir().join("chain_known_hosts");
+        std::fs::write(
+            &known_hosts,
+            format!("{}\n{}\n", jump.known_hosts_line(), bastion.known_hosts_line()),
+        )
+        .unwrap();
+        Chain {
+            pg,
+            jump,
+            bastion,
+            known_hosts,
+        }
+    }
+
+    fn hop(&self) -> JumpHost {
+        JumpHost::new(self.jump.host()).port(self.jump.port())
+    }
+
+    /// The tunnel to PostgreSQL through jump host → bastion.
+    fn config(&self) -> TunnelConfig {
+        self.bastion
+            .tunnel_config("127.0.0.1", self.pg.port())
+            .auth(AuthConfig::key_file(self.jump.client_key_path()))
+            .known_hosts(&self.known_hosts)
+            .proxy_jump([self.hop()])
+            .connect_timeout(Duration::from_secs(10))
+            .reconnect(
+                BackoffPolicy::new(Duration::from_millis(100))
+                    .max_delay(Duration::from_millis(500))
+                    .jitter(0.0)
+                    .max_retries(0),
+            )
+    }
+
+    /// The jump host's log lines about forwarding to the bastion.
+    fn forwarded_to_bastion(&self) -> usize {
+        let log = std::fs::read_to_string(self.jump.log_path()).unwrap_or_default();
+        let needle = format!("target {} port {}", self.bastion.host(), self.bastion.port());
+        log.lines()
+            .filter(|l| l.contains("server_request_direct_tcpip") && l.contains(&needle))
+            .count()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_hop_chain_reaches_postgres_through_the_jump_host_and_errors_name_the_hop() {
+    let c = Chain::start().await;
+
+    // Direct to the bastion first, for the time comparison (and the bastion works on its own).
+    let direct_config = c
+        .bastion
+        .tunnel_config("127.0.0.1", c.pg.port())
+        .auth(AuthConfig::key_file(c.jump.client_key_path()))
+        .known_hosts(&c.known_hosts);
+    let t = Instant::now();
+    let direct = SshTunnel::connect(direct_config).await.expect("direct connect");
+    let direct_time = t.elapsed();
+    direct.disconnect().await;
+    assert_eq!(c.forwarded_to_bastion(), 0, "nothing went through the jump host yet");
+
+    let t = Instant::now();
+    let tunnel = SshTunnel::connect(c.config()).await.expect("the chain connects");
+    let chain_time = t.elapsed();
+    eprintln!("connect: direct {direct_time:?}, through one jump host {chain_time:?}");
+    let mut events = tunnel.subscribe();
+    let db = pool(&url_via(&tunnel, &c.pg), 2).await;
+    assert_eq!(select(&db, 7).await.unwrap(), 7);
+    // The jump host's log proves the bastion's connection was forwarded through it.
+    let log = std::fs::read_to_string(c.jump.log_path()).unwrap();
+    eprintln!(
+        "{}",
+        log.lines()
+            .filter(|l| l.contains("direct_tcpip"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        c.forwarded_to_bastion() >= 1,
+        "the jump host logs a forward to {}: {log}",
+        c.bastion.addr()
+    );
+    db.close().await.unwrap();
+    tunnel.disconnect().await;
+    let closed = wait_event(&mut events, LIVENESS, |e| matches!(e, TunnelEvent::Closed)).await;
+    assert!(matches!(closed, TunnelEvent::Closed));
+
+    // A wrong key recorded for the bastion: the error names hop 2, the bastion, and is permanent.
+    let wrong = c.jump.dir().join("wrong_known_hosts");
+    let jump_key = c.jump.host_public_key();
+    std::fs::write(
+        &wrong,
+        format!(
+            "{}\n[{}]:{} {jump_key}\n",
+            c.jump.known_hosts_line(),
+            c.bastion.host(),
+            c.bastion.port()
+        ),
+    )
+    .unwrap();
+    let err = SshTunnel::connect(c.config().known_hosts(&wrong)).await.unwrap_err();
+    let text = err.to_string();
+    assert!(!err.is_transient(), "{err:?}");
+    assert!(matches!(err.cause(), Error::HostKeyChanged { .. }), "{err:?}");
+    assert!(matches!(err, Error::Hop { hop: 2, hops: 2, .. }), "{err:?}");
+    assert!(text.contains("hop 2 of 2 (bastion "), "{text}");
+    assert!(text.contains(&format!("127.0.0.2:{}", c.bastion.port())), "{text}");
+
+    // The jump host unknown: hop 1 is named, and nothing reached the bastion.
+    let only_bastion = c.jump.dir().join("bastion_only_known_hosts");
+    std::fs::write(&only_bastion, format!("{}\n", c.bastion.known_hosts_line())).unwrap();
+    let before = c.forwarded_to_bastion();
+    let err = SshTunnel::connect(c.config().known_hosts(&only_bastion))
+        .await
+        .unwrap_err();
+    assert!(matches!(err.cause(), Error::HostKeyUnknown { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("hop 1 of 2 (jump host "), "{text}");
+    assert!(text.contains(&format!("127.0.0.1:{}", c.jump.port())), "{text}");
+    assert_eq!(
+        c.forwarded_to_bastion(),
+        before,
+        "no channel is opened before hop 1 is trusted"
+    );
+
+    // Authentication refused on hop 2 (a user the bastion does not allow; hop 1 keeps its own).
+    let err = SshTunnel::connect(
+        c.config()
+            .user("no-such-user-here")
+            .proxy_jump([c.hop().user(c.jump.user())]),
+    )
+    .await
+    .unwrap_err();
+    assert!(!err.is_transient(), "{err:?}");
+    assert!(matches!(err.cause(), Error::Auth { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("hop 2 of 2 (bastion no-such-user-here@127.0.0.2"),
+        "{text}"
+    );
+
+    // ... and refused on hop 1.
+    let err = SshTunnel::connect(c.config().proxy_jump([c.hop().user("no-such-user-here")]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err.cause(), Error::Auth { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("hop 1 of 2 (jump host no-such-user-here@127.0.0.1"),
+        "{err}"
+    );
+
+    // A jump host that may not forward to the bastion (PermitOpen): named, permanent.
+    let err = SshTunnel::connect(c.config().host("127.0.0.3").known_hosts(&c.known_hosts))
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient(), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("hop 2 of 2") && text.contains("administratively prohibited"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_reconnects_when_the_jump_host_or_the_bastion_drops_its_sessions() {
+    let c = Chain::start().await;
+    let tunnel = SshTunnel::connect(
+        c.config()
+            .keepalive_interval(Duration::from_millis(500))
+            .keepalive_max(2),
+    )
+    .await
+    .expect("the chain connects");
+    let mut events = tunnel.subscribe();
+    let db = pool(&url_via(&tunnel, &c.pg), 2).await;
+    assert_eq!(select(&db, 1).await.unwrap(), 1);
+
+    for (round, who) in [(1, &c.jump), (2, &c.bastion)] {
+        let forwarded = c.forwarded_to_bastion();
+        assert!(who.drop_sessions() > 0);
+        let lost = wait_event(&mut events, LIVENESS, |e| matches!(e, TunnelEvent::Disconnected { .. })).await;
+        eprintln!("round {round}: {lost:?}");
+        let back = wait_event(&mut events, LIVENESS, |e| matches!(e, TunnelEvent::Connected { .. })).await;
+        assert!(
+            matches!(back, TunnelEvent::Connected { reconnect: true, .. }),
+            "{back:?}"
+        );
+        // The new session rode the jump host again.
+        assert!(
+            c.forwarded_to_bastion() > forwarded,
+            "round {round}: reconnected through the jump host"
+        );
+        eventually("queries work again", || async { select(&db, 2).await.ok() == Some(2) }).await;
+    }
+    assert_eq!(tunnel.stats().reconnects, 2);
+
+    // A silent jump host (its sessions frozen): keepalive notices through the chain.
+    let t = Instant::now();
+    assert!(c.jump.pause_sessions() > 0);
+    let lost = wait_event(&mut events, LIVENESS, |e| matches!(e, TunnelEvent::Disconnected { .. })).await;
+    eprintln!("silent jump host noticed after {:?}: {lost:?}", t.elapsed());
+    c.jump.resume_sessions();
+    wait_event(&mut events, LIVENESS, |e| matches!(e, TunnelEvent::Connected { .. })).await;
+    eventually("queries work after the silent hop", || async {
+        select(&db, 3).await.ok() == Some(3)
+    })
+    .await;
+    db.close().await.unwrap();
+    tunnel.disconnect().await;
+}
