@@ -494,6 +494,13 @@ impl SshTunnel {
         }
     }
 
+    /// The bastion (`host:port`) the oldest live session runs on, which takes new channels
+    /// first; `None` while no session is up. With several bastions (`SSH_HOST=a,b:2222`) this is
+    /// where the tunnel is now.
+    pub fn bastion(&self) -> Option<String> {
+        self.inner.current_bastion()
+    }
+
     /// The configuration this tunnel was created with.
     pub fn config(&self) -> &TunnelConfig {
         &self.inner.config

@@ -218,6 +218,11 @@ pub(crate) enum Retire {
 }
 
 impl Inner {
+    /// The bastion of the oldest live session.
+    pub(crate) fn current_bastion(&self) -> Option<String> {
+        lock(&self.sessions.list).first().map(|s| s.bastion_name.to_string())
+    }
+
     pub(crate) fn live_sessions(&self) -> usize {
         self.sessions.len()
     }

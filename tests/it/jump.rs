@@ -5,9 +5,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::support::*;
+use std::collections::HashMap;
+
 use sea_orm_tunnel::Error;
-use sea_orm_tunnel::config::{AuthConfig, BackoffPolicy, JumpHost, TunnelConfig};
+use sea_orm_tunnel::config::{AuthConfig, BackoffPolicy, Config, JumpHost, TunnelConfig};
 use sea_orm_tunnel::testkit::{OpenSshd, TempPostgres};
+use sea_orm_tunnel::tunnel::diagnose::{Outcome, StepKind, diagnose};
 use sea_orm_tunnel::tunnel::{SshTunnel, TunnelEvent};
 
 /// PostgreSQL, a bastion on 127.0.0.2 and a jump host on 127.0.0.1 that forwards only to it.
@@ -70,6 +73,26 @@ impl Chain {
                     .jitter(0.0)
                     .max_retries(0),
             )
+    }
+
+    /// The whole configuration from environment variables (`SSH_PROXY_JUMP` included), as
+    /// `check` reads it.
+    fn env_config(&self, known_hosts: &std::path::Path, user: &str, jump: &str) -> Config {
+        let vars: HashMap<&str, String> = [
+            ("DATABASE_URL", self.pg.url()),
+            ("SSH_CONFIG", "none".to_owned()),
+            ("SSH_HOST", self.bastion.host().to_owned()),
+            ("SSH_PORT", self.bastion.port().to_string()),
+            ("SSH_USER", user.to_owned()),
+            ("SSH_KEY_PATH", self.jump.client_key_path().display().to_string()),
+            ("SSH_USE_AGENT", "false".to_owned()),
+            ("SSH_KNOWN_HOSTS", known_hosts.display().to_string()),
+            ("SSH_REMOTE_HOST", "127.0.0.1".to_owned()),
+            ("SSH_PROXY_JUMP", jump.to_owned()),
+        ]
+        .into_iter()
+        .collect();
+        Config::from_env_with(|name| vars.get(name).cloned()).expect("valid configuration")
     }
 
     /// The jump host's log lines about forwarding to the bastion.
@@ -199,6 +222,44 @@ async fn a_two_hop_chain_reaches_postgres_through_the_jump_host_and_errors_name_
         text.contains("hop 2 of 2") && text.contains("administratively prohibited"),
         "{text}"
     );
+
+    // `check` (the same diagnosis as data), configured through SSH_PROXY_JUMP.
+    let jump = format!("{}:{}", c.jump.host(), c.jump.port());
+    let d = diagnose(&c.env_config(&c.known_hosts, c.bastion.user(), &jump))
+        .await
+        .unwrap();
+    for step in d.steps() {
+        eprintln!("{:<15} {:?} {}", step.kind.name(), step.outcome, step.detail);
+        assert_eq!(step.outcome, Outcome::Ok, "{step:?}");
+    }
+    let tcp = d.step(StepKind::TcpReach).unwrap();
+    assert!(
+        tcp.detail.contains(&format!("127.0.0.1:{}", c.jump.port())) && tcp.detail.contains("jump host 1 of 2"),
+        "{tcp:?}"
+    );
+    let key = d.step(StepKind::HostKey).unwrap();
+    assert!(key.detail.contains("on 2 hops: jump host"), "{key:?}");
+
+    // A wrong key for hop 2: step 3 fails, naming hop 2.
+    let d = diagnose(&c.env_config(&wrong, c.bastion.user(), &jump)).await.unwrap();
+    let failed = d.failure().expect("a failed step");
+    assert_eq!(failed.kind, StepKind::HostKey, "{failed:?}");
+    assert_eq!(d.exit_code(), 13);
+    assert!(failed.detail.contains("hop 2 of 2 (bastion "), "{failed:?}");
+
+    // Authentication refused on hop 2 (the jump host keeps its own user): step 4, naming hop 2.
+    let jump_with_user = format!("{}@{jump}", c.jump.user());
+    let d = diagnose(&c.env_config(&c.known_hosts, "no-such-user-here", &jump_with_user))
+        .await
+        .unwrap();
+    let failed = d.failure().expect("a failed step");
+    assert_eq!(failed.kind, StepKind::Authentication, "{failed:?}");
+    assert!(
+        failed.detail.contains("hop 2 of 2 (bastion no-such-user-here@"),
+        "{failed:?}"
+    );
+    let key = d.step(StepKind::HostKey).unwrap();
+    assert!(key.detail.contains("hops 1 to 1 of 2 were verified"), "{key:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
