@@ -409,10 +409,11 @@ async fn tunnel_steps<F: FnMut(&Step)>(
     let tunnel = match SshTunnel::connect(tunnel_config).await {
         Ok(tunnel) => {
             let elapsed = t.elapsed();
-            let via = tunnel
-                .bastion()
-                .map(|b| format!(" via bastion {b}"))
-                .unwrap_or_default();
+            // With several bastions, say which one the tunnel got to.
+            let via = match tunnel.bastion() {
+                Some(b) if !tunnel.config().fallback_hosts.is_empty() => format!(" via bastion {b}"),
+                _ => String::new(),
+            };
             rec.ok(
                 StepKind::HostKey,
                 None,
