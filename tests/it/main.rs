@@ -7,6 +7,7 @@ mod support;
 mod acquire_metric;
 mod axum_layers;
 mod bastion;
+mod bastions;
 mod chaos;
 mod cli;
 mod config;
