@@ -50,6 +50,27 @@
 //!   configuration" from a transient outage instead of retrying it.
 //! - **Shutdown.** [`SshTunnel::disconnect`] stops accepting, closes channels, sends an SSH
 //!   disconnect and waits for every task. Dropping the last handle does the same without waiting.
+//! - **Jump hosts** (`SSH_PROXY_JUMP`, [`TunnelConfig::proxy_jump`]). Each session is a chain:
+//!   TCP to the first jump host, then for every next hop (the last is the bastion) an SSH
+//!   connection riding a `direct-tcpip` channel of the previous one. Every hop's host key is
+//!   verified with its own known_hosts entry (`[host]:port`) before anything is sent to it, and
+//!   every hop authenticates with the tunnel's credentials as its own user (the hop's `user@`,
+//!   else the tunnel's). A pinned `SHA256:` policy is the bastion's: jump hosts are then checked
+//!   strictly against known_hosts; `accept-new` and `insecure-accept-any` apply to every hop
+//!   (the latter warns for each). `connect_timeout` bounds each hop. An error names its hop
+//!   ([`Error::Hop`]: "hop 2 of 2 (bastion ops@10.0.0.5:22): ..."). The jump hosts' connections
+//!   live as long as the session; the session is lost when any hop's connection ends, and the
+//!   keepalive pings the bastion through the whole chain, so a silent first hop is noticed like
+//!   a silent bastion. Reconnecting rebuilds the whole chain.
+//! - **Several bastions** (`SSH_HOST=a,b:2222`, [`TunnelConfig::fallback_host`]). Each new
+//!   session goes to the first bastion that works, in configuration order, except that one
+//!   that failed within `reconnect.max_delay` (a connect error, or a session on it was lost) is
+//!   tried after the others: losing the current bastion sends the reconnect to the next one,
+//!   and the preferred bastion takes sessions again once it has been quiet that long. Live
+//!   sessions are never moved. A bastion that fails permanently (host key, authentication) is
+//!   left out for the tunnel's life ([`TunnelEvent::BastionFailed`] with `permanent`); the
+//!   tunnel fails for good only when every bastion has. Session events carry the bastion, and
+//!   [`SshTunnel::bastion`] says where the tunnel is now.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

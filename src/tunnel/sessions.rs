@@ -405,3 +405,49 @@ async fn open_extra_session(inner: Arc<Inner>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(cooldown: Duration) -> BastionSet {
+        let config = TunnelConfig::new("a", "u")
+            .fallback_host("b", 22)
+            .fallback_host("c", 22)
+            .map_reconnect(|r| r.max_delay(cooldown));
+        BastionSet::new(&config)
+    }
+
+    #[test]
+    fn bastions_are_tried_in_order_recent_failures_last_permanent_ones_never() {
+        let bastions = set(Duration::from_secs(60));
+        assert_eq!(bastions.order().0, [0, 1, 2]);
+        bastions.failed(0);
+        assert_eq!(bastions.order().0, [1, 2, 0], "a failed bastion goes last");
+        std::thread::sleep(Duration::from_millis(5));
+        bastions.failed(1);
+        assert_eq!(
+            bastions.order().0,
+            [2, 0, 1],
+            "the older failure first among the failed"
+        );
+        bastions.succeeded(0);
+        assert_eq!(bastions.order().0, [0, 2, 1]);
+        bastions.failed_permanently(2, Arc::new(Error::config("x", "permanent")));
+        let (order, skipped) = bastions.order();
+        assert_eq!(order, [0, 1]);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(bastions.name(1).as_ref(), "b:22");
+
+        // After the cooldown a failed bastion is back in its place.
+        let quick = set(Duration::from_millis(1));
+        quick.failed(0);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(quick.order().0, [0, 1, 2]);
+        // Moving counts only when the bastion changes.
+        assert!(!quick.switch_to(0));
+        assert!(quick.switch_to(1));
+        assert!(!quick.switch_to(1));
+        assert!(quick.switch_to(0));
+    }
+}
