@@ -775,7 +775,7 @@ fn failed_step_cause(e: &Error) -> (&Error, Option<(usize, usize)>) {
         };
         return errors
             .iter()
-            .map(hop_of)
+            .map(|(_, e)| hop_of(e))
             .find(|(c, _)| decisive(c))
             .unwrap_or((cause, hop));
     }

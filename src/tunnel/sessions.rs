@@ -117,14 +117,14 @@ impl BastionSet {
     }
 
     /// The bastions to try now, in order, and the errors of those skipped for good.
-    fn order(&self) -> (Vec<usize>, Vec<Error>) {
+    fn order(&self) -> (Vec<usize>, Vec<(String, Error)>) {
         let now = Instant::now();
         let mut fresh = Vec::new();
         let mut cooling = Vec::new();
         let mut skipped = Vec::new();
         for (i, b) in self.list.iter().enumerate() {
             if let Some(e) = &*lock(&b.permanent) {
-                skipped.push(Error::clone(e));
+                skipped.push((b.name.to_string(), Error::clone(e)));
                 continue;
             }
             match *lock(&b.failed_at) {
@@ -193,7 +193,7 @@ impl Inner {
                         error,
                         permanent,
                     });
-                    errors.push(e);
+                    errors.push((name.to_string(), e));
                 }
             }
         }

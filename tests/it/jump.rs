@@ -105,6 +105,18 @@ impl Chain {
     }
 }
 
+/// The median time of 50 sequential `SELECT 1`s (for the printed comparison only).
+async fn median_select(db: &sea_orm::DatabaseConnection) -> Duration {
+    let mut times = Vec::with_capacity(50);
+    for _ in 0..50 {
+        let t = Instant::now();
+        select(db, 1).await.unwrap();
+        times.push(t.elapsed());
+    }
+    times.sort();
+    times[times.len() / 2]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_two_hop_chain_reaches_postgres_through_the_jump_host_and_errors_name_the_hop() {
     let c = Chain::start().await;
@@ -118,6 +130,9 @@ async fn a_two_hop_chain_reaches_postgres_through_the_jump_host_and_errors_name_
     let t = Instant::now();
     let direct = SshTunnel::connect(direct_config).await.expect("direct connect");
     let direct_time = t.elapsed();
+    let direct_db = pool(&url_via(&direct, &c.pg), 1).await;
+    let direct_rtt = median_select(&direct_db).await;
+    direct_db.close().await.unwrap();
     direct.disconnect().await;
     assert_eq!(c.forwarded_to_bastion(), 0, "nothing went through the jump host yet");
 
@@ -128,6 +143,8 @@ async fn a_two_hop_chain_reaches_postgres_through_the_jump_host_and_errors_name_
     let mut events = tunnel.subscribe();
     let db = pool(&url_via(&tunnel, &c.pg), 2).await;
     assert_eq!(select(&db, 7).await.unwrap(), 7);
+    let chain_rtt = median_select(&db).await;
+    eprintln!("sequential SELECT median: direct {direct_rtt:?}, through one jump host {chain_rtt:?}");
     // The jump host's log proves the bastion's connection was forwarded through it.
     let log = std::fs::read_to_string(c.jump.log_path()).unwrap();
     eprintln!(
