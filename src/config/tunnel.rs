@@ -843,6 +843,19 @@ mod tests {
         let config = TunnelConfig::new("a", "u").port(2200).fallback_host("::1", 22);
         let all: Vec<String> = config.bastions().iter().map(ToString::to_string).collect();
         assert_eq!(all, ["a:2200", "[::1]:22"]);
+        let bad = TunnelConfig::new("a", "u")
+            .remote("db", 5432)
+            .fallback_host("", 22)
+            .validate()
+            .unwrap_err();
+        assert!(bad.to_string().contains("tunnel.fallback_hosts"), "{bad}");
+        assert!(
+            TunnelConfig::new("a", "u")
+                .remote("db", 5432)
+                .fallback_host("b", 0)
+                .validate()
+                .is_err()
+        );
     }
 
     #[test]
