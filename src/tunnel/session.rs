@@ -293,6 +293,10 @@ impl Drop for SshSession {
 /// A jump host's port unless it names one (OpenSSH's).
 const SSH_PORT: u16 = 22;
 
+/// [`HopTarget::role`] of the jump hosts and of the bastion.
+const JUMP_HOST: &str = "jump host";
+const BASTION: &str = "bastion";
+
 /// One SSH connection to make: a jump host or the bastion.
 struct HopTarget<'a> {
     host: &'a str,
@@ -323,13 +327,13 @@ fn chain<'a>(config: &'a TunnelConfig, bastion: &'a crate::config::BastionHost) 
             host: &j.host,
             port: j.port.unwrap_or(SSH_PORT),
             user: j.user.as_deref().unwrap_or(&config.user),
-            role: "jump host",
+            role: JUMP_HOST,
         })
         .chain(std::iter::once(HopTarget {
             host: &bastion.host,
             port: bastion.port,
             user: &config.user,
-            role: "bastion",
+            role: BASTION,
         }))
         .collect()
 }
@@ -466,9 +470,15 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let verdict = Arc::new(Mutex::new(None));
+    // ssh_config `HostKeyAlias` names the bastion's key in known_hosts (OpenSSH: the alias
+    // replaces host and port in the lookup); jump hosts are looked up by their own address.
+    let (key_host, key_port) = match (&inner.config.host_key_alias, hop.role) {
+        (Some(alias), BASTION) => (alias.clone(), SSH_PORT),
+        _ => (hop.host.to_owned(), hop.port),
+    };
     let handler = ClientHandler {
-        host: hop.host.to_owned(),
-        port: hop.port,
+        host: key_host,
+        port: key_port,
         verifier,
         verdict: verdict.clone(),
         end_reason: end_reason.clone(),

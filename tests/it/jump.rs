@@ -185,6 +185,27 @@ async fn a_two_hop_chain_reaches_postgres_through_the_jump_host_and_errors_name_
     assert!(text.contains("hop 2 of 2 (bastion "), "{text}");
     assert!(text.contains(&format!("127.0.0.2:{}", c.bastion.port())), "{text}");
 
+    // HostKeyAlias names the bastion's entry (without a port); the jump host keeps its own.
+    let aliased = c.jump.dir().join("alias_known_hosts");
+    std::fs::write(
+        &aliased,
+        format!(
+            "{}\nbastion-alias {}\n",
+            c.jump.known_hosts_line(),
+            c.bastion.host_public_key()
+        ),
+    )
+    .unwrap();
+    let tunnel = SshTunnel::connect(c.config().known_hosts(&aliased).host_key_alias("bastion-alias"))
+        .await
+        .expect("the alias's entry verifies the bastion");
+    tunnel.disconnect().await;
+    let err = SshTunnel::connect(c.config().known_hosts(&aliased)).await.unwrap_err();
+    assert!(
+        matches!(err.cause(), Error::HostKeyUnknown { .. }),
+        "without the alias: {err:?}"
+    );
+
     // The jump host unknown: hop 1 is named, and nothing reached the bastion.
     let only_bastion = c.jump.dir().join("bastion_only_known_hosts");
     std::fs::write(&only_bastion, format!("{}\n", c.bastion.known_hosts_line())).unwrap();
