@@ -8,7 +8,7 @@ use super::support::*;
 use std::collections::HashMap;
 
 use sea_orm_tunnel::Error;
-use sea_orm_tunnel::config::{AuthConfig, BackoffPolicy, Config, JumpHost, TunnelConfig};
+use sea_orm_tunnel::config::{AuthConfig, BackoffPolicy, Config, HostKeyPolicy, JumpHost, TunnelConfig};
 use sea_orm_tunnel::testkit::{OpenSshd, TempPostgres};
 use sea_orm_tunnel::tunnel::diagnose::{Outcome, StepKind, diagnose};
 use sea_orm_tunnel::tunnel::{SshTunnel, TunnelEvent};
@@ -205,6 +205,34 @@ async fn a_two_hop_chain_reaches_postgres_through_the_jump_host_and_errors_name_
         matches!(err.cause(), Error::HostKeyUnknown { .. }),
         "without the alias: {err:?}"
     );
+
+    // A pinned fingerprint is the bastion's; the jump host is then checked strictly.
+    let jump_only = c.jump.dir().join("jump_only_known_hosts");
+    std::fs::write(&jump_only, format!("{}\n", c.jump.known_hosts_line())).unwrap();
+    let pinned = HostKeyPolicy::fingerprint(&c.bastion.host_key_fingerprint()).unwrap();
+    let tunnel = SshTunnel::connect(c.config().known_hosts(&jump_only).host_key_policy(pinned.clone()))
+        .await
+        .expect("pinned bastion, known jump host");
+    tunnel.disconnect().await;
+    let nothing = c.jump.dir().join("no_known_hosts");
+    std::fs::write(&nothing, "").unwrap();
+    let err = SshTunnel::connect(c.config().known_hosts(&nothing).host_key_policy(pinned))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Hop { hop: 1, .. }),
+        "the jump host is not pinned: {err:?}"
+    );
+    assert!(matches!(err.cause(), Error::HostKeyUnknown { .. }), "{err:?}");
+    // insecure-accept-any applies to every hop.
+    let tunnel = SshTunnel::connect(
+        c.config()
+            .known_hosts(&nothing)
+            .host_key_policy(HostKeyPolicy::InsecureAcceptAny),
+    )
+    .await
+    .expect("insecure-accept-any accepts both hops");
+    tunnel.disconnect().await;
 
     // The jump host unknown: hop 1 is named, and nothing reached the bastion.
     let only_bastion = c.jump.dir().join("bastion_only_known_hosts");
