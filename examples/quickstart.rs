@@ -81,13 +81,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         tokio::spawn(async move {
             while let Ok(event) = events.recv().await {
                 match event {
-                    TunnelEvent::Connected { session, reconnect } => {
+                    TunnelEvent::Connected { session, reconnect, .. } => {
                         println!(
                             "   [tunnel] session {session} up{}",
                             if reconnect { " (reconnected)" } else { "" }
                         )
                     }
-                    TunnelEvent::Disconnected { session, reason } => {
+                    TunnelEvent::Disconnected { session, reason, .. } => {
                         println!("   [tunnel] session {session} down: {reason}")
                     }
                     TunnelEvent::Reconnecting { attempt, delay, .. } => {

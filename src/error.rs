@@ -292,6 +292,39 @@ pub enum Error {
         /// The time of the check (UTC).
         now: String,
     },
+    /// One hop of a ProxyJump chain failed (`SSH_PROXY_JUMP`): `source` is what failed there
+    /// (TCP, handshake, host key, authentication). Transient exactly when `source` is.
+    #[error("hop {hop} of {hops} ({role} {target}): {source}")]
+    Hop {
+        /// 1-based position in the chain; the last hop is the bastion itself.
+        hop: usize,
+        /// Hops in the chain (jump hosts + the bastion).
+        hops: usize,
+        /// `"jump host"` or `"bastion"`.
+        role: &'static str,
+        /// `user@host:port` of that hop.
+        target: String,
+        /// What failed.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// Every configured bastion (`SSH_HOST=a,b:2222`) failed in one connect attempt, or was
+    /// skipped for an earlier permanent error. Transient when at least one failure is.
+    #[error("all {} bastions failed: {}", .errors.len(), join_errors(.errors))]
+    AllBastionsFailed {
+        /// `(bastion as host:port, its error)` per bastion, in the order they were tried (the
+        /// ones skipped for an earlier permanent error last).
+        errors: Vec<(String, Error)>,
+    },
+}
+
+fn join_errors(errors: &[(String, Error)]) -> String {
+    errors
+        .iter()
+        .map(|(bastion, e)| format!("{bastion}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl Error {
@@ -318,6 +351,8 @@ impl Error {
             | Error::ShutDown(_) => false,
             Error::ChannelRefused { transient, .. } | Error::PasswordRejected { transient, .. } => *transient,
             Error::TunnelFailed(inner) => inner.is_transient(),
+            Error::Hop { source, .. } => source.is_transient(),
+            Error::AllBastionsFailed { errors } => errors.iter().any(|(_, e)| e.is_transient()),
             Error::SshConnect { .. }
             | Error::TunnelLost { .. }
             | Error::Timeout { .. }
@@ -326,6 +361,16 @@ impl Error {
             // A renewed certificate on disk heals it: the file is read again on every attempt.
             Error::UserCertificateExpired { .. } => true,
             Error::Database(e) => db_err_is_transient(e),
+        }
+    }
+
+    /// The error without the context this crate wraps around it ([`Error::TunnelFailed`],
+    /// [`Error::Hop`]): e.g. the [`Error::HostKeyChanged`] inside "hop 2 of 2 (...)". Other
+    /// errors (an [`Error::AllBastionsFailed`] too) are returned as they are.
+    pub fn cause(&self) -> &Error {
+        match self {
+            Error::TunnelFailed(inner) | Error::Hop { source: inner, .. } => inner.cause(),
+            other => other,
         }
     }
 
@@ -415,6 +460,53 @@ mod tests {
         assert!(sqlstate_is_transient("57P01"));
         assert!(sqlstate_is_transient("08006"));
         assert!(!sqlstate_is_transient("23505"));
+    }
+
+    #[test]
+    fn hop_and_bastion_context_keep_the_cause_and_its_transience() {
+        let changed = Error::HostKeyChanged {
+            host: "[10.0.0.5]:22".into(),
+            expected: "SHA256:a".into(),
+            actual: "SHA256:b".into(),
+            source_of_expected: "known_hosts".into(),
+        };
+        let hop = Error::Hop {
+            hop: 2,
+            hops: 2,
+            role: "bastion",
+            target: "ops@10.0.0.5:22".into(),
+            source: Box::new(changed),
+        };
+        assert!(!hop.is_transient());
+        assert!(
+            hop.to_string()
+                .starts_with("hop 2 of 2 (bastion ops@10.0.0.5:22): HOST KEY CHANGED"),
+            "{hop}"
+        );
+        let wrapped = Error::TunnelFailed(Box::new(hop.clone()));
+        assert!(matches!(wrapped.cause(), Error::HostKeyChanged { .. }));
+        let down = Error::SshConnect {
+            host: "b".into(),
+            port: 2222,
+            message: "TCP connect failed".into(),
+            source: None,
+        };
+        let all = Error::AllBastionsFailed {
+            errors: vec![("a:22".into(), hop.clone()), ("b:2222".into(), down)],
+        };
+        assert!(all.is_transient(), "b may come back");
+        assert!(
+            all.to_string().starts_with("all 2 bastions failed: a:22: hop 2 of 2"),
+            "{all}"
+        );
+        assert!(
+            all.to_string().contains("; b:2222: SSH connection to b:2222 failed"),
+            "{all}"
+        );
+        let all_permanent = Error::AllBastionsFailed {
+            errors: vec![("a:22".into(), hop)],
+        };
+        assert!(!all_permanent.is_transient());
     }
 
     #[test]

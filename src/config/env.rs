@@ -83,7 +83,7 @@ impl Config {
     /// | `CONNECTION_LOG_TO_DB` | false |
     /// | `SHUTDOWN_DRAIN_TIMEOUT` (ms) | 5000 |
     /// | `DATABASE_PASSWORD_FILE` (the password, re-read when the file changes; `DATABASE_URL` then has none) | none |
-    /// | `SSH_HOST` | unset = no tunnel |
+    /// | `SSH_HOST` (`host[:port],...`: bastions tried in order, failover to the next) | unset = no tunnel |
     /// | `SSH_PORT` | 22 |
     /// | `SSH_USER` | required with `SSH_HOST` |
     /// | `SSH_KEY_PATH` | `~/.ssh/id_ed25519` (skipped if absent and the agent is used) |
@@ -449,6 +449,10 @@ fn read_tunnel(
     let Some(host) = vars.get("SSH_HOST")? else {
         return Ok(None);
     };
+    // `SSH_HOST=a,b:2222`: bastions in failover order; entries without a port take SSH_PORT.
+    let mut bastions = super::tunnel::BastionHost::parse_list(&host, "SSH_HOST")?.into_iter();
+    let (host, first_port) = bastions.next().expect("parse_list returns at least one bastion");
+    let more_bastions: Vec<(String, Option<u16>)> = bastions.collect();
     let user = vars.get("SSH_USER")?.ok_or_else(|| {
         Error::config(
             "SSH_USER",
@@ -460,6 +464,14 @@ fn read_tunnel(
     if let Some(port) = vars.port("SSH_PORT")? {
         t.port = port;
     }
+    let default_port = t.port;
+    if let Some(port) = first_port {
+        t.port = port;
+    }
+    t.fallback_hosts = more_bastions
+        .into_iter()
+        .map(|(host, port)| super::tunnel::BastionHost::new(host, port.unwrap_or(default_port)))
+        .collect();
     t.auth = read_auth(vars)?;
 
     t.known_hosts = match vars.path("SSH_KNOWN_HOSTS")? {

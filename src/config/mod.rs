@@ -51,6 +51,7 @@ pub use env::{ENV_VARS, is_set};
 pub use password::{Credential, CredentialFuture, PasswordProvider, PasswordSource, PasswordSourceKind};
 pub use pool::{HealthConfig, PoolConfig, SessionSettings};
 pub use profile::ProfileDefaults;
+pub use tunnel::BastionHost;
 pub use tunnel::{AuthConfig, HostKeyPolicy, JumpHost, LocalEndpointConfig, TunnelConfig};
 
 /// Deployment profile; selects the defaults in [`ProfileDefaults`].

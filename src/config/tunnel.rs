@@ -66,6 +66,22 @@ pub struct TunnelConfig {
     /// further `UserKnownHostsFile`s and `GlobalKnownHostsFile`). Only read: `accept-new` appends
     /// to [`known_hosts`](Self::known_hosts). Default empty.
     pub extra_known_hosts: Vec<PathBuf>,
+    /// More bastions after [`host`](Self::host):[`port`](Self::port), tried in order when the
+    /// ones before are unreachable or their sessions die (`SSH_HOST=a,b:2222`: everything after
+    /// the first). Each is reached through the same [`proxy_jump`](Self::proxy_jump) chain, with
+    /// the same user, credentials and host-key policy. Default empty. See
+    /// [`fallback_host`](Self::fallback_host) for the failover rule.
+    pub fallback_hosts: Vec<BastionHost>,
+}
+
+/// A bastion address, `host:port` (see [`TunnelConfig::fallback_hosts`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct BastionHost {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
 }
 
 /// One hop of a ProxyJump chain: `[user@]host[:port]`.
@@ -172,6 +188,7 @@ impl TunnelConfig {
             proxy_jump: Vec::new(),
             host_key_alias: None,
             extra_known_hosts: Vec::new(),
+            fallback_hosts: Vec::new(),
         }
     }
 
@@ -331,6 +348,43 @@ impl TunnelConfig {
         self
     }
 
+    /// Adds a bastion to fail over to, after [`host`](Self::host) and the fallbacks added
+    /// before (`SSH_HOST=a,b:2222`).
+    ///
+    /// # Failover rule
+    ///
+    /// - Every connect (the first one, each reconnect attempt, a session opened for capacity)
+    ///   walks the bastions in configuration order and uses the first that works; a bastion
+    ///   that failed recently (a transient connect error, or a session on it was lost) is tried
+    ///   only after the others, until `reconnect.max_delay` has passed since that failure. So
+    ///   after the first bastion dies the next reconnect goes straight to the next one, and the
+    ///   first is preferred again for sessions opened once it has been quiet for that long.
+    /// - Live sessions are never moved: a session on a fallback stays until it dies or is
+    ///   retired idle.
+    /// - A permanent error on one bastion (host key unknown or changed, authentication refused)
+    ///   takes that bastion out for the tunnel's life (logged, and reported in the error of a
+    ///   round that fails) but does not stop failover to the others. The tunnel fails for good
+    ///   only when every bastion has failed permanently.
+    #[must_use]
+    pub fn fallback_host(mut self, host: impl Into<String>, port: u16) -> Self {
+        self.fallback_hosts.push(BastionHost {
+            host: host.into(),
+            port,
+        });
+        self
+    }
+
+    /// Every bastion in the order they are tried: [`host`](Self::host):[`port`](Self::port),
+    /// then the [`fallback_hosts`](Self::fallback_hosts).
+    pub fn bastions(&self) -> Vec<BastionHost> {
+        std::iter::once(BastionHost {
+            host: self.host.clone(),
+            port: self.port,
+        })
+        .chain(self.fallback_hosts.iter().cloned())
+        .collect()
+    }
+
     /// The remote target as `host:port` (IPv6 hosts in brackets), for logs and errors.
     pub fn remote_target(&self) -> String {
         if self.remote_host.contains(':') {
@@ -363,6 +417,7 @@ impl fmt::Debug for TunnelConfig {
             .field("proxy_jump", &self.proxy_jump)
             .field("host_key_alias", &self.host_key_alias)
             .field("extra_known_hosts", &self.extra_known_hosts)
+            .field("fallback_hosts", &self.fallback_hosts)
             .finish()
     }
 }
@@ -676,6 +731,53 @@ impl fmt::Display for JumpHost {
     }
 }
 
+impl BastionHost {
+    /// A bastion at `host:port`.
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        BastionHost {
+            host: host.into(),
+            port,
+        }
+    }
+
+    /// Parses the `SSH_HOST` list: comma-separated `host[:port]`, IPv6 addresses in brackets
+    /// when a port follows. Entries without a port get `None` (the caller applies `SSH_PORT`).
+    /// `variable` names the setting in errors.
+    pub(crate) fn parse_list(value: &str, variable: &str) -> Result<Vec<(String, Option<u16>)>> {
+        let value = value.trim();
+        if value.is_empty() {
+            return Err(Error::config(variable, "names no bastion"));
+        }
+        value
+            .split(',')
+            .map(|entry| {
+                let hop = JumpHost::parse_one(entry.trim(), variable)?;
+                if hop.user.is_some() {
+                    return Err(Error::config(
+                        variable,
+                        format!(
+                            "bastion {:?} has a user name: set SSH_USER (it applies to every bastion)",
+                            entry.trim()
+                        ),
+                    ));
+                }
+                Ok((hop.host, hop.port))
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for BastionHost {
+    /// `host:port`, IPv6 hosts in brackets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 impl Default for LocalEndpointConfig {
     /// `Tcp(0)`: an ephemeral loopback port.
     fn default() -> Self {
@@ -720,6 +822,40 @@ mod tests {
         assert!(HostKeyPolicy::from_str("SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2t").is_err());
         assert!(HostKeyPolicy::from_str("SHA256:short").is_err());
         assert!(HostKeyPolicy::from_str("MD5:aa:bb").is_err());
+    }
+
+    #[test]
+    fn bastion_list_syntax() {
+        let list = BastionHost::parse_list("a, b:2222,[::1]:23,fe80::1", "SSH_HOST").unwrap();
+        assert_eq!(
+            list,
+            vec![
+                ("a".to_owned(), None),
+                ("b".to_owned(), Some(2222)),
+                ("::1".to_owned(), Some(23)),
+                ("fe80::1".to_owned(), None),
+            ]
+        );
+        for bad in ["", "a,,b", "a:0", "u@a", "a b"] {
+            let e = BastionHost::parse_list(bad, "SSH_HOST").unwrap_err().to_string();
+            assert!(e.contains("SSH_HOST"), "{bad}: {e}");
+        }
+        let config = TunnelConfig::new("a", "u").port(2200).fallback_host("::1", 22);
+        let all: Vec<String> = config.bastions().iter().map(ToString::to_string).collect();
+        assert_eq!(all, ["a:2200", "[::1]:22"]);
+        let bad = TunnelConfig::new("a", "u")
+            .remote("db", 5432)
+            .fallback_host("", 22)
+            .validate()
+            .unwrap_err();
+        assert!(bad.to_string().contains("tunnel.fallback_hosts"), "{bad}");
+        assert!(
+            TunnelConfig::new("a", "u")
+                .remote("db", 5432)
+                .fallback_host("b", 0)
+                .validate()
+                .is_err()
+        );
     }
 
     #[test]

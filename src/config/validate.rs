@@ -283,6 +283,14 @@ fn validate_backoff(b: &BackoffPolicy, name: &dyn Fn(&str) -> String) -> Result<
 }
 
 fn validate_tunnel(t: &TunnelConfig, n: Naming) -> Result<()> {
+    for b in &t.fallback_hosts {
+        if b.host.trim().is_empty() || b.port == 0 {
+            return Err(Error::config(
+                n.pick("tunnel.fallback_hosts", "SSH_HOST"),
+                format!("bastion {b} needs a host name and a port from 1 to 65535"),
+            ));
+        }
+    }
     if t.host.trim().is_empty() {
         return Err(Error::config(n.pick("tunnel.host", "SSH_HOST"), "must not be empty"));
     }

@@ -354,14 +354,49 @@ pub(crate) fn tunnel_connected(session: u64, reconnect: bool, bastion: &dyn fmt:
 }
 
 /// An SSH session was lost (`remaining` sessions are still up).
-pub(crate) fn session_lost(session: u64, remaining: usize, error: &dyn fmt::Display) {
+pub(crate) fn session_lost(session: u64, remaining: usize, bastion: &dyn fmt::Display, error: &dyn fmt::Display) {
     tracing::warn!(
         target: TARGET_TUNNEL,
         event = EventKind::TunnelDisconnected.as_str(),
         session,
         remaining,
+        bastion = %bastion,
         error = %error,
         "SSH session lost"
+    );
+}
+
+/// Connecting through one of several bastions failed; the next one is tried.
+pub(crate) fn bastion_failed(bastion: &dyn fmt::Display, permanent: bool, error: &dyn fmt::Display) {
+    if permanent {
+        tracing::error!(
+            target: TARGET_TUNNEL,
+            event = EventKind::ConnectionError.as_str(),
+            bastion = %bastion,
+            permanent,
+            error = %error,
+            "bastion failed permanently: not tried again by this tunnel"
+        );
+    } else {
+        tracing::warn!(
+            target: TARGET_TUNNEL,
+            event = EventKind::ConnectionError.as_str(),
+            bastion = %bastion,
+            permanent,
+            error = %error,
+            "connecting through a bastion failed"
+        );
+    }
+}
+
+/// The tunnel opened a session on another bastion than the one before (failover, or back to the
+/// preferred one).
+pub(crate) fn bastion_failover(bastion: &dyn fmt::Display) {
+    tracing::warn!(
+        target: TARGET_TUNNEL,
+        event = EventKind::TunnelConnected.as_str(),
+        bastion = %bastion,
+        "SSH tunnel moved to another bastion"
     );
 }
 

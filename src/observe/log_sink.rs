@@ -119,13 +119,12 @@ impl ConnectionLogEvent {
         }
         let row = |kind: &str| ConnectionLogEvent::new("tunnel", kind);
         Some(match event {
-            TunnelEvent::Connected { session, reconnect } => {
-                row(EventKind::TunnelConnected.as_str()).with_metadata(meta([
+            TunnelEvent::Connected { session, reconnect, .. } => row(EventKind::TunnelConnected.as_str())
+                .with_metadata(meta([
                     ("session", (*session).into()),
                     ("reconnect", (*reconnect).into()),
-                ]))
-            }
-            TunnelEvent::Disconnected { session, reason } => row(EventKind::TunnelDisconnected.as_str())
+                ])),
+            TunnelEvent::Disconnected { session, reason, .. } => row(EventKind::TunnelDisconnected.as_str())
                 .with_error(reason.clone())
                 .with_metadata(meta([("session", (*session).into())])),
             TunnelEvent::Reconnecting { attempt, delay, error } => row(EventKind::TunnelReconnecting.as_str())

@@ -50,6 +50,14 @@ pub const DB_PASSWORD_ROTATIONS_TOTAL: &str = "db_password_rotations_total";
 /// Counter (label `pool`): failovers detected (each retired the pool generation once).
 pub const DB_FAILOVERS_TOTAL: &str = "db_failovers_total";
 
+/// Gauge (labels `pool`, `bastion` = `host:port`): SSH sessions open on one bastion.
+pub const SSH_TUNNEL_BASTION_SESSIONS: &str = "ssh_tunnel_bastion_sessions";
+/// Counter (labels `pool`, `bastion` = the bastion moved to): sessions opened on another bastion
+/// than the one before (`SSH_HOST=a,b:2222` failover, and the move back to the preferred one).
+pub const SSH_TUNNEL_FAILOVERS_TOTAL: &str = "ssh_tunnel_failovers_total";
+/// Label of the tunnel metrics that are per bastion: `host:port`.
+pub const BASTION_LABEL: &str = "bastion";
+
 /// Label every metric of this crate carries: the pool (or tunnel) it belongs to.
 pub const POOL_LABEL: &str = "pool";
 
@@ -160,6 +168,16 @@ pub fn describe_metrics() {
         SSH_TUNNEL_BYTES_TOTAL,
         Unit::Bytes,
         "Bytes forwarded through the tunnel, by direction (to_remote, from_remote)."
+    );
+    describe_gauge!(
+        SSH_TUNNEL_BASTION_SESSIONS,
+        Unit::Count,
+        "SSH sessions open, by bastion (host:port)."
+    );
+    describe_counter!(
+        SSH_TUNNEL_FAILOVERS_TOTAL,
+        Unit::Count,
+        "Sessions opened on another bastion than the one before, by the bastion moved to."
     );
     describe_counter!(
         CONNECTION_LOG_DROPPED_TOTAL,

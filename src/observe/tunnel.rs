@@ -39,6 +39,18 @@ impl TunnelTelemetry {
         metrics::gauge!(m::SSH_TUNNEL_CHANNELS_ACTIVE, m::POOL_LABEL => self.label()).set(channels as f64);
     }
 
+    /// `ssh_tunnel_bastion_sessions` (label `bastion`): the live SSH sessions on one bastion.
+    pub(crate) fn set_bastion_sessions(&self, bastion: &str, sessions: usize) {
+        metrics::gauge!(m::SSH_TUNNEL_BASTION_SESSIONS, m::POOL_LABEL => self.label(), m::BASTION_LABEL => bastion.to_owned())
+            .set(sessions as f64);
+    }
+
+    /// `ssh_tunnel_failovers_total` (label `bastion`: the bastion moved to).
+    pub(crate) fn count_failover(&self, bastion: &str) {
+        metrics::counter!(m::SSH_TUNNEL_FAILOVERS_TOTAL, m::POOL_LABEL => self.label(), m::BASTION_LABEL => bastion.to_owned())
+            .increment(1);
+    }
+
     /// `ssh_tunnel_reconnects_total`.
     pub(crate) fn count_reconnect(&self) {
         metrics::counter!(m::SSH_TUNNEL_RECONNECTS_TOTAL, m::POOL_LABEL => self.label()).increment(1);

@@ -25,7 +25,7 @@
 //! Nothing is sent before it is needed: the handshake step stops right after the server proved
 //! its host key (no user name, no key), and the password only travels in the database login.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -327,25 +327,47 @@ async fn tunnel_steps<F: FnMut(&Step)>(
     db_options: sqlx::postgres::PgConnectOptions,
     timeout: Duration,
 ) -> StepResult {
-    // 1. TCP reach.
+    // 1. TCP reach: the first hop of the chain (the first jump host, or the bastion). With
+    //    several bastions and no jump host, the first one that answers (as the tunnel does).
     let t = Instant::now();
-    let (host, port) = (tunnel_config.host.clone(), tunnel_config.port);
-    let addr = match tcp_reach(&host, port, timeout).await {
-        Ok(addr) => {
-            rec.ok(
-                StepKind::TcpReach,
-                Some(t.elapsed()),
-                format_args!("{} accepts connections", show_addr(&host, port, addr)),
-            );
+    let first_candidates: Vec<(String, u16)> = match tunnel_config.proxy_jump.first() {
+        Some(j) => vec![(j.host.clone(), j.port.unwrap_or(22))],
+        None => tunnel_config.bastions().into_iter().map(|b| (b.host, b.port)).collect(),
+    };
+    let hops = tunnel_config.proxy_jump.len() + 1;
+    let mut unreachable = Vec::new();
+    let mut reached = None;
+    for (host, port) in &first_candidates {
+        match tcp_reach(host, *port, timeout).await {
+            Ok(addr) => {
+                reached = Some((host.clone(), *port, addr));
+                break;
+            }
+            Err(e) => unreachable.push(format!("{}: {e}", show_host_port(host, *port))),
+        }
+    }
+    let addr = match reached {
+        Some((host, port, addr)) => {
+            let mut detail = format!("{} accepts connections", show_addr(&host, port, addr));
+            if hops > 1 {
+                let _ = write!(
+                    detail,
+                    " (jump host 1 of {hops}; the other hops are reached through it)"
+                );
+            }
+            if !unreachable.is_empty() {
+                let _ = write!(detail, "; unreachable first: {}", unreachable.join("; "));
+            }
+            rec.ok(StepKind::TcpReach, Some(t.elapsed()), detail);
             addr
         }
-        Err(e) => {
-            return Err(rec.fail(
-                StepKind::TcpReach,
-                Some(t.elapsed()),
-                format_args!("{host}:{port}: {e}"),
-                "check SSH_HOST / SSH_PORT, that sshd runs, and firewalls between here and the bastion",
-            ));
+        None => {
+            let hint = if hops > 1 {
+                "check SSH_PROXY_JUMP (the first jump host), that its sshd runs, and firewalls on the way"
+            } else {
+                "check SSH_HOST / SSH_PORT, that sshd runs, and firewalls between here and the bastion"
+            };
+            return Err(rec.fail(StepKind::TcpReach, Some(t.elapsed()), unreachable.join("; "), hint));
         }
     };
 
@@ -382,39 +404,60 @@ async fn tunnel_steps<F: FnMut(&Step)>(
             .initial_delay(Duration::from_millis(200))
             .max_elapsed(None)
     });
+    let chain_desc = describe_chain(&tunnel_config);
     let t = Instant::now();
     let tunnel = match SshTunnel::connect(tunnel_config).await {
         Ok(tunnel) => {
             let elapsed = t.elapsed();
+            // With several bastions, say which one the tunnel got to.
+            let via = match tunnel.bastion() {
+                Some(b) if !tunnel.config().fallback_hosts.is_empty() => format!(" via bastion {b}"),
+                _ => String::new(),
+            };
             rec.ok(
                 StepKind::HostKey,
                 None,
-                format_args!("verified ({policy}; {})", known_hosts.display()),
+                format_args!("verified ({policy}; {}){chain_desc}{via}", known_hosts.display()),
             );
             rec.ok(
                 StepKind::Authentication,
                 Some(elapsed),
-                format_args!("{user} with {auth_desc} (time: SSH connect incl. handshake + host key + auth)"),
+                format_args!(
+                    "{user} with {auth_desc}{chain_desc} (time: SSH connect incl. handshake + host key + auth)"
+                ),
             );
             tunnel
         }
         Err(e) => {
             let elapsed = Some(t.elapsed());
-            let cause = match &e {
-                Error::TunnelFailed(inner) => &**inner,
-                other => other,
+            let (cause, hop) = failed_step_cause(&e);
+            let hop_note = match hop {
+                Some((n, m)) if n > 1 => format!(" (hops 1 to {} of {m} were verified)", n - 1),
+                _ => String::new(),
             };
             return Err(match cause {
                 Error::HostKeyUnknown { .. } | Error::HostKeyChanged { .. } | Error::HostKeyRevoked { .. } => {
                     rec.fail(StepKind::HostKey, elapsed, &e, host_key_hint(cause))
                 }
                 Error::Auth { .. } | Error::KeyPassphrase { .. } | Error::File { .. } => {
-                    rec.ok(StepKind::HostKey, None, format_args!("verified ({policy})"));
+                    rec.ok(StepKind::HostKey, None, format_args!("verified ({policy}){hop_note}"));
                     rec.fail(
                         StepKind::Authentication,
                         elapsed,
                         &e,
-                        "check SSH_USER, SSH_KEY_PATH / SSH_KEY_PASSPHRASE, the agent, and the bastion's authorized_keys",
+                        "check SSH_USER (or the jump host's user in SSH_PROXY_JUMP), SSH_KEY_PATH / SSH_KEY_PASSPHRASE, \
+                         the agent, and the authorized_keys of the host named",
+                    )
+                }
+                Error::ChannelRefused { .. } | Error::SshConnect { .. } | Error::Timeout { .. }
+                    if hop.is_some_and(|(n, _)| n > 1) =>
+                {
+                    rec.fail(
+                        StepKind::SshHandshake,
+                        elapsed,
+                        &e,
+                        "the previous jump host could not reach this hop: check its AllowTcpForwarding / PermitOpen, \
+                         and this hop's address as seen from that jump host",
                     )
                 }
                 _ => rec.fail(
@@ -673,6 +716,70 @@ async fn channel_probe(endpoint: &LocalEndpoint, timeout: Duration) -> std::io::
     tokio::time::timeout(timeout, attempt)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))?
+}
+
+/// `""` without jump hosts; else `" on 2 hops: jump host u@h:p, bastion u@h:p"`.
+fn describe_chain(config: &TunnelConfig) -> String {
+    if config.proxy_jump.is_empty() {
+        return String::new();
+    }
+    let hops: Vec<String> = config
+        .proxy_jump
+        .iter()
+        .map(|j| {
+            let user = j.user.as_deref().unwrap_or(&config.user);
+            format!("jump host {user}@{}", show_host_port(&j.host, j.port.unwrap_or(22)))
+        })
+        .collect();
+    format!(
+        " on {} hops: {}, bastion {}@{}",
+        hops.len() + 1,
+        hops.join(", "),
+        config.user,
+        show_host_port(&config.host, config.port)
+    )
+}
+
+/// `host:port`, IPv6 hosts in brackets.
+fn show_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// What decides the failed step: the error inside the tunnel's context, and the hop (n of m) it
+/// happened on. Of several bastions' errors, the first that got furthest (a host key or an
+/// authentication failure) decides.
+fn failed_step_cause(e: &Error) -> (&Error, Option<(usize, usize)>) {
+    fn hop_of(e: &Error) -> (&Error, Option<(usize, usize)>) {
+        match e {
+            Error::TunnelFailed(inner) => hop_of(inner),
+            Error::Hop { hop, hops, source, .. } => (source.cause(), Some((*hop, *hops))),
+            other => (other, None),
+        }
+    }
+    let (cause, hop) = hop_of(e);
+    if let Error::AllBastionsFailed { errors } = cause {
+        let decisive = |c: &Error| {
+            matches!(
+                c,
+                Error::HostKeyUnknown { .. }
+                    | Error::HostKeyChanged { .. }
+                    | Error::HostKeyRevoked { .. }
+                    | Error::Auth { .. }
+                    | Error::KeyPassphrase { .. }
+                    | Error::File { .. }
+            )
+        };
+        return errors
+            .iter()
+            .map(|(_, e)| hop_of(e))
+            .find(|(c, _)| decisive(c))
+            .unwrap_or((cause, hop));
+    }
+    (cause, hop)
 }
 
 fn describe_auth(config: &TunnelConfig) -> String {

@@ -8,7 +8,7 @@ use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::sessions::SessionSet;
+use super::sessions::{BastionSet, SessionSet};
 use super::{LocalEndpoint, TunnelEvent, TunnelState, auth, host_key, session};
 use crate::Error;
 use crate::config::TunnelConfig;
@@ -33,6 +33,11 @@ pub(crate) struct Inner {
     pub(crate) ssh_config: Arc<russh::client::Config>,
     pub(crate) credentials: auth::Credentials,
     pub(crate) verifier: host_key::HostKeyVerifier,
+    /// Verifies the jump hosts of `proxy_jump`: the tunnel's policy, except that a pinned
+    /// fingerprint is the bastion's, so jump hosts are then checked strictly against known_hosts.
+    pub(crate) jump_verifier: host_key::HostKeyVerifier,
+    /// The bastions in failover order, and what is known about each.
+    pub(crate) bastions: BastionSet,
     pub(crate) endpoint: LocalEndpoint,
     unix_dir: Option<PathBuf>,
     /// The tunnel's metrics, labelled with its pool label.
@@ -73,7 +78,18 @@ impl Inner {
         let (events, _) = broadcast::channel(256);
         Inner {
             ssh_config: Arc::new(session::russh_config(&config)),
-            verifier: host_key::HostKeyVerifier::new(config.host_key_policy.clone(), config.known_hosts.clone()),
+            // HostKeyAlias and the extra known_hosts files apply to the bastion.
+            verifier: host_key::HostKeyVerifier::for_tunnel(&config),
+            // A pinned fingerprint is the bastion's: jump hosts are then checked strictly.
+            jump_verifier: host_key::HostKeyVerifier::new(
+                match &config.host_key_policy {
+                    crate::config::HostKeyPolicy::Fingerprint(_) => crate::config::HostKeyPolicy::Strict,
+                    other => other.clone(),
+                },
+                config.known_hosts.clone(),
+            )
+            .with_extra_known_hosts(config.extra_known_hosts.clone()),
+            bastions: BastionSet::new(&config),
             credentials,
             endpoint,
             unix_dir,

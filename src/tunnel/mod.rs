@@ -51,6 +51,27 @@
 //!   configuration" from a transient outage instead of retrying it.
 //! - **Shutdown.** [`SshTunnel::disconnect`] stops accepting, closes channels, sends an SSH
 //!   disconnect and waits for every task. Dropping the last handle does the same without waiting.
+//! - **Jump hosts** (`SSH_PROXY_JUMP`, [`TunnelConfig::proxy_jump`]). Each session is a chain:
+//!   TCP to the first jump host, then for every next hop (the last is the bastion) an SSH
+//!   connection riding a `direct-tcpip` channel of the previous one. Every hop's host key is
+//!   verified with its own known_hosts entry (`[host]:port`) before anything is sent to it, and
+//!   every hop authenticates with the tunnel's credentials as its own user (the hop's `user@`,
+//!   else the tunnel's). A pinned `SHA256:` policy is the bastion's: jump hosts are then checked
+//!   strictly against known_hosts; `accept-new` and `insecure-accept-any` apply to every hop
+//!   (the latter warns for each). `connect_timeout` bounds each hop. An error names its hop
+//!   ([`Error::Hop`]: "hop 2 of 2 (bastion ops@10.0.0.5:22): ..."). The jump hosts' connections
+//!   live as long as the session; the session is lost when any hop's connection ends, and the
+//!   keepalive pings the bastion through the whole chain, so a silent first hop is noticed like
+//!   a silent bastion. Reconnecting rebuilds the whole chain.
+//! - **Several bastions** (`SSH_HOST=a,b:2222`, [`TunnelConfig::fallback_host`]). Each new
+//!   session goes to the first bastion that works, in configuration order, except that one
+//!   that failed within `reconnect.max_delay` (a connect error, or a session on it was lost) is
+//!   tried after the others: losing the current bastion sends the reconnect to the next one,
+//!   and the preferred bastion takes sessions again once it has been quiet that long. Live
+//!   sessions are never moved. A bastion that fails permanently (host key, authentication) is
+//!   left out for the tunnel's life ([`TunnelEvent::BastionFailed`] with `permanent`); the
+//!   tunnel fails for good only when every bastion has. Session events carry the bastion, and
+//!   [`SshTunnel::bastion`] says where the tunnel is now.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -162,6 +183,8 @@ pub enum TunnelEvent {
         session: u64,
         /// `true` when this replaced lost sessions.
         reconnect: bool,
+        /// The bastion (`host:port`) the session runs on.
+        bastion: String,
     },
     /// An additional session was opened because every open session was at `max_channels`.
     SessionOpened {
@@ -169,6 +192,8 @@ pub enum TunnelEvent {
         session: u64,
         /// Sessions now open.
         sessions: usize,
+        /// The bastion (`host:port`) the session runs on.
+        bastion: String,
     },
     /// An additional session opened for capacity had no channel for `session_idle_timeout` and
     /// was closed (SSH disconnect). Not a failure: nothing reconnects, and no connection rode it.
@@ -177,6 +202,8 @@ pub enum TunnelEvent {
         session: u64,
         /// Sessions still open.
         sessions: usize,
+        /// The bastion (`host:port`) the session ran on.
+        bastion: String,
     },
     /// A session ended (lost link, closed by the server, keepalive unanswered).
     Disconnected {
@@ -184,6 +211,8 @@ pub enum TunnelEvent {
         session: u64,
         /// Why.
         reason: String,
+        /// The bastion (`host:port`) the session ran on.
+        bastion: String,
     },
     /// Every session is down; reconnect attempt `attempt` starts after `delay`.
     Reconnecting {
@@ -213,6 +242,16 @@ pub enum TunnelEvent {
         channels: usize,
         /// Sessions open when it gave up.
         sessions: usize,
+    },
+    /// With several bastions (`SSH_HOST=a,b:2222`): connecting through one failed, and the next
+    /// one (if any) is tried. A permanent failure takes that bastion out for the tunnel's life.
+    BastionFailed {
+        /// The bastion (`host:port`).
+        bastion: String,
+        /// What failed (names the hop, in a ProxyJump chain).
+        error: Arc<Error>,
+        /// `true` for a permanent error (host key, authentication): not tried again.
+        permanent: bool,
     },
     /// [`SshTunnel::disconnect`] finished.
     Closed,
@@ -257,8 +296,15 @@ impl std::fmt::Debug for SshTunnel {
             .field(
                 "bastion",
                 &format_args!(
-                    "{}@{}:{}",
-                    self.inner.config.user, self.inner.config.host, self.inner.config.port
+                    "{}@{}:{}{}",
+                    self.inner.config.user,
+                    self.inner.config.host,
+                    self.inner.config.port,
+                    if self.inner.config.fallback_hosts.is_empty() {
+                        ""
+                    } else {
+                        " (+ fallbacks)"
+                    }
                 ),
             )
             .field(
@@ -308,10 +354,7 @@ impl SshTunnel {
                 source: std::io::Error::other(e).into(),
             })??;
         let (listener, endpoint, unix_dir) = forward::bind(&config).await?;
-        let mut inner = Inner::new(config, pool_label.into(), generation, credentials, endpoint, unix_dir);
-        // HostKeyAlias and the extra known_hosts files (issue 12).
-        inner.verifier = host_key::HostKeyVerifier::for_tunnel(&inner.config);
-        let inner = Arc::new(inner);
+        let inner = Arc::new(Inner::new(config, pool_label.into(), generation, credentials, endpoint, unix_dir));
         let tunnel = SshTunnel {
             _alive: Arc::new(inner.cancel.clone().drop_guard()),
             inner: inner.clone(),
@@ -466,6 +509,13 @@ impl SshTunnel {
             bytes_to_remote: c.bytes_to_remote.load(Ordering::Relaxed),
             bytes_from_remote: c.bytes_from_remote.load(Ordering::Relaxed),
         }
+    }
+
+    /// The bastion (`host:port`) the oldest live session runs on, which takes new channels
+    /// first; `None` while no session is up. With several bastions (`SSH_HOST=a,b:2222`) this is
+    /// where the tunnel is now.
+    pub fn bastion(&self) -> Option<String> {
+        self.inner.current_bastion()
     }
 
     /// The configuration this tunnel was created with.

@@ -187,10 +187,28 @@ impl Handler for ClientHandler {
     }
 }
 
+/// One SSH connection of a ProxyJump chain that is not the bastion's: kept open for the
+/// session's life, since the next hop's SSH connection rides one of its channels.
+pub(crate) struct JumpHop {
+    /// `user@host:port`, for logs.
+    target: String,
+    handle: Handle<ClientHandler>,
+    /// Cancelled when this hop's russh task has ended.
+    ended: CancellationToken,
+    end_reason: Arc<Mutex<Option<String>>>,
+}
+
 /// A live SSH session of the tunnel.
 pub(crate) struct SshSession {
     pub(crate) id: u64,
+    /// Which bastion (index into `TunnelConfig::bastions()`).
+    pub(crate) bastion: usize,
+    /// That bastion's `host:port`, for events, logs and metrics.
+    pub(crate) bastion_name: Arc<str>,
+    /// The bastion's (the chain's last hop's) SSH connection: forwarders open channels here.
     pub(crate) handle: Handle<ClientHandler>,
+    /// The jump hosts before the bastion, in chain order (empty without `proxy_jump`).
+    jumps: Vec<JumpHop>,
     /// Channels open (or being opened) on this session. Incremented only under the tunnel's
     /// session-list lock (`Inner::try_reserve`), which is also where an idle session is retired.
     pub(crate) channels: AtomicUsize,
@@ -198,9 +216,10 @@ pub(crate) struct SshSession {
     last_active: Mutex<Instant>,
     /// Signalled when the last channel is released, so the monitor arms the idle timer.
     went_idle: Notify,
-    /// Aborts the transport socket; also tells this session's forwarders to stop.
+    /// Aborts the transport socket (of the first hop: the rest of a chain rides it); also tells
+    /// this session's forwarders to stop.
     pub(crate) kill: CancellationToken,
-    /// Cancelled when russh's session task has ended.
+    /// Cancelled when russh's session task (of the bastion hop) has ended.
     pub(crate) ended: CancellationToken,
     end_reason: Arc<Mutex<Option<String>>>,
 }
@@ -226,16 +245,48 @@ impl SshSession {
     }
 
     pub(crate) fn is_dead(&self) -> bool {
-        self.kill.is_cancelled() || self.ended.is_cancelled() || self.handle.is_closed()
+        self.kill.is_cancelled()
+            || self.ended.is_cancelled()
+            || self.handle.is_closed()
+            || self
+                .jumps
+                .iter()
+                .any(|j| j.ended.is_cancelled() || j.handle.is_closed())
     }
 
     fn end_reason(&self) -> String {
+        // A broken chain: name the jump host that went first.
+        for jump in &self.jumps {
+            if jump.ended.is_cancelled() || jump.handle.is_closed() {
+                let why = lock(&jump.end_reason)
+                    .clone()
+                    .unwrap_or_else(|| "connection closed".to_owned());
+                return format!("jump host {}: {why}", jump.target);
+            }
+        }
         lock(&self.end_reason)
             .clone()
             .unwrap_or_else(|| "connection closed".to_owned())
     }
 
-    /// SSH disconnect, then wait for russh's task to end; abort the socket if it does not.
+    /// Resolves when the SSH connection of any jump host has ended (never without jump hosts).
+    async fn jump_ended(&self) {
+        if self.jumps.is_empty() {
+            return std::future::pending().await;
+        }
+        let mut waits: Vec<_> = self.jumps.iter().map(|j| Box::pin(j.ended.cancelled())).collect();
+        std::future::poll_fn(|cx| {
+            if waits.iter_mut().any(|w| w.as_mut().poll(cx).is_ready()) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+    }
+
+    /// SSH disconnect (the bastion first, then the jump hosts back to the first), then wait for
+    /// russh's tasks to end; abort the socket if they do not.
     pub(crate) async fn close_gracefully(&self) {
         if !self.is_dead() {
             let _ = tokio::time::timeout(
@@ -245,6 +296,18 @@ impl SshSession {
             )
             .await;
             let _ = tokio::time::timeout(CLOSE_GRACE, self.ended.cancelled()).await;
+            for jump in self.jumps.iter().rev() {
+                if jump.ended.is_cancelled() {
+                    break;
+                }
+                let _ = tokio::time::timeout(
+                    CLOSE_GRACE,
+                    jump.handle
+                        .disconnect(russh::Disconnect::ByApplication, "tunnel closed", "en"),
+                )
+                .await;
+                let _ = tokio::time::timeout(CLOSE_GRACE, jump.ended.cancelled()).await;
+            }
         }
         self.kill();
         let _ = tokio::time::timeout(CLOSE_GRACE, self.ended.cancelled()).await;
@@ -257,56 +320,157 @@ impl Drop for SshSession {
     }
 }
 
-/// Opens one SSH session: TCP connect, handshake, host-key verification and authentication,
-/// all within `connect_timeout`.
+/// A jump host's port unless it names one (OpenSSH's).
+const SSH_PORT: u16 = 22;
+
+/// [`HopTarget::role`] of the jump hosts and of the bastion.
+const JUMP_HOST: &str = "jump host";
+const BASTION: &str = "bastion";
+
+/// One SSH connection to make: a jump host or the bastion.
+struct HopTarget<'a> {
+    host: &'a str,
+    port: u16,
+    user: &'a str,
+    /// `"jump host"` or `"bastion"`.
+    role: &'static str,
+}
+
+impl HopTarget<'_> {
+    fn describe(&self) -> String {
+        if self.host.contains(':') {
+            format!("{}@[{}]:{}", self.user, self.host, self.port)
+        } else {
+            format!("{}@{}:{}", self.user, self.host, self.port)
+        }
+    }
+}
+
+/// The SSH connections to make for a session on bastion `bastion`: the jump hosts of
+/// `proxy_jump` in order (port 22 and the tunnel's user unless the hop names others), then the
+/// bastion.
+fn chain<'a>(config: &'a TunnelConfig, bastion: &'a crate::config::BastionHost) -> Vec<HopTarget<'a>> {
+    config
+        .proxy_jump
+        .iter()
+        .map(|j| HopTarget {
+            host: &j.host,
+            port: j.port.unwrap_or(SSH_PORT),
+            user: j.user.as_deref().unwrap_or(&config.user),
+            role: JUMP_HOST,
+        })
+        .chain(std::iter::once(HopTarget {
+            host: &bastion.host,
+            port: bastion.port,
+            user: &config.user,
+            role: BASTION,
+        }))
+        .collect()
+}
+
+/// Opens one SSH session on the first bastion (of `TunnelConfig::bastions()`, healthy ones
+/// first) that works; see `sessions::BastionSet` for the order and what a failure means.
 pub(crate) async fn establish(inner: &Inner) -> Result<Arc<SshSession>> {
+    inner.establish_on_some_bastion().await
+}
+
+/// Opens one SSH session on bastion `bastion`: for each hop of the chain (the jump hosts, then
+/// the bastion) a transport (TCP for the first hop, a `direct-tcpip` channel of the previous hop
+/// for the others), the handshake, host-key verification and authentication, each hop within
+/// `connect_timeout`. In a chain, an error names its hop ([`Error::Hop`]).
+pub(crate) async fn establish_on(
+    inner: &Inner,
+    bastion: usize,
+    address: &crate::config::BastionHost,
+) -> Result<Arc<SshSession>> {
     let config = &inner.config;
     let kill = CancellationToken::new();
-    let ended = CancellationToken::new();
-    let verdict = Arc::new(Mutex::new(None));
-    let end_reason = Arc::new(Mutex::new(None));
-    let handler = ClientHandler {
-        host: config.host.clone(),
-        port: config.port,
-        verifier: inner.verifier.clone(),
-        verdict: verdict.clone(),
-        end_reason: end_reason.clone(),
-        ended: ended.clone(),
-    };
+    let hops = chain(config, address);
+    let count = hops.len();
     let connect = async {
-        let tcp = TcpStream::connect((config.host.as_str(), config.port))
-            .await
-            .map_err(|e| Error::SshConnect {
-                host: config.host.clone(),
-                port: config.port,
-                message: format!("TCP connect failed: {e}"),
-                source: Some(Arc::new(e)),
-            })?;
-        let stream = socket::transport(tcp, &kill);
-        let mut handle = russh::client::connect_stream(inner.ssh_config.clone(), stream, handler)
-            .await
-            .map_err(|e| match lock(&verdict).take() {
-                Some(verdict) => verdict,
-                None => handshake_error(config, e),
-            })?;
-        inner
-            .credentials
-            .authenticate(&mut handle, &config.user, &config.host, config.port)
-            .await?;
-        Ok(handle)
+        let mut jumps: Vec<JumpHop> = Vec::with_capacity(count - 1);
+        // The connection made last; the next hop rides one of its channels.
+        let mut previous: Option<JumpHop> = None;
+        for (i, hop) in hops.iter().enumerate() {
+            let ended = CancellationToken::new();
+            let end_reason = Arc::new(Mutex::new(None));
+            let verifier = if i + 1 == count {
+                inner.verifier.clone()
+            } else {
+                inner.jump_verifier.clone()
+            };
+            let through = previous.as_ref();
+            let step = async {
+                let handle = match through {
+                    None => {
+                        let tcp = TcpStream::connect((hop.host, hop.port))
+                            .await
+                            .map_err(|e| Error::SshConnect {
+                                host: hop.host.to_owned(),
+                                port: hop.port,
+                                message: format!("TCP connect failed: {e}"),
+                                source: Some(Arc::new(e)),
+                            })?;
+                        // The real socket: quick-ack re-arming and the kill switch apply here.
+                        let stream = socket::transport(tcp, &kill);
+                        handshake(inner, stream, hop, verifier, &ended, &end_reason).await?
+                    }
+                    Some(through) => {
+                        let channel = through
+                            .handle
+                            .channel_open_direct_tcpip(hop.host, u32::from(hop.port), "127.0.0.1", 0)
+                            .await
+                            .map_err(|e| forward_error(&hops[i - 1], hop, e))?;
+                        handshake(inner, channel.into_stream(), hop, verifier, &ended, &end_reason).await?
+                    }
+                };
+                Ok(handle)
+            };
+            let result = tokio::time::timeout(config.connect_timeout, step)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Timeout {
+                        kind: TimeoutKind::SshConnect,
+                        after: config.connect_timeout,
+                        detail: format!(" (connecting to {}:{})", hop.host, hop.port),
+                    })
+                });
+            match result {
+                Ok(handle) => {
+                    jumps.extend(previous.take());
+                    previous = Some(JumpHop {
+                        target: hop.describe(),
+                        handle,
+                        ended,
+                        end_reason,
+                    });
+                }
+                Err(e) if count == 1 => return Err(e),
+                Err(e) => {
+                    return Err(Error::Hop {
+                        hop: i + 1,
+                        hops: count,
+                        role: hop.role,
+                        target: hop.describe(),
+                        source: Box::new(e),
+                    });
+                }
+            }
+        }
+        let last = previous.expect("a chain has at least the bastion");
+        Ok((last.handle, last.ended, last.end_reason, jumps))
     };
     let result = tokio::select! {
-        r = tokio::time::timeout(config.connect_timeout, connect) => r.unwrap_or_else(|_| Err(Error::Timeout {
-            kind: TimeoutKind::SshConnect,
-            after: config.connect_timeout,
-            detail: format!(" (connecting to {}:{})", config.host, config.port),
-        })),
+        r = connect => r,
         () = inner.cancel.cancelled() => Err(Error::ShutDown("SshTunnel")),
     };
     match result {
-        Ok(handle) => Ok(Arc::new(SshSession {
+        Ok((handle, ended, end_reason, jumps)) => Ok(Arc::new(SshSession {
             id: inner.next_session_id(),
+            bastion,
+            bastion_name: address.to_string().into(),
             handle,
+            jumps,
             channels: AtomicUsize::new(0),
             last_active: Mutex::new(Instant::now()),
             went_idle: Notify::new(),
@@ -315,25 +479,92 @@ pub(crate) async fn establish(inner: &Inner) -> Result<Arc<SshSession>> {
             end_reason,
         })),
         Err(e) => {
-            // Make sure russh's task (if any) ends now rather than on a TCP timeout.
+            // Make sure russh's tasks (if any) end now rather than on a TCP timeout: killing the
+            // first hop's socket ends every connection that rides it.
             kill.cancel();
             Err(e)
         }
     }
 }
 
-fn handshake_error(config: &TunnelConfig, e: russh::Error) -> Error {
+/// Key exchange, host-key verification and authentication of one hop over `stream`.
+async fn handshake<S>(
+    inner: &Inner,
+    stream: S,
+    hop: &HopTarget<'_>,
+    verifier: HostKeyVerifier,
+    ended: &CancellationToken,
+    end_reason: &Arc<Mutex<Option<String>>>,
+) -> Result<Handle<ClientHandler>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let verdict = Arc::new(Mutex::new(None));
+    // ssh_config `HostKeyAlias` names the bastion's key in known_hosts: the bastion's verifier
+    // carries it (`HostKeyVerifier::for_tunnel`); jump hosts are looked up by their own address.
+    let handler = ClientHandler {
+        host: hop.host.to_owned(),
+        port: hop.port,
+        verifier,
+        verdict: verdict.clone(),
+        end_reason: end_reason.clone(),
+        ended: ended.clone(),
+    };
+    let mut handle = russh::client::connect_stream(inner.ssh_config.clone(), stream, handler)
+        .await
+        .map_err(|e| match lock(&verdict).take() {
+            Some(verdict) => verdict,
+            None => handshake_error(hop.host, hop.port, e),
+        })?;
+    inner
+        .credentials
+        .authenticate(&mut handle, hop.user, hop.host, hop.port)
+        .await?;
+    Ok(handle)
+}
+
+/// The jump host `via` could not open a channel to the next hop `to`.
+fn forward_error(via: &HopTarget<'_>, to: &HopTarget<'_>, e: russh::Error) -> Error {
+    match e {
+        russh::Error::ChannelOpenFailure(failure) => {
+            use russh::ChannelOpenFailure as F;
+            let permanent = matches!(failure, F::AdministrativelyProhibited | F::UnknownChannelType);
+            let reason = match failure {
+                F::AdministrativelyProhibited => {
+                    "administratively prohibited (check AllowTcpForwarding / PermitOpen on the jump host)".to_owned()
+                }
+                F::ConnectFailed => "connect failed (not reachable from the jump host)".to_owned(),
+                F::UnknownChannelType => "direct-tcpip channels are not supported".to_owned(),
+                F::ResourceShortage => "resource shortage".to_owned(),
+                F::Other { code, reason } => format!("code {code}: {reason}"),
+            };
+            Error::ChannelRefused {
+                target: format!("{}:{} (through jump host {})", to.host, to.port, via.describe()),
+                reason,
+                transient: !permanent,
+            }
+        }
+        other => Error::SshConnect {
+            host: to.host.to_owned(),
+            port: to.port,
+            message: format!("opening a channel through jump host {} failed: {other}", via.describe()),
+            source: Some(Arc::new(other)),
+        },
+    }
+}
+
+fn handshake_error(host: &str, port: u16, e: russh::Error) -> Error {
     if let Some(offered) = rsa_only_host_keys(cfg!(feature = "rsa"), &e) {
         return Error::FeatureRequired {
-            host: config.host.clone(),
-            port: config.port,
+            host: host.to_owned(),
+            port,
             needs: format!("RSA host keys (the bastion offers only {offered})"),
             feature: "rsa",
         };
     }
     Error::SshConnect {
-        host: config.host.clone(),
-        port: config.port,
+        host: host.to_owned(),
+        port,
         message: format!("SSH handshake failed: {e}"),
         source: Some(Arc::new(e)),
     }
@@ -395,6 +626,8 @@ pub(crate) async fn monitor(inner: Arc<Inner>, session: Arc<SshSession>) {
             }
             () = session.kill.cancelled() => break session.end_reason(),
             () = session.ended.cancelled() => break session.end_reason(),
+            // A jump host's connection ended: everything behind it rides it.
+            () = session.jump_ended() => break session.end_reason(),
             () = async { ping.as_mut().expect("guarded").await }, if ping.is_some() => {
                 ping = None;
                 if session.handle.is_closed() {
@@ -410,7 +643,7 @@ pub(crate) async fn monitor(inner: Arc<Inner>, session: Arc<SshSession>) {
                 );
             }
             _ = tick.tick() => {
-                if session.handle.is_closed() {
+                if session.is_dead() {
                     break session.end_reason();
                 }
                 if ping.is_none() {
@@ -442,6 +675,7 @@ async fn retire(inner: &Inner, session: &SshSession, sessions: usize) {
     inner.emit(super::TunnelEvent::SessionClosed {
         session: session.id,
         sessions,
+        bastion: session.bastion_name.to_string(),
     });
 }
 
@@ -449,6 +683,8 @@ impl std::fmt::Debug for SshSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SshSession")
             .field("id", &self.id)
+            .field("bastion", &self.bastion_name)
+            .field("jumps", &self.jumps.len())
             .field("channels", &self.channels.load(Ordering::Relaxed))
             .finish()
     }
@@ -487,8 +723,11 @@ mod tests {
 
     #[test]
     fn the_missing_feature_error_is_permanent_and_says_what_to_enable() {
-        let config = TunnelConfig::new("bastion.example", "deploy").port(2222);
-        let e = handshake_error(&config, no_common_host_key(&["ssh-rsa", "rsa-sha2-512"]));
+        let e = handshake_error(
+            "bastion.example",
+            2222,
+            no_common_host_key(&["ssh-rsa", "rsa-sha2-512"]),
+        );
         if cfg!(feature = "rsa") {
             assert!(matches!(e, Error::SshConnect { .. }), "{e:?}");
         } else {

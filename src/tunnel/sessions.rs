@@ -5,7 +5,7 @@
 //! retired only after it was seen with zero channels under that same lock, so no channel can land
 //! on a session that is being closed.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use super::inner::{Inner, lock};
 use super::session::{self, SshSession};
 use super::{LOG_TARGET, TunnelEvent, TunnelState};
 use crate::Error;
+use crate::config::{BastionHost, TunnelConfig};
 use crate::generation::Generation;
 use crate::observe::events as observe;
 
@@ -66,6 +67,141 @@ impl SessionSet {
     }
 }
 
+/// The bastions of one tunnel in failover order (`TunnelConfig::bastions()`), and what is known
+/// about each. The rule (documented on `TunnelConfig::fallback_host`):
+///
+/// - a connect tries every bastion in configuration order, except that one that failed within
+///   the last `cooldown` (`reconnect.max_delay`) goes after the others;
+/// - a bastion that failed permanently (host key, authentication, ...) is not tried again during
+///   the tunnel's life; its error is reported with the others when a connect fails;
+/// - success clears a bastion's failure.
+pub(crate) struct BastionSet {
+    list: Vec<BastionEntry>,
+    cooldown: Duration,
+    /// The bastion the latest session was opened on (starts at the preferred one).
+    current: AtomicUsize,
+}
+
+struct BastionEntry {
+    address: BastionHost,
+    name: Arc<str>,
+    failed_at: Mutex<Option<Instant>>,
+    permanent: Mutex<Option<Arc<Error>>>,
+}
+
+impl BastionSet {
+    pub(crate) fn new(config: &TunnelConfig) -> BastionSet {
+        BastionSet {
+            list: config
+                .bastions()
+                .into_iter()
+                .map(|address| BastionEntry {
+                    name: address.to_string().into(),
+                    address,
+                    failed_at: Mutex::new(None),
+                    permanent: Mutex::new(None),
+                })
+                .collect(),
+            cooldown: config.reconnect.max_delay,
+            current: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// `host:port` of bastion `i`.
+    pub(crate) fn name(&self, i: usize) -> &Arc<str> {
+        &self.list[i].name
+    }
+
+    /// The bastions to try now, in order, and the errors of those skipped for good.
+    fn order(&self) -> (Vec<usize>, Vec<(String, Error)>) {
+        let now = Instant::now();
+        let mut fresh = Vec::new();
+        let mut cooling = Vec::new();
+        let mut skipped = Vec::new();
+        for (i, b) in self.list.iter().enumerate() {
+            if let Some(e) = &*lock(&b.permanent) {
+                skipped.push((b.name.to_string(), Error::clone(e)));
+                continue;
+            }
+            match *lock(&b.failed_at) {
+                Some(at) if now.duration_since(at) < self.cooldown => cooling.push((at, i)),
+                _ => fresh.push(i),
+            }
+        }
+        // Of the bastions that failed recently, the one that failed longest ago first.
+        cooling.sort();
+        fresh.extend(cooling.into_iter().map(|(_, i)| i));
+        (fresh, skipped)
+    }
+
+    /// A connect to bastion `i` failed transiently, or a session on it was lost.
+    pub(crate) fn failed(&self, i: usize) {
+        *lock(&self.list[i].failed_at) = Some(Instant::now());
+    }
+
+    fn failed_permanently(&self, i: usize, error: Arc<Error>) {
+        *lock(&self.list[i].permanent) = Some(error);
+    }
+
+    fn succeeded(&self, i: usize) {
+        *lock(&self.list[i].failed_at) = None;
+    }
+
+    /// A session was opened on bastion `i`: whether that moves the tunnel to another bastion.
+    fn switch_to(&self, i: usize) -> bool {
+        self.current.swap(i, Ordering::AcqRel) != i
+    }
+}
+
+impl Inner {
+    /// Opens a session on the first bastion that works, in [`BastionSet`] order. With one
+    /// bastion its error is returned as it is; with several, [`Error::AllBastionsFailed`].
+    pub(crate) async fn establish_on_some_bastion(&self) -> crate::Result<Arc<SshSession>> {
+        let set = &self.bastions;
+        if set.len() == 1 {
+            return session::establish_on(self, 0, &set.list[0].address).await;
+        }
+        let (order, skipped) = set.order();
+        let mut errors = Vec::new();
+        for i in order {
+            let name = set.name(i).clone();
+            match session::establish_on(self, i, &set.list[i].address).await {
+                Ok(session) => {
+                    set.succeeded(i);
+                    if set.switch_to(i) {
+                        observe::bastion_failover(&name);
+                        self.telemetry.count_failover(&name);
+                    }
+                    return Ok(session);
+                }
+                Err(e @ Error::ShutDown(_)) => return Err(e),
+                Err(e) => {
+                    let permanent = !e.is_transient();
+                    let error = Arc::new(e.clone());
+                    if permanent {
+                        set.failed_permanently(i, error.clone());
+                    } else {
+                        set.failed(i);
+                    }
+                    observe::bastion_failed(&name, permanent, &e);
+                    self.emit(TunnelEvent::BastionFailed {
+                        bastion: name.to_string(),
+                        error,
+                        permanent,
+                    });
+                    errors.push((name.to_string(), e));
+                }
+            }
+        }
+        errors.extend(skipped);
+        Err(Error::AllBastionsFailed { errors })
+    }
+}
+
 /// What [`Inner::try_retire`] decided.
 pub(crate) enum Retire {
     /// Removed from the tunnel; `remaining` sessions are left. The caller closes it.
@@ -82,6 +218,11 @@ pub(crate) enum Retire {
 }
 
 impl Inner {
+    /// The bastion of the oldest live session.
+    pub(crate) fn current_bastion(&self) -> Option<String> {
+        lock(&self.sessions.list).first().map(|s| s.bastion_name.to_string())
+    }
+
     pub(crate) fn live_sessions(&self) -> usize {
         self.sessions.len()
     }
@@ -116,6 +257,13 @@ impl Inner {
 
     pub(crate) fn gauges(&self) {
         self.telemetry.set_sessions(self.live_sessions());
+        let mut per_bastion = vec![0usize; self.bastions.len()];
+        for s in lock(&self.sessions.list).iter() {
+            per_bastion[s.bastion] += 1;
+        }
+        for (i, n) in per_bastion.into_iter().enumerate() {
+            self.telemetry.set_bastion_sessions(self.bastions.name(i), n);
+        }
         self.channels_changed();
     }
 
@@ -151,22 +299,19 @@ impl Inner {
                 self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                 self.telemetry.count_reconnect();
             }
-            observe::tunnel_connected(
-                session.id,
-                reconnect,
-                &format_args!("{}:{}", self.config.host, self.config.port),
-                &self.endpoint,
-            );
+            observe::tunnel_connected(session.id, reconnect, &session.bastion_name, &self.endpoint);
             self.set_state(TunnelState::Connected);
             self.emit(TunnelEvent::Connected {
                 session: session.id,
                 reconnect,
+                bastion: session.bastion_name.to_string(),
             });
         } else {
-            tracing::debug!(target: LOG_TARGET, session = session.id, sessions = count, "additional SSH session opened");
+            tracing::debug!(target: LOG_TARGET, session = session.id, sessions = count, bastion = %session.bastion_name, "additional SSH session opened");
             self.emit(TunnelEvent::SessionOpened {
                 session: session.id,
                 sessions: count,
+                bastion: session.bastion_name.to_string(),
             });
         }
         self.changed.notify_waiters();
@@ -187,9 +332,11 @@ impl Inner {
         if self.is_shutting_down() {
             return;
         }
-        observe::session_lost(id, remaining, &reason);
+        // The next session goes to another bastion first, if there is one.
+        self.bastions.failed(session.bastion);
+        observe::session_lost(id, remaining, &session.bastion_name, &reason);
         self.record_error(Arc::new(Error::TunnelLost {
-            host: self.config.host.clone(),
+            host: session.bastion_name.to_string(),
             reason: reason.clone(),
         }));
         // State first, then the event: whoever reacts to `Disconnected` must already see the
@@ -204,7 +351,11 @@ impl Inner {
             // The connections of that session died with it; the survivors carry on.
             self.sessions.mark_reconnect();
         }
-        self.emit(TunnelEvent::Disconnected { session: id, reason });
+        self.emit(TunnelEvent::Disconnected {
+            session: id,
+            reason,
+            bastion: session.bastion_name.to_string(),
+        });
         if remaining == 0 {
             self.lost.notify_one();
         }
@@ -252,5 +403,51 @@ async fn open_extra_session(inner: Arc<Inner>) {
             }
             inner.changed.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(cooldown: Duration) -> BastionSet {
+        let config = TunnelConfig::new("a", "u")
+            .fallback_host("b", 22)
+            .fallback_host("c", 22)
+            .map_reconnect(|r| r.max_delay(cooldown));
+        BastionSet::new(&config)
+    }
+
+    #[test]
+    fn bastions_are_tried_in_order_recent_failures_last_permanent_ones_never() {
+        let bastions = set(Duration::from_secs(60));
+        assert_eq!(bastions.order().0, [0, 1, 2]);
+        bastions.failed(0);
+        assert_eq!(bastions.order().0, [1, 2, 0], "a failed bastion goes last");
+        std::thread::sleep(Duration::from_millis(5));
+        bastions.failed(1);
+        assert_eq!(
+            bastions.order().0,
+            [2, 0, 1],
+            "the older failure first among the failed"
+        );
+        bastions.succeeded(0);
+        assert_eq!(bastions.order().0, [0, 2, 1]);
+        bastions.failed_permanently(2, Arc::new(Error::config("x", "permanent")));
+        let (order, skipped) = bastions.order();
+        assert_eq!(order, [0, 1]);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(bastions.name(1).as_ref(), "b:22");
+
+        // After the cooldown a failed bastion is back in its place.
+        let quick = set(Duration::from_millis(1));
+        quick.failed(0);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(quick.order().0, [0, 1, 2]);
+        // Moving counts only when the bastion changes.
+        assert!(!quick.switch_to(0));
+        assert!(quick.switch_to(1));
+        assert!(!quick.switch_to(1));
+        assert!(quick.switch_to(0));
     }
 }

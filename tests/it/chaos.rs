@@ -1,7 +1,7 @@
 //! Chaos: writers insert rows with unique ids through the manager and through an axum server
 //! with the layers, while a schedule injects faults — sshd sessions dropped, sshd stopped and
 //! started, a blackhole between tunnel and sshd, PostgreSQL fast restarts, pool-exhausting
-//! bursts, connection resets. At the end every acknowledged write is in the table exactly once,
+//! bursts, connection resets, a failover to a second bastion and back. At the end every acknowledged write is in the table exactly once,
 //! every failed write has a clear error, the system recovered within the bound after each fault,
 //! pool connections / channels / SSH sessions / tasks / file descriptors are back at their
 //! baseline, graceful shutdown meets its deadline, and no secret appeared in any log record (at
@@ -137,20 +137,27 @@ enum Fault {
     PostgresRestart,
     PoolBurst,
     ProxyCut,
+    /// The preferred bastion goes down: the tunnel fails over to the fallback bastion, traffic
+    /// continues there; then the preferred one is back and the fallback goes, so it returns.
+    BastionFailover,
 }
 
-const SCHEDULE: [Fault; 6] = [
+const SCHEDULE: [Fault; 7] = [
     Fault::DropSessions,
     Fault::PoolBurst,
     Fault::Blackhole,
     Fault::PostgresRestart,
     Fault::SshdRestart,
     Fault::ProxyCut,
+    Fault::BastionFailover,
 ];
 
 struct Lab {
     pg: TempPostgres,
     sshd: OpenSshd,
+    /// The fallback bastion (`TunnelConfig::fallback_host`) on 127.0.0.2, reached directly. It
+    /// runs only during [`Fault::BastionFailover`], so every other fault still hits `sshd`.
+    fallback: OpenSshd,
     proxy: FaultProxy,
     manager: ConnectionManager,
     _dir: tempfile::TempDir,
@@ -253,6 +260,44 @@ impl Lab {
                 }
             }
             Fault::ProxyCut => self.proxy.cut(),
+            Fault::BastionFailover => {
+                let tunnel = self.manager.tunnel().unwrap();
+                let fallback = self.fallback.addr().to_string();
+                self.fallback.start_again().await.expect("the fallback bastion starts");
+                self.sshd.stop().await.expect("the preferred bastion stops");
+                assert!(
+                    holds_within(RECOVERY_BOUND, || tunnel.bastion().as_deref()
+                        == Some(fallback.as_str()))
+                    .await,
+                    "the tunnel failed over to {fallback}: {:?}",
+                    tunnel.bastion()
+                );
+                // Traffic continues through the fallback.
+                tokio::time::timeout(
+                    RECOVERY_BOUND,
+                    self.manager
+                        .retry(|db| async move { db.execute_unprepared("SELECT 1").await.map(drop) }),
+                )
+                .await
+                .expect("a query through the fallback finishes")
+                .expect("a query through the fallback works");
+                self.sshd
+                    .start_again()
+                    .await
+                    .expect("the preferred bastion starts again");
+                // The preferred bastion's failure must be older than reconnect.max_delay (1 s)
+                // for it to be first again; then the fallback goes away.
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                self.fallback.stop().await.expect("the fallback bastion stops");
+                let preferred = format!("127.0.0.1:{}", self.proxy.addr().port());
+                assert!(
+                    holds_within(RECOVERY_BOUND, || tunnel.bastion().as_deref()
+                        == Some(preferred.as_str()))
+                    .await,
+                    "the tunnel returned to {preferred}: {:?}",
+                    tunnel.bastion()
+                );
+            }
         }
     }
 
@@ -282,6 +327,11 @@ impl Lab {
 
 async fn setup(passphrase: &str, scanner: &SecretScanner) -> Lab {
     let (pg, sshd) = servers().await;
+    let fallback = OpenSshd::builder()
+        .address("127.0.0.2".parse().unwrap())
+        .start()
+        .await
+        .expect("the fallback sshd starts");
     scanner.add_secret(pg.password());
     let proxy = FaultProxy::start(sshd.addr()).await.expect("fault proxy starts");
     let key = sshd
@@ -289,14 +339,23 @@ async fn setup(passphrase: &str, scanner: &SecretScanner) -> Lab {
         .await
         .expect("encrypted client key");
     sshd.authorize_key(&key).unwrap();
+    fallback.authorize_key(&key).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let known_hosts = dir.path().join("known_hosts");
     // The tunnel reaches sshd through the proxy, so sshd's key is recorded for the proxy's port.
     std::fs::write(
         &known_hosts,
-        format!("[127.0.0.1]:{} {}\n", proxy.addr().port(), sshd.host_public_key()),
+        format!(
+            "[127.0.0.1]:{} {}\n{}\n",
+            proxy.addr().port(),
+            sshd.host_public_key(),
+            fallback.known_hosts_line()
+        ),
     )
     .unwrap();
+    // Down until the failover fault: a stopped fallback refuses at once, so it costs the other
+    // faults' reconnects one refused TCP connect.
+    fallback.stop().await.unwrap();
 
     let tunnel = TunnelConfig::new("127.0.0.1", sshd.user())
         .port(proxy.addr().port())
@@ -304,6 +363,7 @@ async fn setup(passphrase: &str, scanner: &SecretScanner) -> Lab {
         .known_hosts(&known_hosts)
         .host_key_policy(HostKeyPolicy::Strict)
         .remote("127.0.0.1", pg.port())
+        .fallback_host(fallback.host(), fallback.port())
         .max_channels(10)
         .max_sessions(2)
         .keepalive_interval(Duration::from_millis(300))
@@ -352,6 +412,7 @@ async fn setup(passphrase: &str, scanner: &SecretScanner) -> Lab {
     Lab {
         pg,
         sshd,
+        fallback,
         proxy,
         manager,
         _dir: dir,
@@ -370,6 +431,7 @@ fn clear_error(e: &Error) -> bool {
             | Error::Database(_)
             | Error::ChannelRefused { .. }
             | Error::Io { .. }
+            | Error::AllBastionsFailed { .. }
     );
     known_kind && text.len() > 10 && !has_raw_control(&text)
 }

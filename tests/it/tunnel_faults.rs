@@ -369,7 +369,7 @@ async fn three_blackholes_in_a_row_are_each_detected_and_recovered() {
             "round {round}: detection took {detected:?}, bound {bound:?}"
         );
         match ev {
-            TunnelEvent::Disconnected { session, reason } => {
+            TunnelEvent::Disconnected { session, reason, .. } => {
                 assert!(reason.contains("keepalive"), "{reason}");
                 sessions.push(session);
             }

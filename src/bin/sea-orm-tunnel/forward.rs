@@ -148,20 +148,32 @@ async fn shutdown_signal() -> &'static str {
 
 fn log_event(event: &TunnelEvent) {
     match event {
-        TunnelEvent::Connected { session, reconnect } => {
+        TunnelEvent::Connected {
+            session,
+            reconnect,
+            bastion,
+            ..
+        } => {
             if *reconnect {
-                log(format_args!("tunnel reconnected (session {session})"));
+                log(format_args!(
+                    "tunnel reconnected (session {session}, bastion {bastion})"
+                ));
             } else {
-                log(format_args!("tunnel connected (session {session})"));
+                log(format_args!("tunnel connected (session {session}, bastion {bastion})"));
             }
         }
-        TunnelEvent::SessionOpened { session, sessions } => log(format_args!(
+        TunnelEvent::SessionOpened { session, sessions, .. } => log(format_args!(
             "additional SSH session {session} opened ({sessions} open)"
         )),
-        TunnelEvent::SessionClosed { session, sessions } => {
+        TunnelEvent::SessionClosed { session, sessions, .. } => {
             log(format_args!("idle SSH session {session} closed ({sessions} open)"))
         }
-        TunnelEvent::Disconnected { session, reason } => log(format_args!("SSH session {session} lost: {reason}")),
+        TunnelEvent::Disconnected {
+            session,
+            reason,
+            bastion,
+            ..
+        } => log(format_args!("SSH session {session} (bastion {bastion}) lost: {reason}")),
         TunnelEvent::Reconnecting { attempt, delay, error } => log(format_args!(
             "reconnecting: attempt {attempt} in {delay:?} (last error: {error})"
         )),
@@ -176,6 +188,18 @@ fn log_event(event: &TunnelEvent) {
         )),
         TunnelEvent::CapacityExhausted { channels, sessions } => log(format_args!(
             "no free channel: {channels} channels on {sessions} sessions in use; a client was refused"
+        )),
+        TunnelEvent::BastionFailed {
+            bastion,
+            error,
+            permanent,
+        } => log(format_args!(
+            "bastion {bastion} failed{}: {error}",
+            if *permanent {
+                " for good (not tried again)"
+            } else {
+                "; trying the next"
+            }
         )),
         TunnelEvent::Closed => log(format_args!("tunnel closed")),
         other => log(format_args!("{other:?}")),
