@@ -11,6 +11,7 @@ use secrecy::SecretString;
 use super::{BackoffPolicy, Profile, profile};
 #[cfg(doc)]
 use super::{Config, ProfileDefaults};
+use crate::ssh_config::SshConfigSource;
 use crate::{Error, Result};
 
 /// The SSH tunnel.
@@ -66,6 +67,14 @@ pub struct TunnelConfig {
     /// further `UserKnownHostsFile`s and `GlobalKnownHostsFile`). Only read: `accept-new` appends
     /// to [`known_hosts`](Self::known_hosts). Default empty.
     pub extra_known_hosts: Vec<PathBuf>,
+    /// `SSH_CONFIG`: the ssh_config files [`host`](Self::host) was resolved in (and where jump
+    /// host names are looked up). Default [`SshConfigSource::Disabled`] for code-built configs:
+    /// `TunnelConfig::new` never reads `~/.ssh/config`; [`TunnelConfig::from_ssh_config`] and
+    /// [`Config::from_env`] do.
+    pub ssh_config: SshConfigSource,
+    /// The ssh_config `Host` alias [`host`](Self::host) was resolved from, for messages. `None`
+    /// when no ssh_config was applied. Default `None`.
+    pub ssh_alias: Option<String>,
 }
 
 /// One hop of a ProxyJump chain: `[user@]host[:port]`.
@@ -172,6 +181,8 @@ impl TunnelConfig {
             proxy_jump: Vec::new(),
             host_key_alias: None,
             extra_known_hosts: Vec::new(),
+            ssh_config: SshConfigSource::Disabled,
+            ssh_alias: None,
         }
     }
 
@@ -363,6 +374,8 @@ impl fmt::Debug for TunnelConfig {
             .field("proxy_jump", &self.proxy_jump)
             .field("host_key_alias", &self.host_key_alias)
             .field("extra_known_hosts", &self.extra_known_hosts)
+            .field("ssh_config", &self.ssh_config)
+            .field("ssh_alias", &self.ssh_alias)
             .finish()
     }
 }
