@@ -1,5 +1,5 @@
 //! OpenSSH client configuration (`~/.ssh/config`, `/etc/ssh/ssh_config`): resolve a host alias
-//! the way `ssh` does, and apply it to a [`TunnelConfig`].
+//! the way `ssh` does, and apply it to a [`TunnelConfig`](crate::config::TunnelConfig).
 //!
 //! ```no_run
 //! use sea_orm_tunnel::config::TunnelConfig;
@@ -284,12 +284,18 @@ impl<'a> Resolver<'a> {
             final_pass: false,
         };
         self.read_all(&files, &pass, &mut state)?;
+        // The host name as of the first pass is the one dialled: ssh matches its final pass
+        // against it (lowercased) and does not re-read a HostName set only in that pass.
+        let host_name = match &state.host_name {
+            Some(_) => Some(self.final_host_name(&state, host)?.to_ascii_lowercase()),
+            None => None,
+        };
         if state.want_final {
-            pass.host = self.final_host_name(&state, host)?;
+            pass.host = host_name.clone().unwrap_or_else(|| host.to_ascii_lowercase());
             pass.final_pass = true;
             self.read_all(&files, &pass, &mut state)?;
         }
-        self.finish(host, state)
+        self.finish(host, host_name, state)
     }
 
     fn read_all(&self, files: &[(PathBuf, bool, bool)], pass: &Pass, state: &mut State) -> Result<()> {
@@ -402,8 +408,10 @@ impl<'a> Resolver<'a> {
                     _ => Err(at.error(format!("Port {v:?} is not a port number (1-65535)"))),
                 }
             })?,
-            "identityfile" => s.identity_files.push(at.located(first()?.to_owned())),
-            "certificatefile" => s.certificate_files.push(at.located(first()?.to_owned())),
+            // These accumulate; a repeated path is skipped, as ssh does (it also repeats in the
+            // final pass).
+            "identityfile" => push_unique(&mut s.identity_files, at.located(first()?.to_owned())),
+            "certificatefile" => push_unique(&mut s.certificate_files, at.located(first()?.to_owned())),
             "identitiesonly" => set(&mut s.identities_only, at, || flag(line, first()?, at))?,
             "identityagent" => set(&mut s.identity_agent, at, || Ok(first()?.to_owned()))?,
             "proxyjump" => {
@@ -607,17 +615,13 @@ impl<'a> Resolver<'a> {
                     line: h.line,
                     host,
                 };
-                Ok(expand_hostname(&h.value, host, &at)?.to_ascii_lowercase())
+                expand_hostname(&h.value, host, &at)
             }
-            None => Ok(host.to_ascii_lowercase()),
+            None => Ok(host.to_owned()),
         }
     }
 
-    fn finish(&self, host: &str, s: State) -> Result<ResolvedHost> {
-        let host_name = match &s.host_name {
-            Some(_) => Some(self.final_host_name(&s, host)?),
-            None => None,
-        };
+    fn finish(&self, host: &str, host_name: Option<String>, s: State) -> Result<ResolvedHost> {
         let dial = host_name.clone().unwrap_or_else(|| host.to_ascii_lowercase());
         let user = self
             .user
@@ -685,6 +689,18 @@ impl<'a> Resolver<'a> {
                 }
             },
         };
+        if let Some(Proxy::Jump(hops)) = &s.proxy {
+            // As ssh: jumping through the host itself would recurse forever.
+            if let Some(hop) = hops
+                .iter()
+                .find(|j| (j.host == host || j.host == dial) && j.port.unwrap_or(22) == port)
+            {
+                return Err(Error::config(
+                    "ProxyJump",
+                    format!("jump host {hop} is the host {host:?} itself (a jump host loop)"),
+                ));
+            }
+        }
         Ok(ResolvedHost {
             alias: host.to_owned(),
             host_name,
@@ -929,6 +945,12 @@ fn set<T>(slot: &mut Option<Located<T>>, at: &Loc<'_>, value: impl FnOnce() -> R
         *slot = Some(at.located(v));
     }
     Ok(())
+}
+
+fn push_unique(list: &mut Vec<Located<String>>, item: Located<String>) {
+    if !list.iter().any(|l| l.value == item.value) {
+        list.push(item);
+    }
 }
 
 fn flag(line: &Line, v: &str, at: &Loc<'_>) -> Result<bool> {

@@ -374,3 +374,22 @@ fn apply_to_respects_explicit_values() {
     assert!(t.proxy_jump.is_empty());
     assert_eq!(t.extra_known_hosts, vec![PathBuf::from("/kh/g")]);
 }
+
+#[test]
+fn final_pass_adds_identity_files_without_repeating_them() {
+    let h = Home::new();
+    h.user_config(
+        "Host db\n  HostName 10.0.0.1\n  IdentityFile /k/db\nMatch final host *.x\n  Port 1\n\
+         Host 10.0.0.1\n  IdentityFile /k/final\nHost *\n  IdentityFile /k/all\n  IdentityFile /k/db\n",
+    );
+    // As `ssh -G db`: the final pass matches `Host 10.0.0.1`; repeated paths are kept once.
+    let r = h.resolve("db").unwrap();
+    assert_eq!(
+        r.identity_files,
+        vec![
+            PathBuf::from("/k/db"),
+            PathBuf::from("/k/all"),
+            PathBuf::from("/k/final")
+        ]
+    );
+}

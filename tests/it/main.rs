@@ -17,6 +17,7 @@ mod manager;
 mod manager_tunnel;
 mod migration;
 mod security;
+mod ssh_config;
 mod testkit;
 mod tonic_layers;
 mod tunnel;
