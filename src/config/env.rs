@@ -561,7 +561,8 @@ fn resolve_ssh_config(vars: &Vars<'_>, host: &str) -> Result<SshLookup> {
     };
     let resolver = Resolver::with_env(source.clone(), |name| vars.get_raw(name).ok().flatten())
         .user(vars.get("SSH_USER")?)
-        .port(vars.port("SSH_PORT")?);
+        .port(vars.port("SSH_PORT")?)
+        .label("SSH_HOST");
     let resolved = resolver.resolve(host)?;
     Ok(SshLookup {
         local_user: resolver.local_user().map(str::to_owned),

@@ -188,6 +188,7 @@ pub struct Resolver<'a> {
     user: Option<String>,
     port: Option<u16>,
     system_dir: PathBuf,
+    label: &'static str,
 }
 
 impl fmt::Debug for Resolver<'_> {
@@ -226,6 +227,7 @@ impl<'a> Resolver<'a> {
             user: None,
             port: None,
             system_dir: PathBuf::from("/etc/ssh"),
+            label: "host",
         }
     }
 
@@ -247,6 +249,12 @@ impl<'a> Resolver<'a> {
     #[must_use]
     pub fn system_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.system_dir = dir.into();
+        self
+    }
+
+    /// How messages call the host (`SSH_HOST` when it comes from the environment).
+    pub(crate) fn label(mut self, label: &'static str) -> Self {
+        self.label = label;
         self
     }
 
@@ -302,6 +310,7 @@ impl<'a> Resolver<'a> {
         for (path, user_conf, must_exist) in files {
             let mut active = true;
             let flags = Flags {
+                explicit: *must_exist,
                 user_conf: *user_conf,
                 check_perm: *user_conf && !*must_exist,
                 never_match: false,
@@ -311,8 +320,8 @@ impl<'a> Resolver<'a> {
                 return Err(file_error(
                     path,
                     format!(
-                        "does not exist (SSH_CONFIG; `none` disables ssh_config) while resolving host {:?}",
-                        pass.original
+                        "does not exist (SSH_CONFIG; `none` disables ssh_config) while resolving {} {:?}",
+                        self.label, pass.original
                     ),
                 ));
             }
@@ -333,7 +342,16 @@ impl<'a> Resolver<'a> {
         let text = match std::fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(file_error(path, format!("cannot be read: {e}"))),
+            Err(e) => {
+                let named = if flags.explicit { " (SSH_CONFIG)" } else { "" };
+                return Err(file_error(
+                    path,
+                    format!(
+                        "cannot be read{named}: {e} (resolving {} {:?})",
+                        self.label, pass.original
+                    ),
+                ));
+            }
         };
         if flags.check_perm {
             check_permissions(path)?;
@@ -347,6 +365,7 @@ impl<'a> Resolver<'a> {
                 file: path,
                 line: i + 1,
                 host: &pass.original,
+                label: self.label,
             };
             let line = split_line(raw).map_err(|m| at.error(m))?;
             if let Some(line) = line {
@@ -520,6 +539,7 @@ impl<'a> Resolver<'a> {
             };
             for file in glob(&path).map_err(|m| at.error(format!("Include {arg:?}: {m}")))? {
                 let inner = Flags {
+                    explicit: false,
                     check_perm: true,
                     never_match: flags.never_match || !outer,
                     ..flags
@@ -614,6 +634,7 @@ impl<'a> Resolver<'a> {
                     file: &h.file,
                     line: h.line,
                     host,
+                    label: self.label,
                 };
                 expand_hostname(&h.value, host, &at)
             }
@@ -639,7 +660,7 @@ impl<'a> Resolver<'a> {
             u: self.local_user.as_deref().unwrap_or(""),
             k: host_key_alias.as_deref().unwrap_or(&dial),
         };
-        let path = |v: &Located<String>| self.expand_path(&v.value, &tokens, &v.loc(host));
+        let path = |v: &Located<String>| self.expand_path(&v.value, &tokens, &v.loc(host, self.label));
         let paths = |v: &Located<Vec<String>>| -> Result<Vec<PathBuf>> {
             v.value
                 .iter()
@@ -647,7 +668,7 @@ impl<'a> Resolver<'a> {
                     if p.eq_ignore_ascii_case("none") {
                         Ok(PathBuf::from("/dev/null"))
                     } else {
-                        self.expand_path(p, &tokens, &v.loc(host))
+                        self.expand_path(p, &tokens, &v.loc(host, self.label))
                     }
                 })
                 .collect()
@@ -660,12 +681,16 @@ impl<'a> Resolver<'a> {
                 // `$NAME` alone names an environment variable holding the socket path.
                 let v = match a.value.strip_prefix('$').filter(|n| !n.starts_with('{')) {
                     Some(name) => (self.env)(name).ok_or_else(|| {
-                        a.loc(host)
+                        a.loc(host, self.label)
                             .error(format!("IdentityAgent {:?}: ${name} is not set", a.value))
                     })?,
                     None => a.value.clone(),
                 };
-                Some(IdentityAgent::Socket(self.expand_path(&v, &tokens, &a.loc(host))?))
+                Some(IdentityAgent::Socket(self.expand_path(
+                    &v,
+                    &tokens,
+                    &a.loc(host, self.label),
+                )?))
             }
         };
         let (host_key_policy, insecure_policy) = match &s.strict {
@@ -675,7 +700,7 @@ impl<'a> Resolver<'a> {
                 "accept-new" => (Some(HostKeyPolicy::AcceptNew), None),
                 "no" | "off" => (
                     None,
-                    Some(v.loc(host).error(format!(
+                    Some(v.loc(host, self.label).error(format!(
                         "StrictHostKeyChecking {} accepts any host key; this crate does not turn that on \
                          from ssh_config. If you really mean it, set SSH_HOST_KEY_POLICY=insecure-accept-any \
                          (or HostKeyPolicy::InsecureAcceptAny); otherwise use yes or accept-new",
@@ -683,7 +708,7 @@ impl<'a> Resolver<'a> {
                     ))),
                 ),
                 other => {
-                    return Err(v.loc(host).error(format!(
+                    return Err(v.loc(host, self.label).error(format!(
                         "StrictHostKeyChecking {other:?} is not yes, accept-new, ask, no or off"
                     )));
                 }
@@ -728,7 +753,7 @@ impl<'a> Resolver<'a> {
                                 Ok(PathBuf::from("/dev/null"))
                             } else {
                                 self.expand_tilde(Path::new(p), "GlobalKnownHostsFile", v.line, host)
-                                    .map_err(|e| v.loc(host).error(e.to_string()))
+                                    .map_err(|e| v.loc(host, self.label).error(e.to_string()))
                             }
                         })
                         .collect::<Result<Vec<_>>>()
@@ -840,6 +865,8 @@ pub fn resolve(host: &str, source: &SshConfigSource) -> Result<ResolvedHost> {
 
 #[derive(Clone, Copy)]
 struct Flags {
+    /// The file [`SshConfigSource::File`] names (errors opening it name `SSH_CONFIG`).
+    explicit: bool,
     user_conf: bool,
     check_perm: bool,
     never_match: bool,
@@ -856,13 +883,18 @@ struct Loc<'a> {
     file: &'a Path,
     line: usize,
     host: &'a str,
+    /// What the host is called in messages: `host`, or `SSH_HOST` from the environment.
+    label: &'static str,
 }
 
 impl Loc<'_> {
     fn error(&self, message: impl fmt::Display) -> Error {
         file_error(
             self.file,
-            format!("line {}: {message} (resolving host {:?})", self.line, self.host),
+            format!(
+                "line {}: {message} (resolving {} {:?})",
+                self.line, self.label, self.host
+            ),
         )
     }
 
@@ -899,11 +931,12 @@ struct Located<T> {
 }
 
 impl<T> Located<T> {
-    fn loc<'a>(&'a self, host: &'a str) -> Loc<'a> {
+    fn loc<'a>(&'a self, host: &'a str, label: &'static str) -> Loc<'a> {
         Loc {
             file: &self.file,
             line: self.line,
             host,
+            label,
         }
     }
 }
