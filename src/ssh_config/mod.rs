@@ -38,7 +38,8 @@
 //! | `StrictHostKeyChecking` | `yes`/`ask` = strict, `accept-new`; `no`/`off` are an error (use `SSH_HOST_KEY_POLICY=insecure-accept-any`) |
 //! | `HostKeyAlias`, `ServerAliveInterval`, `ServerAliveCountMax`, `ConnectTimeout` | as in OpenSSH |
 //! | `Include`, `IgnoreUnknown`, `Tag`, `Host`, `Match` | structure |
-//! | `Ciphers`, `MACs`, `KexAlgorithms`, `HostKeyAlgorithms` | accepted when they only add (`+`) or reorder (`^`), or when they allow every algorithm the tunnel offers; otherwise an error naming the algorithms |
+//! | `HostKeyAlgorithms` | accepted when it only adds (`+`) or reorders (`^`), or allows every host key algorithm the tunnel offers; otherwise an error naming them |
+//! | `Ciphers`, `MACs`, `KexAlgorithms` | the same check, but a list that excludes some of the tunnel's algorithms is logged (warning) and ignored: they protect the transport, not the host's identity, the tunnel's lists are modern only, and RHEL/Fedora set them system-wide |
 //! | `ProxyCommand`, `KnownHostsCommand`, `RevokedHostKeys` (other than `none`), `CanonicalizeHostname`, `VerifyHostKeyDNS`, `NoHostAuthenticationForLocalhost`, `Tunnel` (other than `no`), `AddressFamily` (other than `any`), `BindAddress`, `BindInterface`, `Match exec` / `localnetwork` / other criteria | **error**: they change how the host is reached or which host key is trusted, and the tunnel cannot do that |
 //! | everything else (`ControlMaster`/`ControlPath`/`ControlPersist`, `ForwardAgent`, `GSSAPI*`, `SendEnv`, `SetEnv`, `HashKnownHosts`, `AddKeysToAgent`, `UseKeychain`, `LogLevel`, `RequestTTY`, `LocalForward`, `Compression`, `PubkeyAcceptedAlgorithms`, `CASignatureAlgorithms`, …) | ignored: it changes neither the route nor the trust |
 //!
@@ -1185,11 +1186,27 @@ fn check_algorithms(keyword: &str, written: &str, value: &str, at: &Loc<'_>) -> 
     if refused.is_empty() {
         return Ok(());
     }
-    Err(at.error(format!(
+    let message = format!(
         "{written} {value:?} excludes {} which the tunnel offers, and the tunnel cannot change its \
          algorithm list; allow them for this host (or use `{written} +...`), or set SSH_CONFIG=none",
         refused.join(", ")
-    )))
+    );
+    if keyword == "hostkeyalgorithms" {
+        // Which host key type is verified is a trust decision: refuse rather than ignore it.
+        return Err(at.error(message));
+    }
+    // Ciphers, MACs and key exchange protect the transport, not the host's identity, and the
+    // tunnel's lists hold only modern algorithms; distributions set these lists system-wide
+    // (RHEL/Fedora crypto-policies, inside `Match final all`), so refusing them would break
+    // every tunnel there. Say so instead.
+    tracing::warn!(
+        target: crate::observe::events::TARGET_TUNNEL,
+        file = %at.file.display(),
+        line = at.line,
+        host = at.host,
+        "ssh_config: {message} (ignored: it changes neither the route nor the host key check)"
+    );
+    Ok(())
 }
 
 /// The algorithm names the tunnel offers (src/tunnel/session.rs), for [`check_algorithms`].
@@ -1309,6 +1326,26 @@ pub(crate) struct Explicit {
 }
 
 impl ResolvedHost {
+    /// Whether any block that applies set anything (an alias, or only `Host *` defaults).
+    pub fn applies(&self) -> bool {
+        self.host_name.is_some()
+            || self.user.is_some()
+            || self.port.is_some()
+            || !self.identity_files.is_empty()
+            || self.identities_only.is_some()
+            || !self.certificate_files.is_empty()
+            || self.identity_agent.is_some()
+            || self.proxy_jump.is_some()
+            || self.user_known_hosts_files.is_some()
+            || self.global_known_hosts_files.is_some()
+            || self.host_key_policy.is_some()
+            || self.insecure_policy.is_some()
+            || self.host_key_alias.is_some()
+            || self.server_alive_interval.is_some()
+            || self.server_alive_count_max.is_some()
+            || self.connect_timeout.is_some()
+    }
+
     /// The login name: `User`, else the local user.
     pub(crate) fn default_user(&self, local_user: Option<&str>) -> Option<String> {
         self.user.clone().or_else(|| local_user.map(str::to_owned))
@@ -1344,10 +1381,15 @@ impl ResolvedHost {
     /// Fills `t` from this host, except what `explicit` marks: the dialled host becomes
     /// `HostName`, and `StrictHostKeyChecking no` is an error unless a policy was given.
     pub(crate) fn apply_to(&self, t: &mut crate::config::TunnelConfig, explicit: Explicit) -> Result<()> {
-        t.host = self.dial_host();
-        if !t.host.eq_ignore_ascii_case(&self.alias) || !self.files.is_empty() {
-            t.ssh_alias = Some(self.alias.clone());
+        if !self.applies() {
+            return Ok(());
         }
+        // Without HostName the name stays as given (ssh would lowercase it; known_hosts
+        // matching ignores case anyway).
+        if let Some(h) = &self.host_name {
+            t.host = h.clone();
+        }
+        t.ssh_alias = Some(self.alias.clone());
         if let (false, Some(p)) = (explicit.port, self.port) {
             t.port = p;
         }

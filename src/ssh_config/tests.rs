@@ -320,11 +320,41 @@ fn ignored_unknown_and_algorithm_directives() {
     assert!(h.resolve("y").is_ok(), "an unknown keyword elsewhere is no error");
     h.user_config("IgnoreUnknown Frob*\nHost x\n  FrobnicateWidgets yes\n");
     assert!(h.resolve("x").is_ok());
-    h.user_config("Host x\n  Ciphers aes128-ctr\n");
+    // A host key algorithm list the tunnel's offer does not obey is refused (trust) ...
+    h.user_config("Host x\n  HostKeyAlgorithms ssh-ed25519\n");
     let e = err(h.resolve("x"));
-    assert!(e.contains("Ciphers") && e.contains("aes256-gcm@openssh.com"), "{e}");
+    assert!(
+        e.contains("HostKeyAlgorithms") && e.contains("ecdsa-sha2-nistp256"),
+        "{e}"
+    );
+    h.user_config("Host x\n  HostKeyAlgorithms ssh-ed25519,ecdsa-sha2-*,rsa-sha2-*,ssh-rsa\n");
+    assert!(h.resolve("x").is_ok());
+    h.user_config("Host x\n  HostKeyAlgorithms -ssh-ed25519\n");
+    assert!(err(h.resolve("x")).contains("ssh-ed25519"));
+    // ... transport lists are not (RHEL's crypto-policies exclude some of russh's key exchanges,
+    // inside `Match final all`).
+    h.write(
+        "etc/crypto.config",
+        "Ciphers aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-ctr,aes128-gcm@openssh.com,aes128-ctr\n\
+         KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org,diffie-hellman-group16-sha512\n\
+         MACs hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com\n\
+         GSSAPIKexAlgorithms gss-curve25519-sha256-\n  PubkeyAcceptedAlgorithms ssh-ed25519\n\
+         CASignatureAlgorithms ssh-ed25519\n  RequiredRSASize 2048\n",
+    );
+    h.write(
+        "etc/ssh_config",
+        "Include ssh_config.d/*.conf\nHost *\n  SendEnv LANG\n",
+    );
+    h.write(
+        "etc/ssh_config.d/50-redhat.conf",
+        &format!(
+            "Match final all\n  Include {}\n  GSSAPIAuthentication yes\n  ForwardX11Trusted yes\n",
+            h.dir.path().join("etc/crypto.config").display()
+        ),
+    );
     h.user_config("Host x\n  Ciphers *\n  MACs -hmac-sha1*\n");
     assert!(h.resolve("x").is_ok());
+    assert!(h.resolve("y").is_ok());
 }
 
 #[test]
