@@ -697,9 +697,9 @@ impl<'a> Resolver<'a> {
         let (host_key_policy, insecure_policy) = match &s.strict {
             None => (None, None),
             Some(v) => match v.value.to_ascii_lowercase().as_str() {
-                "yes" | "ask" => (Some(HostKeyPolicy::Strict), None),
+                "yes" | "true" | "ask" => (Some(HostKeyPolicy::Strict), None),
                 "accept-new" => (Some(HostKeyPolicy::AcceptNew), None),
-                "no" | "off" => (
+                "no" | "false" | "off" => (
                     None,
                     Some(v.loc(host, self.label).error(format!(
                         "StrictHostKeyChecking {} accepts any host key; this crate does not turn that on \
