@@ -88,6 +88,7 @@ pub(crate) mod generation;
 pub mod layer;
 pub mod manager;
 pub mod observe;
+pub mod ssh_config;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod tunnel;

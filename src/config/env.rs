@@ -17,6 +17,7 @@ use secrecy::SecretString;
 
 use super::validate::Naming;
 use super::{AuthConfig, Config, HostKeyPolicy, JumpHost, LocalEndpointConfig, Profile, TunnelConfig};
+use crate::ssh_config::{Explicit, ResolvedHost, Resolver, SshConfigSource};
 use crate::url::{parse_database_url, tcp_target};
 use crate::{Error, Result};
 
@@ -58,6 +59,7 @@ pub const ENV_VARS: &[&str] = &[
     "SSH_KEEPALIVE_MAX",
     "SSH_PROXY_JUMP",
     "SSH_CERTIFICATE_PATH",
+    "SSH_CONFIG",
 ];
 
 impl Config {
@@ -85,7 +87,7 @@ impl Config {
     /// | `DATABASE_PASSWORD_FILE` (the password, re-read when the file changes; `DATABASE_URL` then has none) | none |
     /// | `SSH_HOST` (`host[:port],...`: bastions tried in order, failover to the next) | unset = no tunnel |
     /// | `SSH_PORT` | 22 |
-    /// | `SSH_USER` | required with `SSH_HOST` |
+    /// | `SSH_USER` | ssh_config `User`, else `USER` / `LOGNAME` |
     /// | `SSH_KEY_PATH` | `~/.ssh/id_ed25519` (skipped if absent and the agent is used) |
     /// | `SSH_KEY_PASSPHRASE` | none |
     /// | `SSH_USE_AGENT` | true when `SSH_AUTH_SOCK` names an existing socket |
@@ -98,9 +100,14 @@ impl Config {
     /// | `SSH_KEEPALIVE_INTERVAL` (ms) / `SSH_KEEPALIVE_MAX` | 5000 / 3 |
     /// | `SSH_PROXY_JUMP` (`[user@]host[:port],...`, OpenSSH `ProxyJump`) | none |
     /// | `SSH_CERTIFICATE_PATH` (OpenSSH user certificate) | `<key>-cert.pub` when present |
+    /// | `SSH_CONFIG` (ssh_config file for `SSH_HOST`, replacing both defaults; `none` = off) | `~/.ssh/config`, then `/etc/ssh/ssh_config` |
     ///
     /// Booleans accept `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off` (any case). `~` in paths
     /// is expanded with `$HOME`. The `SSH_*` variables are read only when `SSH_HOST` is set.
+    ///
+    /// `SSH_HOST` is looked up in ssh_config as `ssh` would (see [`crate::ssh_config`]): the
+    /// file's `HostName`, `User`, `Port`, `IdentityFile`, known_hosts files,
+    /// `StrictHostKeyChecking`, `ProxyJump`, … apply wherever the matching variable is not set.
     pub fn from_env() -> Result<Config> {
         Self::from_env_in(current_dir()?)
     }
@@ -453,12 +460,19 @@ fn read_tunnel(
     let mut bastions = super::tunnel::BastionHost::parse_list(&host, "SSH_HOST")?.into_iter();
     let (host, first_port) = bastions.next().expect("parse_list returns at least one bastion");
     let more_bastions: Vec<(String, Option<u16>)> = bastions.collect();
-    let user = vars.get("SSH_USER")?.ok_or_else(|| {
-        Error::config(
-            "SSH_USER",
-            "is required when SSH_HOST is set (the login name on the bastion)",
-        )
-    })?;
+    // The first bastion may be an ssh_config alias (SSH_CONFIG): resolved here, applied at the
+    // end. The fallback bastions are used as written.
+    let ssh = resolve_ssh_config(vars, &host, first_port)?;
+    let user = match vars.get("SSH_USER")? {
+        Some(user) => user,
+        None => ssh.resolved.default_user(ssh.local_user.as_deref()).ok_or_else(|| {
+            Error::config(
+                "SSH_USER",
+                "is required when SSH_HOST is set (the login name on the bastion), unless ssh_config \
+                 gives a User for the host or USER / LOGNAME names the local user",
+            )
+        })?,
+    };
     let mut t = TunnelConfig::for_profile(profile, host, user);
     t.connect_timeout = connect_timeout;
     if let Some(port) = vars.port("SSH_PORT")? {
@@ -472,7 +486,7 @@ fn read_tunnel(
         .into_iter()
         .map(|(host, port)| super::tunnel::BastionHost::new(host, port.unwrap_or(default_port)))
         .collect();
-    t.auth = read_auth(vars)?;
+    t.auth = read_auth(vars, &ssh.resolved)?;
 
     t.known_hosts = match vars.path("SSH_KNOWN_HOSTS")? {
         Some(path) => path,
@@ -544,12 +558,66 @@ fn read_tunnel(
     if let Some(path) = vars.path("SSH_CERTIFICATE_PATH")? {
         t.auth.certificate_path = Some(path);
     }
+    apply_ssh_config(&mut t, vars, ssh)?;
     Ok(Some(t))
 }
 
-fn read_auth(vars: &Vars<'_>) -> Result<AuthConfig> {
+/// An ssh_config lookup of `SSH_HOST`.
+struct SshLookup {
+    resolved: ResolvedHost,
+    local_user: Option<String>,
+    source: SshConfigSource,
+    /// The `SSH_HOST` entry gave a port: it wins over the file's `Port`.
+    explicit_port: bool,
+}
+
+/// Resolves `host` in the files `SSH_CONFIG` names (default `~/.ssh/config`, then
+/// `/etc/ssh/ssh_config`; `none` = no file), with `HOME`, `USER` and `${VAR}`s from `vars`.
+/// `port`: a port written in the `SSH_HOST` entry, which wins like `SSH_PORT`.
+fn resolve_ssh_config(vars: &Vars<'_>, host: &str, port: Option<u16>) -> Result<SshLookup> {
+    let source = match vars.get("SSH_CONFIG")? {
+        None => SshConfigSource::Standard,
+        Some(v) if v.eq_ignore_ascii_case("none") => SshConfigSource::Disabled,
+        Some(_) => SshConfigSource::File(vars.path("SSH_CONFIG")?.unwrap_or_default()),
+    };
+    let resolver = Resolver::with_env(source.clone(), |name| vars.get_raw(name).ok().flatten())
+        .user(vars.get("SSH_USER")?)
+        .port(port.or(vars.port("SSH_PORT")?))
+        .label("SSH_HOST");
+    let resolved = resolver.resolve(host)?;
+    Ok(SshLookup {
+        local_user: resolver.local_user().map(str::to_owned),
+        resolved,
+        source,
+        explicit_port: port.is_some(),
+    })
+}
+
+/// What ssh_config says about the host, where no `SSH_*` variable (or
+/// `POSTGRES_CONNECTION_TIMEOUT`) was set.
+fn apply_ssh_config(t: &mut TunnelConfig, vars: &Vars<'_>, ssh: SshLookup) -> Result<()> {
+    let set = |name: &str| -> Result<bool> { Ok(vars.get(name)?.is_some()) };
+    let explicit = Explicit {
+        port: set("SSH_PORT")? || ssh.explicit_port,
+        user: set("SSH_USER")?,
+        certificate: set("SSH_CERTIFICATE_PATH")?,
+        known_hosts: set("SSH_KNOWN_HOSTS")?,
+        policy: set("SSH_HOST_KEY_POLICY")?,
+        proxy_jump: set("SSH_PROXY_JUMP")?,
+        keepalive_interval: set("SSH_KEEPALIVE_INTERVAL")?,
+        keepalive_max: set("SSH_KEEPALIVE_MAX")?,
+        connect_timeout: set("POSTGRES_CONNECTION_TIMEOUT")?,
+    };
+    ssh.resolved.apply_to(t, explicit)?;
+    t.ssh_config = ssh.source;
+    Ok(())
+}
+
+fn read_auth(vars: &Vars<'_>, ssh: &ResolvedHost) -> Result<AuthConfig> {
     let agent_socket = vars.path("SSH_AUTH_SOCK")?;
     let agent_available = agent_socket.as_ref().is_some_and(|s| s.exists());
+    // ssh_config `IdentityAgent` (used when SSH_USE_AGENT is not set).
+    let ssh_agent = ssh.agent(agent_available);
     let use_agent = match vars.bool("SSH_USE_AGENT")? {
         Some(true) if !agent_available => {
             return Err(Error::config(
@@ -564,12 +632,24 @@ fn read_auth(vars: &Vars<'_>) -> Result<AuthConfig> {
             ));
         }
         Some(v) => v,
-        None => agent_available,
+        None => ssh_agent.as_ref().map_or(agent_available, |(on, _)| *on),
     };
+    let ssh_agent_socket = match vars.get("SSH_USE_AGENT")? {
+        None => ssh_agent.and_then(|(_, socket)| socket),
+        Some(_) => None,
+    };
+    // ssh_config `IdentityFile`s replace the default key (as in ssh).
+    let ssh_keys = ssh.keys(use_agent);
+    let mut extra_key_paths = Vec::new();
 
     let key_path = match vars.path("SSH_KEY_PATH")? {
         // An explicit key must exist; validate() reports it as a file error naming the path.
         Some(path) => Some(path),
+        None if ssh_keys.is_some() => {
+            let (key, extra) = ssh_keys.unwrap_or_default();
+            extra_key_paths = extra;
+            key
+        }
         None => match vars.home()? {
             Some(home) => {
                 let default = home.join(".ssh/id_ed25519");
@@ -603,8 +683,8 @@ fn read_auth(vars: &Vars<'_>) -> Result<AuthConfig> {
         key_path,
         passphrase,
         use_agent,
-        agent_socket: None,
-        extra_key_paths: Vec::new(),
+        agent_socket: ssh_agent_socket,
+        extra_key_paths,
         certificate_path: None,
         identities_only: false,
     })

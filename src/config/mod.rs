@@ -45,6 +45,7 @@ mod profile;
 mod tunnel;
 mod validate;
 
+pub use crate::ssh_config::SshConfigSource;
 pub use crate::url::redact_url;
 pub use backoff::BackoffPolicy;
 pub use env::{ENV_VARS, is_set};

@@ -11,6 +11,7 @@ use secrecy::SecretString;
 use super::{BackoffPolicy, Profile, profile};
 #[cfg(doc)]
 use super::{Config, ProfileDefaults};
+use crate::ssh_config::SshConfigSource;
 use crate::{Error, Result};
 
 /// The SSH tunnel.
@@ -66,6 +67,14 @@ pub struct TunnelConfig {
     /// further `UserKnownHostsFile`s and `GlobalKnownHostsFile`). Only read: `accept-new` appends
     /// to [`known_hosts`](Self::known_hosts). Default empty.
     pub extra_known_hosts: Vec<PathBuf>,
+    /// `SSH_CONFIG`: the ssh_config files [`host`](Self::host) was resolved in (and where jump
+    /// host names are looked up). Default [`SshConfigSource::Disabled`] for code-built configs:
+    /// `TunnelConfig::new` never reads `~/.ssh/config`; [`TunnelConfig::from_ssh_config`] and
+    /// [`Config::from_env`] do.
+    pub ssh_config: SshConfigSource,
+    /// The ssh_config `Host` alias [`host`](Self::host) was resolved from, for messages. `None`
+    /// when no ssh_config was applied. Default `None`.
+    pub ssh_alias: Option<String>,
     /// More bastions after [`host`](Self::host):[`port`](Self::port), tried in order when the
     /// ones before are unreachable or their sessions die (`SSH_HOST=a,b:2222`: everything after
     /// the first). Each is reached through the same [`proxy_jump`](Self::proxy_jump) chain, with
@@ -189,6 +198,8 @@ impl TunnelConfig {
             host_key_alias: None,
             extra_known_hosts: Vec::new(),
             fallback_hosts: Vec::new(),
+            ssh_config: SshConfigSource::Disabled,
+            ssh_alias: None,
         }
     }
 
@@ -418,6 +429,8 @@ impl fmt::Debug for TunnelConfig {
             .field("host_key_alias", &self.host_key_alias)
             .field("extra_known_hosts", &self.extra_known_hosts)
             .field("fallback_hosts", &self.fallback_hosts)
+            .field("ssh_config", &self.ssh_config)
+            .field("ssh_alias", &self.ssh_alias)
             .finish()
     }
 }

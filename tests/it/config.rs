@@ -173,6 +173,7 @@ fn every_variable_is_parsed() {
         ("SSH_KEEPALIVE_MAX", "2"),
         ("SSH_PROXY_JUMP", "ops@jump.example.com:2200,jump2.example.com"),
         ("SSH_CERTIFICATE_PATH", "~/deploy_key-cert.pub"),
+        ("SSH_CONFIG", "none"),
         ("HOME", home.path().to_str().unwrap()),
         ("SSH_AUTH_SOCK", socket.to_str().unwrap()),
     ]);

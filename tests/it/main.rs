@@ -23,6 +23,7 @@ mod manager_tunnel;
 mod migration;
 mod password;
 mod security;
+mod ssh_config;
 mod testkit;
 mod tonic_layers;
 mod tunnel;

@@ -33,7 +33,7 @@ pub fn config(sshd: &OpenSshd, pg: &TempPostgres) -> TunnelConfig {
 }
 
 /// The variables a program configured through the environment needs to reach `pg` through
-/// `sshd` with the sshd's client key (no agent); known_hosts and the host key policy are left to
+/// `sshd` with the sshd's client key (no agent, no ssh_config); known_hosts and the host key policy are left to
 /// the caller.
 pub fn env_block(sshd: &OpenSshd, pg: &TempPostgres) -> Vec<(&'static str, OsString)> {
     vec![
@@ -43,6 +43,8 @@ pub fn env_block(sshd: &OpenSshd, pg: &TempPostgres) -> Vec<(&'static str, OsStr
         ("SSH_USER", sshd.user().into()),
         ("SSH_KEY_PATH", sshd.client_key_path().into()),
         ("SSH_USE_AGENT", "false".into()),
+        // Never the machine's ~/.ssh/config or /etc/ssh/ssh_config.
+        ("SSH_CONFIG", "none".into()),
     ]
 }
 
