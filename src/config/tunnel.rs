@@ -66,6 +66,11 @@ pub struct TunnelConfig {
     /// further `UserKnownHostsFile`s and `GlobalKnownHostsFile`). Only read: `accept-new` appends
     /// to [`known_hosts`](Self::known_hosts). Default empty.
     pub extra_known_hosts: Vec<PathBuf>,
+    /// TLS from the tunnel to PostgreSQL for every forwarded connection (see [`crate::tls`]).
+    /// `None` (the default): the [`ConnectionManager`](crate::ConnectionManager) and
+    /// `sea-orm-tunnel forward` take it from `DATABASE_URL`; a tunnel used on its own copies
+    /// bytes untouched.
+    pub postgres_tls: Option<crate::tls::PostgresTls>,
 }
 
 /// One hop of a ProxyJump chain: `[user@]host[:port]`.
@@ -172,6 +177,7 @@ impl TunnelConfig {
             proxy_jump: Vec::new(),
             host_key_alias: None,
             extra_known_hosts: Vec::new(),
+            postgres_tls: None,
         }
     }
 
@@ -331,6 +337,14 @@ impl TunnelConfig {
         self
     }
 
+    /// TLS to PostgreSQL held by the tunnel (see [`crate::tls`]); overrides what
+    /// `DATABASE_URL` says.
+    #[must_use]
+    pub fn postgres_tls(mut self, tls: crate::tls::PostgresTls) -> Self {
+        self.postgres_tls = Some(tls);
+        self
+    }
+
     /// The remote target as `host:port` (IPv6 hosts in brackets), for logs and errors.
     pub fn remote_target(&self) -> String {
         if self.remote_host.contains(':') {
@@ -363,6 +377,7 @@ impl fmt::Debug for TunnelConfig {
             .field("proxy_jump", &self.proxy_jump)
             .field("host_key_alias", &self.host_key_alias)
             .field("extra_known_hosts", &self.extra_known_hosts)
+            .field("postgres_tls", &self.postgres_tls)
             .finish()
     }
 }

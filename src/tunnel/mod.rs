@@ -70,6 +70,7 @@ mod forward;
 mod global;
 pub(crate) mod host_key;
 mod inner;
+pub(crate) mod pgwire;
 mod session;
 mod sessions;
 mod socket;

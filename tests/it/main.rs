@@ -18,6 +18,7 @@ mod manager_tunnel;
 mod migration;
 mod security;
 mod testkit;
+mod tls;
 mod tonic_layers;
 mod tunnel;
 mod tunnel_auth;
