@@ -45,6 +45,10 @@ pub const DB_REQUESTS_RETRIED_TOTAL: &str = "db_requests_retried_total";
 /// connection-log events dropped instead of written.
 pub const CONNECTION_LOG_DROPPED_TOTAL: &str = "connection_log_dropped_total";
 
+/// Gauge (label `pool`): seconds until the PostgreSQL server certificate expires, as seen in
+/// the latest TLS handshake the tunnel made (negative once expired).
+pub const DB_TLS_CERT_EXPIRY_SECONDS: &str = "db_tls_cert_expiry_seconds";
+
 /// Label every metric of this crate carries: the pool (or tunnel) it belongs to.
 pub const POOL_LABEL: &str = "pool";
 

@@ -14,20 +14,9 @@ use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStor
 use secrecy::ExposeSecret;
 use tokio_rustls::TlsConnector;
 
-use super::{PostgresTls, RootCerts, SslMode, default_file};
+use super::{PostgresTls, RootCerts, SslMode, TlsSession, Verification as Verify, default_file};
 use crate::error::TlsErrorKind;
 use crate::{Error, Result};
-
-/// What the tunnel checks of the server's certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verify {
-    /// Nothing (`prefer`/`require` without a root certificate): encryption only.
-    Nothing,
-    /// The chain, against the root certificates (`verify-ca`, or `require` with roots).
-    Chain,
-    /// The chain and the name (`verify-full`).
-    Full,
-}
 
 /// [`PostgresTls`] with its files read: ready to negotiate.
 pub(crate) struct Loaded {
@@ -41,6 +30,10 @@ pub(crate) struct Loaded {
     pub(crate) roots: String,
     /// Whether a client certificate is offered.
     pub(crate) client_cert: bool,
+    /// The latest handshake's session (for `check`, and users via [`PostgresTls::last_session`]).
+    pub(crate) last: std::sync::Mutex<Option<TlsSession>>,
+    /// The expiry warning was given (once per tunnel, not per connection).
+    pub(crate) expiry_warned: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Loaded {
@@ -90,7 +83,7 @@ impl Loaded {
         let provider = provider();
         let (roots, roots_desc) = load_roots(tls)?;
         let verify = match (tls.mode, &roots) {
-            (SslMode::VerifyFull, Some(_)) => Verify::Full,
+            (SslMode::VerifyFull, Some(_)) => Verify::ChainAndName,
             (SslMode::VerifyCa, Some(_)) => Verify::Chain,
             (SslMode::VerifyFull | SslMode::VerifyCa, None) => {
                 let path = super::home()
@@ -108,11 +101,11 @@ impl Loaded {
             }
             // libpq: a root certificate present makes `require` (and prefer) verify the chain.
             (_, Some(_)) => Verify::Chain,
-            (_, None) => Verify::Nothing,
+            (_, None) => Verify::None,
         };
         let server_name = match ServerName::try_from(tls.server_name.clone()) {
             Ok(name) => name,
-            Err(_) if verify == Verify::Full => {
+            Err(_) if verify == Verify::ChainAndName => {
                 return Err(Error::config(
                     "DATABASE_URL sslservername",
                     format!(
@@ -126,14 +119,14 @@ impl Loaded {
             Err(_) => ServerName::try_from("postgres").expect("a valid DNS name"),
         };
         let verifier: Arc<dyn ServerCertVerifier> = match (verify, roots) {
-            (Verify::Nothing, _) | (_, None) => Arc::new(AnyCertificate(provider.clone())),
+            (Verify::None, _) | (_, None) => Arc::new(AnyCertificate(provider.clone())),
             (v, Some(roots)) => {
                 let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                     .build()
                     .map_err(|e| {
                         Error::config("DATABASE_URL sslrootcert", format!("unusable root certificates: {e}"))
                     })?;
-                if v == Verify::Full {
+                if v == Verify::ChainAndName {
                     webpki
                 } else {
                     Arc::new(ChainOnly(webpki))
@@ -168,6 +161,8 @@ impl Loaded {
             name: tls.server_name.clone(),
             roots: roots_desc,
             client_cert,
+            last: std::sync::Mutex::new(None),
+            expiry_warned: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -512,5 +507,30 @@ impl ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Locks a std mutex, ignoring poisoning (plain data).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Loaded {
+    /// Keeps `session` as the latest, and warns once when the certificate expires within
+    /// [`EXPIRY_WARNING_DAYS`](super::EXPIRY_WARNING_DAYS).
+    pub(crate) fn record(&self, session: TlsSession) {
+        if let Some(left) = session.expires_in_secs()
+            && left < super::EXPIRY_WARNING_DAYS * 86_400
+            && !self.expiry_warned.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                target: crate::observe::events::TARGET_TUNNEL,
+                server = %session.server_name,
+                days_left = left / 86_400,
+                "the PostgreSQL server certificate expires within {} days",
+                super::EXPIRY_WARNING_DAYS
+            );
+        }
+        *lock(&self.last) = Some(session);
     }
 }

@@ -63,8 +63,7 @@ use std::sync::{Arc, OnceLock};
 use secrecy::SecretString;
 
 pub use crate::error::TlsErrorKind;
-pub(crate) use load::{Loaded, Verify};
-#[cfg(feature = "testkit")]
+pub(crate) use load::Loaded;
 pub(crate) use x509::format_unix;
 pub use x509::not_after_unix;
 
@@ -139,6 +138,59 @@ impl FromStr for SslMode {
         })
     }
 }
+
+/// What the tunnel verifies of the server's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Verification {
+    /// Nothing (`prefer`/`require` without a root certificate): encryption against a passive
+    /// observer only, as libpq does.
+    None,
+    /// The chain, against the root certificates (`verify-ca`, or `require` with roots).
+    Chain,
+    /// The chain and the server name (`verify-full`).
+    ChainAndName,
+}
+
+impl fmt::Display for Verification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verification::None => "not verified",
+            Verification::Chain => "chain verified",
+            Verification::ChainAndName => "chain and name verified",
+        })
+    }
+}
+
+/// One TLS session the tunnel negotiated with PostgreSQL (see [`PostgresTls::last_session`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TlsSession {
+    /// `TLSv1_3` or `TLSv1_2`.
+    pub protocol: String,
+    /// The cipher suite, e.g. `TLS13_AES_256_GCM_SHA384`.
+    pub cipher: String,
+    /// What was verified.
+    pub verification: Verification,
+    /// The name checked (and sent as SNI when it is a DNS name).
+    pub server_name: String,
+    /// The server certificate's `notAfter`, Unix seconds.
+    pub not_after: Option<i64>,
+}
+
+impl TlsSession {
+    /// Seconds until the server certificate expires (negative once it has), from now.
+    pub fn expires_in_secs(&self) -> Option<i64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.not_after.map(|t| t - now)
+    }
+}
+
+/// A certificate expiring within this many days gets a warning (`check`, and the tunnel's log
+/// once per start).
+pub const EXPIRY_WARNING_DAYS: i64 = 14;
 
 /// Where the trusted root certificates come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -347,6 +399,13 @@ impl PostgresTls {
     /// Errors name the file or the parameter; they are permanent.
     pub fn validate(&self) -> Result<()> {
         self.load().map(|_| ())
+    }
+
+    /// The latest TLS session the tunnel negotiated with these settings, `None` before the
+    /// first (or when every server answered `N` under `prefer`).
+    pub fn last_session(&self) -> Option<TlsSession> {
+        let loaded = self.loaded.get()?;
+        load::lock(&loaded.last).clone()
     }
 
     pub(crate) fn load(&self) -> Result<Arc<Loaded>> {

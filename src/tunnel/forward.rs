@@ -313,6 +313,12 @@ async fn serve_startup<S: AsyncRead + AsyncWrite + Unpin>(
             return tls_refused(&inner, &mut local, error).await;
         }
     };
+    if let Some(session) = upstream.tls_session(&tls) {
+        if let Some(left) = session.expires_in_secs() {
+            inner.telemetry.set_tls_cert_expiry(left);
+        }
+        tls.record(session);
+    }
     // The server's first answer is read here, not in the copy: a TLS 1.3 server refuses a
     // client certificate only after the handshake, and that must reach the client as an error;
     // and a SASL offer must lose its channel-binding mechanism (see `pgwire`).

@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Re
 use tokio_rustls::client::TlsStream;
 
 use crate::Error;
-use crate::tls::{Loaded, SslMode, Verify};
+use crate::tls::{Loaded, SslMode, TlsSession};
 
 /// `SSLRequest`'s request code (1234.5679).
 pub(crate) const SSL_REQUEST_CODE: u32 = 80_877_103;
@@ -152,6 +152,36 @@ where
     ))
 }
 
+/// A protocol 3.0 `StartupMessage` with these parameters.
+pub(crate) fn startup_message(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    out.extend(body);
+    out
+}
+
+/// The `(code, value)` fields of an `ErrorResponse`; `None` for another message.
+pub(crate) fn error_fields(message: &[u8]) -> Option<Vec<(u8, String)>> {
+    if message.len() < 5 || message[0] != b'E' {
+        return None;
+    }
+    let mut out = Vec::new();
+    for field in message[5..].split(|&b| b == 0) {
+        let Some((&code, value)) = field.split_first() else {
+            break;
+        };
+        out.push((code, String::from_utf8_lossy(value).into_owned()));
+    }
+    Some(out)
+}
+
 /// The 8-byte `SSLRequest`.
 pub(crate) fn ssl_request() -> [u8; 8] {
     let mut out = [0u8; 8];
@@ -271,35 +301,18 @@ pub(crate) enum Upstream<S> {
     Tls(Box<TlsStream<S>>),
 }
 
-/// What was negotiated, for `check` and logs.
-#[derive(Debug, Clone)]
-#[allow(dead_code)] // Read by `check` (next commit).
-pub(crate) struct TlsInfo {
-    /// `TLSv1_3`, `TLSv1_2`.
-    pub(crate) protocol: String,
-    /// The cipher suite.
-    pub(crate) cipher: String,
-    /// What was verified.
-    pub(crate) verify: Verify,
-    /// The name checked (or offered).
-    pub(crate) name: String,
-    /// The server certificate's `notAfter`, Unix seconds.
-    pub(crate) not_after: Option<i64>,
-}
-
 impl<S> Upstream<S> {
     /// What TLS negotiated; `None` for plaintext.
-    #[allow(dead_code)] // Read by `check` (next commit).
-    pub(crate) fn tls_info(&self, loaded: &Loaded) -> Option<TlsInfo> {
+    pub(crate) fn tls_session(&self, loaded: &Loaded) -> Option<TlsSession> {
         let Upstream::Tls(tls) = self else { return None };
         let conn = tls.get_ref().1;
-        Some(TlsInfo {
+        Some(TlsSession {
             protocol: conn.protocol_version().map_or_else(|| "?".into(), |v| format!("{v:?}")),
             cipher: conn
                 .negotiated_cipher_suite()
                 .map_or_else(|| "?".into(), |c| format!("{:?}", c.suite())),
-            verify: loaded.verify,
-            name: loaded.name.clone(),
+            verification: loaded.verify,
+            server_name: loaded.name.clone(),
             not_after: conn
                 .peer_certificates()
                 .and_then(|c| c.first())
@@ -412,17 +425,7 @@ mod tests {
     use super::*;
 
     fn startup(params: &[(&str, &str)]) -> Vec<u8> {
-        let mut body = 196_608u32.to_be_bytes().to_vec();
-        for (k, v) in params {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        out.extend(body);
-        out
+        startup_message(params)
     }
 
     fn request(code: u32) -> Vec<u8> {
@@ -507,6 +510,9 @@ mod tests {
         // A NUL in the message cannot end the field early.
         let bytes = error_response("08006", "a\0b", None, None);
         assert!(bytes.windows(4).any(|w| w == b"Mab\0"));
+        let fields = error_fields(&error_response("08001", "m", None, Some("r"))).unwrap();
+        assert!(fields.contains(&(b'C', "08001".into())) && fields.contains(&(b'R', "r".into())));
+        assert_eq!(error_fields(b"R\0\0\0\x08\0\0\0\0"), None);
     }
 
     fn sasl(mechanisms: &[&str]) -> Vec<u8> {

@@ -506,3 +506,88 @@ async fn tls_a_direct_connection_keeps_sqlx_tls_and_a_tls_error_is_permanent() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_check_reports_the_session_and_exits_18_on_a_tls_failure() {
+    use sea_orm_tunnel::tunnel::diagnose::{Outcome, StepKind, diagnose};
+    let s = tls_servers().await;
+    let good = config(
+        &s.sshd,
+        &s.pg,
+        url(&s.pg, DB_NAME, &verify_full(s.ca.cert_path())),
+        "tlscheck",
+    );
+    let diagnosis = diagnose(&good).await.unwrap();
+    assert!(diagnosis.is_ok(), "{diagnosis:#?}");
+    let tls = diagnosis.step(StepKind::Tls).unwrap();
+    assert_eq!(tls.outcome, Outcome::Ok);
+    for needle in ["TLSv1_3", "chain and name verified for db.internal", "expires in 36"] {
+        assert!(tls.detail.contains(needle), "{needle:?} not in {:?}", tls.detail);
+    }
+    assert!(!tls.detail.contains("WARNING"), "{tls:?}");
+    assert_eq!(diagnosis.step(StepKind::DatabaseLogin).unwrap().outcome, Outcome::Ok);
+
+    // The binary with another CA: fails at the TLS step, exit code 18.
+    let other = TestCa::new("another CA").await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sea-orm-tunnel"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home.path())
+        .current_dir(home.path())
+        .envs(env_block(&s.sshd, &s.pg))
+        .env("DATABASE_URL", url(&s.pg, DB_NAME, &verify_full(other.cert_path())))
+        .env("SSH_REMOTE_HOST", "127.0.0.1")
+        .env("SSH_KNOWN_HOSTS", s.sshd.known_hosts_path())
+        .env("POSTGRES_CONNECTION_TIMEOUT", "10000")
+        .arg("check");
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert_eq!(out.status.code(), Some(18), "{stdout}");
+    let line = stdout.lines().find(|l| l.contains("[6/8] TLS")).expect("a TLS line");
+    assert!(line.contains("FAILED") && line.contains("not signed by a CA"), "{line}");
+    assert!(
+        stdout.contains("[7/8] database login") && stdout.contains("not run"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(s.pg.password()), "{stdout}");
+    assert_no_plaintext(&s.pg);
+}
+
+#[test]
+fn tls_certificate_expiring_within_14_days_warns_and_sets_the_expiry_gauge() {
+    use sea_orm_tunnel::observe::metrics::DB_TLS_CERT_EXPIRY_SECONDS;
+    use sea_orm_tunnel::tunnel::diagnose::{StepKind, diagnose};
+    let recorder = TestMetrics::default();
+    let capture = LogCapture::new();
+    let _log = tracing::subscriber::set_default(capture.subscriber());
+    recorder.run(async {
+        let ca = TestCa::new("sea-orm-tunnel test CA").await.unwrap();
+        let soon = ca.server_cert_expiring_in(DB_NAME, 5).await.unwrap();
+        let (pg, sshd) = tokio::join!(TempPostgres::start_tls(&soon), OpenSshd::start());
+        let (pg, sshd) = (pg.unwrap(), sshd.unwrap());
+        let cfg = config(&sshd, &pg, url(&pg, DB_NAME, &verify_full(ca.cert_path())), "tlssoon")
+            .map_pool(|p| p.pool_label("orders"));
+        let diagnosis = diagnose(&cfg).await.unwrap();
+        let tls = diagnosis.step(StepKind::Tls).unwrap();
+        assert!(
+            tls.detail.contains("expires in 4 days") || tls.detail.contains("expires in 5 days"),
+            "{tls:?}"
+        );
+        assert!(tls.detail.contains("WARNING"), "{tls:?}");
+        // The manager's tunnel sets the gauge (and warns) too.
+        let manager = ConnectionManager::new(cfg).await.unwrap();
+        select_one(manager.connection()).await.unwrap();
+        manager.shutdown(Duration::from_secs(2)).await;
+    });
+    let left = recorder
+        .gauge(&format!("{DB_TLS_CERT_EXPIRY_SECONDS}{{pool=orders}}"))
+        .expect("the expiry gauge is set");
+    assert!((4.0 * 86_400.0..=5.0 * 86_400.0).contains(&left), "{left}");
+    let text = capture.text();
+    assert!(text.contains("expires within 14 days"), "{text}");
+}
