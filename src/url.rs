@@ -522,6 +522,48 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn tls_in_tunnel_drops_encryption_parameters_and_says_disable() {
+        let url = "postgres://app:pw@db.internal:5432/app?sslmode=verify-full&ssl-root-cert=%2Fca.pem&sslcert=/c&sslkey=/k\
+                   &sslpassword=x&sslservername=db&gssencmode=prefer&options=-c%20a%3Db&hostaddr=10.0.0.5";
+        assert_eq!(
+            local_database_url_tls_in_tunnel(url, &tcp(40000), 5432).unwrap(),
+            "postgres://app:pw@127.0.0.1:40000/app?options=-c%20a%3Db&sslmode=disable"
+        );
+        let local = local_database_url_tls_in_tunnel("postgres://app@db/app", &unix("/tmp/s", 5432), 5432).unwrap();
+        assert_eq!(
+            local,
+            "postgres://app@localhost:5432/app?sslmode=disable&host=%2Ftmp%2Fs"
+        );
+        assert!(matches!(
+            options(&local).get_ssl_mode(),
+            sea_orm::sqlx::postgres::PgSslMode::Disable
+        ));
+    }
+
+    #[test]
+    fn query_params_authority_host_and_crate_params() {
+        let url = "postgres://u:p@[::1]:5432/db?sslrootcert=%2Fetc%2Fca.pem&application_name=a+b&x";
+        assert_eq!(
+            query_params(url),
+            [
+                ("sslrootcert".to_owned(), "/etc/ca.pem".to_owned()),
+                ("application_name".to_owned(), "a b".to_owned()),
+                ("x".to_owned(), String::new())
+            ]
+        );
+        assert_eq!(authority_host(url).as_deref(), Some("::1"));
+        assert_eq!(
+            authority_host("postgres://u@db.internal/db").as_deref(),
+            Some("db.internal")
+        );
+        assert_eq!(authority_host("postgres:///db"), None);
+        assert_eq!(
+            without_crate_params("postgres://u@h/db?sslmode=require&sslpassword=s&sslservername=n"),
+            "postgres://u@h/db?sslmode=require"
+        );
+    }
+
     fn tcp(port: u16) -> LocalEndpoint {
         LocalEndpoint::Tcp(([127, 0, 0, 1], port).into())
     }

@@ -92,7 +92,9 @@ fn base_options(config: &Config, endpoint: &Endpoint) -> Result<ConnectOptions> 
         Endpoint::Tunnel { local, remote_port } if config.tunnel.as_ref().is_some_and(tunnel_holds_tls) => {
             local_database_url_tls_in_tunnel(config.database_url_str(), local, *remote_port)?
         }
-        Endpoint::Tunnel { local, remote_port } => local_database_url(config.database_url_str(), local, *remote_port)?,
+        Endpoint::Tunnel { local, remote_port } => {
+            local_database_url(&without_crate_params(config.database_url_str()), local, *remote_port)?
+        }
     };
     // The password never travels inside the URL: SeaORM keeps the URL in `ConnectOptions`, whose
     // derived `Debug` is recorded by its own trace-level instrumentation (and printed by anyone

@@ -304,6 +304,13 @@ async fn serve_startup<S: AsyncRead + AsyncWrite + Unpin>(
             }
             return;
         }
+        // The channel broke mid-negotiation: close, as a plain forward would, so the client
+        // sees the same I/O error it would see without TLS in the tunnel.
+        Ok(Err(error)) if error.is_transient() => {
+            tracing::debug!(target: LOG_TARGET, error = %error, "connection to PostgreSQL lost during TLS negotiation");
+            inner.record_error(Arc::new(error));
+            return;
+        }
         Ok(Err(error)) => return tls_refused(&inner, &mut local, error).await,
         Err(_) => {
             let error = tls.error(

@@ -319,6 +319,19 @@ async fn tls_client_certificate_authentication_through_the_tunnel() {
     assert!(dn.contains("certuser"), "{dn}");
     manager.shutdown(Duration::from_secs(2)).await;
 
+    // A certificate from a CA the server does not trust: the server aborts the handshake (with
+    // TLS 1.3, after it), and the tunnel says which side refused what.
+    let stranger = TestCa::new("a CA the server does not know").await.unwrap();
+    let foreign = stranger.client_cert("certuser").await.unwrap();
+    let e = refused(config(
+        &sshd,
+        &pg,
+        cert_url(&pg, "certuser", ca.cert_path(), &foreign, ""),
+        "tlsforeign",
+    ))
+    .await;
+    assert_tls(&e, TlsErrorKind::ClientCertificate, "client certificate");
+
     // Without a certificate the server refuses the login, and says so.
     let no_cert = format!(
         "postgres://certuser@{DB_NAME}:{}/postgres?{}",
