@@ -144,6 +144,17 @@ async fn tls_verify_full_through_the_tunnel_to_a_hostssl_only_server() {
         txn.commit().await.unwrap();
     }
     manager.shutdown(Duration::from_secs(2)).await;
+
+    // The private Unix socket endpoint, and libpq's default `prefer` (TLS, nothing verified).
+    for (params, prefix) in [(verify_full(s.ca.cert_path()), "tlsunix"), (String::new(), "tlsprefer")] {
+        let cfg = config(&s.sshd, &s.pg, url(&s.pg, DB_NAME, &params), prefix)
+            .map_tunnel(|t| t.local(sea_orm_tunnel::config::LocalEndpointConfig::Unix));
+        let manager = ConnectionManager::new(cfg).await.expect("served on the Unix endpoint");
+        select_one(manager.connection()).await.unwrap();
+        let (total, on_tls) = tls_backends(&check, prefix).await;
+        assert!(total >= 1 && on_tls == total, "{prefix}: {on_tls} of {total} on TLS");
+        manager.shutdown(Duration::from_secs(2)).await;
+    }
     assert_no_plaintext(&s.pg);
 }
 
@@ -164,6 +175,21 @@ async fn tls_wrong_ca_name_mismatch_and_expired_certificate_are_refused_with_the
         e.to_string().contains(&other_ca.cert_path().display().to_string()),
         "{e}"
     );
+    // libpq: `require` with a root certificate verifies the chain (as verify-ca) ...
+    let require_other = format!("sslmode=require&sslrootcert={}", other_ca.cert_path().display());
+    let e = refused(config(&s.sshd, &s.pg, url(&s.pg, DB_NAME, &require_other), "tlsreqca")).await;
+    assert_tls(&e, TlsErrorKind::UnknownIssuer, "not signed by a CA");
+    // ... and without one it only encrypts.
+    let manager = ConnectionManager::new(config(
+        &s.sshd,
+        &s.pg,
+        url(&s.pg, "10.9.9.9", "sslmode=require"),
+        "tlsreq",
+    ))
+    .await
+    .expect("require without a root certificate verifies nothing");
+    select_one(manager.connection()).await.unwrap();
+    manager.shutdown(Duration::from_secs(2)).await;
 
     // Name mismatch: the URL names another host than the certificate.
     let e = refused(config(
