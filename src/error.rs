@@ -456,6 +456,36 @@ mod tests {
     }
 
     #[test]
+    fn tls_failures_are_permanent_except_a_broken_connection() {
+        let tls = |kind| Error::Tls {
+            host: "db.internal".into(),
+            kind,
+            message: "m".into(),
+        };
+        for kind in [
+            TlsErrorKind::UnknownIssuer,
+            TlsErrorKind::Expired,
+            TlsErrorKind::NameMismatch,
+            TlsErrorKind::NotSupported,
+            TlsErrorKind::ClientCertificate,
+        ] {
+            assert!(!tls(kind).is_transient(), "{kind:?}");
+        }
+        assert!(tls(TlsErrorKind::Io).is_transient());
+        // sqlx's own rustls: a certificate that does not verify arrives as an I/O error.
+        let cert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert!(!sqlx_err_is_transient(&sea_orm::sqlx::Error::Io(cert)));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(sqlx_err_is_transient(&sea_orm::sqlx::Error::Io(reset)));
+        assert!(!sqlx_err_is_transient(&sea_orm::sqlx::Error::Tls(
+            "server does not support TLS".into()
+        )));
+    }
+
+    #[test]
     fn a_clone_keeps_its_variant_and_shares_its_source() {
         use std::error::Error as _;
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
