@@ -252,6 +252,20 @@ pub enum Error {
     #[error("{0} is shut down")]
     ShutDown(&'static str),
 
+    /// TLS between the tunnel and PostgreSQL failed (see [`crate::tls`]): a certificate that
+    /// does not verify, a server without TLS when `sslmode` requires it, a refused client
+    /// certificate. Permanent, except [`TlsErrorKind::Io`] (the connection broke mid-handshake).
+    /// File problems (a missing `sslrootcert`) are [`Error::File`].
+    #[error("TLS to PostgreSQL at {host}: {message}")]
+    Tls {
+        /// The name the certificate was checked against (`sslservername`, else the URL's host).
+        host: String,
+        /// What failed.
+        kind: TlsErrorKind,
+        /// What happened and what to change.
+        message: String,
+    },
+
     /// An I/O error outside the SSH transport (local listener, files).
     #[error("{context}: {source}")]
     Io {
@@ -351,6 +365,7 @@ impl Error {
             | Error::ShutDown(_) => false,
             Error::ChannelRefused { transient, .. } | Error::PasswordRejected { transient, .. } => *transient,
             Error::TunnelFailed(inner) => inner.is_transient(),
+            Error::Tls { kind, .. } => *kind == TlsErrorKind::Io,
             Error::Hop { source, .. } => source.is_transient(),
             Error::AllBastionsFailed { errors } => errors.iter().any(|(_, e)| e.is_transient()),
             Error::SshConnect { .. }
@@ -412,11 +427,100 @@ pub fn db_err_is_transient(err: &sea_orm::DbErr) -> bool {
 fn sqlx_err_is_transient(err: &sea_orm::sqlx::Error) -> bool {
     use sea_orm::sqlx::Error as E;
     match err {
-        E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Protocol(_) => true,
-        E::Tls(_) => true,
+        // sqlx's rustls reports a certificate that does not verify as an I/O error.
+        E::Io(e) => !e.get_ref().is_some_and(|inner| tls_error_is_permanent(inner)),
+        E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Protocol(_) => true,
+        // sqlx's own TLS messages ("server does not support TLS", unreadable files) are
+        // configuration problems; only a broken connection is worth another try.
+        E::Tls(e) => !tls_error_is_permanent(e.as_ref()) && e.downcast_ref::<std::io::Error>().is_some(),
+        // The tunnel's own refusal (a certificate that does not verify, ...) is permanent,
+        // whatever its class-08 SQLSTATE says.
+        E::Database(db)
+            if db
+                .try_downcast_ref::<sea_orm::sqlx::postgres::PgDatabaseError>()
+                .and_then(|pg| pg.routine())
+                == Some(TUNNEL_TLS_ROUTINE) =>
+        {
+            false
+        }
         E::Database(db) => db.code().is_some_and(|c| sqlstate_is_transient(&c)),
         _ => false,
     }
+}
+
+/// The `routine` field of the `ErrorResponse` the tunnel sends for a permanent TLS failure.
+pub(crate) const TUNNEL_TLS_ROUTINE: &str = "sea_orm_tunnel::tls";
+
+/// Whether `error` is the `ErrorResponse` the tunnel sends for a permanent TLS failure.
+pub(crate) fn is_tunnel_tls_refusal(error: &Error) -> bool {
+    use sea_orm::{DbErr, RuntimeErr};
+    let Error::Database(
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)),
+    ) = error
+    else {
+        return false;
+    };
+    match &**e {
+        sea_orm::sqlx::Error::Database(db) => {
+            db.try_downcast_ref::<sea_orm::sqlx::postgres::PgDatabaseError>()
+                .and_then(|pg| pg.routine())
+                == Some(TUNNEL_TLS_ROUTINE)
+        }
+        _ => false,
+    }
+}
+
+/// Whether an error from sqlx's own TLS (a direct connection) is a verification or
+/// configuration failure rather than a broken connection: a rustls certificate error, or sqlx
+/// saying the server does not support TLS.
+fn tls_error_is_permanent(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::InconsistentKeys(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::UnsupportedNameType
+                    | rustls::Error::PeerIncompatible(_)
+            );
+        }
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.get_ref().is_none())
+        {
+            return false;
+        }
+        next = err.source();
+    }
+    false
+}
+
+/// What failed in an [`Error::Tls`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TlsErrorKind {
+    /// The server's certificate is not signed by a trusted CA (wrong `sslrootcert`).
+    UnknownIssuer,
+    /// The server's certificate has expired.
+    Expired,
+    /// The server's certificate is not valid yet.
+    NotYetValid,
+    /// The server's certificate does not carry the expected name (`verify-full`).
+    NameMismatch,
+    /// Another certificate problem (bad encoding, unsupported algorithm, ...).
+    Certificate,
+    /// The server does not support TLS and `sslmode` requires it.
+    NotSupported,
+    /// The server refused our client certificate, or wants one and none was configured.
+    ClientCertificate,
+    /// The handshake failed for another protocol reason.
+    Handshake,
+    /// The connection broke during the handshake (transient).
+    Io,
 }
 
 /// PostgreSQL SQLSTATEs that mean "try again": class 08 (connection exception),
@@ -507,6 +611,36 @@ mod tests {
             errors: vec![("a:22".into(), hop)],
         };
         assert!(!all_permanent.is_transient());
+    }
+
+    #[test]
+    fn tls_failures_are_permanent_except_a_broken_connection() {
+        let tls = |kind| Error::Tls {
+            host: "db.internal".into(),
+            kind,
+            message: "m".into(),
+        };
+        for kind in [
+            TlsErrorKind::UnknownIssuer,
+            TlsErrorKind::Expired,
+            TlsErrorKind::NameMismatch,
+            TlsErrorKind::NotSupported,
+            TlsErrorKind::ClientCertificate,
+        ] {
+            assert!(!tls(kind).is_transient(), "{kind:?}");
+        }
+        assert!(tls(TlsErrorKind::Io).is_transient());
+        // sqlx's own rustls: a certificate that does not verify arrives as an I/O error.
+        let cert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert!(!sqlx_err_is_transient(&sea_orm::sqlx::Error::Io(cert)));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(sqlx_err_is_transient(&sea_orm::sqlx::Error::Io(reset)));
+        assert!(!sqlx_err_is_transient(&sea_orm::sqlx::Error::Tls(
+            "server does not support TLS".into()
+        )));
     }
 
     #[test]

@@ -69,6 +69,7 @@
 //! - [`layer`]: tower layers for axum and tonic.
 //! - [`observe`]: tracing events, metric names, the `connection_logs` sink.
 //! - [`url`]: database URLs: validation, redaction, the URL through the tunnel's local endpoint.
+//! - [`tls`]: TLS to PostgreSQL held by the tunnel (`sslmode`, `sslrootcert`, client certificates, libpq's meaning).
 //! - `testkit` (feature `testkit`): throwaway PostgreSQL, OpenSSH sshd, an in-process bastion, a fault proxy.
 //!
 //! ## Features
@@ -91,6 +92,7 @@ pub mod observe;
 pub mod ssh_config;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod tls;
 pub mod tunnel;
 pub mod url;
 

@@ -114,6 +114,43 @@ pub(crate) fn tcp_target(options: &PgConnectOptions) -> Option<(String, u16)> {
 /// [`Error::Config`] for `database_url` (the URL must be a valid `postgres://` URL) and never
 /// repeat the password.
 pub fn local_database_url(database_url: &str, endpoint: &LocalEndpoint, remote_port: u16) -> Result<String> {
+    local_url(database_url, endpoint, remote_port, false)
+}
+
+/// [`local_database_url`] for a tunnel that holds TLS to PostgreSQL itself (see
+/// [`crate::tls`]): the TLS parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`,
+/// `sslpassword`, every other `ssl*` one, and `gssencmode`) are dropped and `sslmode=disable`
+/// is added. The pool speaks plaintext to the tunnel's private local endpoint; the tunnel speaks
+/// TLS to the server, checking the name the user wrote.
+///
+/// ```
+/// use sea_orm_tunnel::LocalEndpoint;
+/// use sea_orm_tunnel::url::local_database_url_tls_in_tunnel;
+///
+/// let endpoint = LocalEndpoint::Tcp(([127, 0, 0, 1], 40000).into());
+/// let url = local_database_url_tls_in_tunnel(
+///     "postgres://app@db.internal/app?sslmode=verify-full&sslrootcert=/etc/ca.pem&application_name=x",
+///     &endpoint,
+///     5432,
+/// )?;
+/// assert_eq!(url, "postgres://app@127.0.0.1:40000/app?application_name=x&sslmode=disable");
+/// # Ok::<(), sea_orm_tunnel::Error>(())
+/// ```
+pub fn local_database_url_tls_in_tunnel(
+    database_url: &str,
+    endpoint: &LocalEndpoint,
+    remote_port: u16,
+) -> Result<String> {
+    local_url(database_url, endpoint, remote_port, true)
+}
+
+/// Whether a query parameter configures TLS or GSSAPI encryption (dropped from the local URL
+/// when the tunnel holds TLS).
+fn is_encryption_param(name: &str) -> bool {
+    name.starts_with("ssl") || matches!(name, "gssencmode" | "requiressl")
+}
+
+fn local_url(database_url: &str, endpoint: &LocalEndpoint, remote_port: u16, tunnel_tls: bool) -> Result<String> {
     parse_database_url(database_url, "database_url")?;
     let url = database_url.trim();
     // Validation above accepted the URL, so it has a scheme and an authority.
@@ -125,9 +162,16 @@ pub fn local_database_url(database_url: &str, endpoint: &LocalEndpoint, remote_p
     })?;
     let mut query: Vec<Cow<'_, str>> = parts
         .query_pairs()
-        .filter(|pair| !TARGET_PARAMS.contains(&param_name(pair).as_ref()))
+        .filter(|pair| {
+            let name = param_name(pair);
+            let dropped = TARGET_PARAMS.contains(&name.as_str()) || (tunnel_tls && is_encryption_param(&name));
+            !dropped
+        })
         .map(Cow::Borrowed)
         .collect();
+    if tunnel_tls {
+        query.push(Cow::Borrowed("sslmode=disable"));
+    }
     let host_port = match endpoint {
         LocalEndpoint::Tcp(addr) => addr.to_string(),
         LocalEndpoint::Unix(path) => {
@@ -328,6 +372,53 @@ fn percent_encode(s: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Query parameters and the host as written (for the TLS settings)
+// ---------------------------------------------------------------------------------------------
+
+/// The decoded `(name, value)` query parameters, in order, as sqlx's parser decodes them.
+pub(crate) fn query_params(url: &str) -> Vec<(String, String)> {
+    let Some(parts) = Parts::split(url.trim()) else {
+        return Vec::new();
+    };
+    parts
+        .query_pairs()
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(name, true), percent_decode(value, true))
+        })
+        .collect()
+}
+
+/// The host of the URL's authority as written (percent-decoded, IPv6 brackets removed); `None`
+/// when the authority names none.
+pub(crate) fn authority_host(url: &str) -> Option<String> {
+    let parts = Parts::split(url.trim())?;
+    let hp = parts.host_port;
+    let host = if let Some(rest) = hp.strip_prefix('[') {
+        rest.split_once(']').map_or(rest, |(h, _)| h)
+    } else {
+        hp.rsplit_once(':').map_or(hp, |(h, _)| h)
+    };
+    let host = percent_decode(host, false);
+    (!host.is_empty()).then_some(host)
+}
+
+/// The URL without the parameters only this crate reads (`sslpassword`, `sslservername`), for a
+/// direct connection: sqlx would log an unknown parameter with its value.
+pub(crate) fn without_crate_params(url: &str) -> String {
+    let url = url.trim();
+    let Some(parts) = Parts::split(url) else {
+        return url.to_owned();
+    };
+    let query: Vec<Cow<'_, str>> = parts
+        .query_pairs()
+        .filter(|pair| !matches!(param_name(pair).as_str(), "sslpassword" | "sslservername"))
+        .map(Cow::Borrowed)
+        .collect();
+    parts.join(parts.userinfo, parts.host_port, &query)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Redaction
 // ---------------------------------------------------------------------------------------------
 
@@ -430,6 +521,48 @@ mod tests {
     use secrecy::ExposeSecret;
 
     use super::*;
+
+    #[test]
+    fn tls_in_tunnel_drops_encryption_parameters_and_says_disable() {
+        let url = "postgres://app:pw@db.internal:5432/app?sslmode=verify-full&ssl-root-cert=%2Fca.pem&sslcert=/c&sslkey=/k\
+                   &sslpassword=x&sslservername=db&gssencmode=prefer&options=-c%20a%3Db&hostaddr=10.0.0.5";
+        assert_eq!(
+            local_database_url_tls_in_tunnel(url, &tcp(40000), 5432).unwrap(),
+            "postgres://app:pw@127.0.0.1:40000/app?options=-c%20a%3Db&sslmode=disable"
+        );
+        let local = local_database_url_tls_in_tunnel("postgres://app@db/app", &unix("/tmp/s", 5432), 5432).unwrap();
+        assert_eq!(
+            local,
+            "postgres://app@localhost:5432/app?sslmode=disable&host=%2Ftmp%2Fs"
+        );
+        assert!(matches!(
+            options(&local).get_ssl_mode(),
+            sea_orm::sqlx::postgres::PgSslMode::Disable
+        ));
+    }
+
+    #[test]
+    fn query_params_authority_host_and_crate_params() {
+        let url = "postgres://u:p@[::1]:5432/db?sslrootcert=%2Fetc%2Fca.pem&application_name=a+b&x";
+        assert_eq!(
+            query_params(url),
+            [
+                ("sslrootcert".to_owned(), "/etc/ca.pem".to_owned()),
+                ("application_name".to_owned(), "a b".to_owned()),
+                ("x".to_owned(), String::new())
+            ]
+        );
+        assert_eq!(authority_host(url).as_deref(), Some("::1"));
+        assert_eq!(
+            authority_host("postgres://u@db.internal/db").as_deref(),
+            Some("db.internal")
+        );
+        assert_eq!(authority_host("postgres:///db"), None);
+        assert_eq!(
+            without_crate_params("postgres://u@h/db?sslmode=require&sslpassword=s&sslservername=n"),
+            "postgres://u@h/db?sslmode=require"
+        );
+    }
 
     fn tcp(port: u16) -> LocalEndpoint {
         LocalEndpoint::Tcp(([127, 0, 0, 1], port).into())

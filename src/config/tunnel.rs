@@ -81,6 +81,11 @@ pub struct TunnelConfig {
     /// the same user, credentials and host-key policy. Default empty. See
     /// [`fallback_host`](Self::fallback_host) for the failover rule.
     pub fallback_hosts: Vec<BastionHost>,
+    /// TLS from the tunnel to PostgreSQL for every forwarded connection (see [`crate::tls`]).
+    /// `None` (the default): the [`ConnectionManager`](crate::ConnectionManager) and
+    /// `sea-orm-tunnel forward` take it from `DATABASE_URL`; a tunnel used on its own copies
+    /// bytes untouched.
+    pub postgres_tls: Option<crate::tls::PostgresTls>,
 }
 
 /// A bastion address, `host:port` (see [`TunnelConfig::fallback_hosts`]).
@@ -200,6 +205,7 @@ impl TunnelConfig {
             fallback_hosts: Vec::new(),
             ssh_config: SshConfigSource::Disabled,
             ssh_alias: None,
+            postgres_tls: None,
         }
     }
 
@@ -396,6 +402,14 @@ impl TunnelConfig {
         .collect()
     }
 
+    /// TLS to PostgreSQL held by the tunnel (see [`crate::tls`]); overrides what
+    /// `DATABASE_URL` says.
+    #[must_use]
+    pub fn postgres_tls(mut self, tls: crate::tls::PostgresTls) -> Self {
+        self.postgres_tls = Some(tls);
+        self
+    }
+
     /// The remote target as `host:port` (IPv6 hosts in brackets), for logs and errors.
     pub fn remote_target(&self) -> String {
         if self.remote_host.contains(':') {
@@ -431,6 +445,7 @@ impl fmt::Debug for TunnelConfig {
             .field("fallback_hosts", &self.fallback_hosts)
             .field("ssh_config", &self.ssh_config)
             .field("ssh_alias", &self.ssh_alias)
+            .field("postgres_tls", &self.postgres_tls)
             .finish()
     }
 }

@@ -199,8 +199,14 @@ impl ConnectionManager {
     /// Fails when the tunnel cannot be established, or when the first `SELECT 1` fails: a
     /// permanent problem (a bad role in the session settings, a wrong password) is reported as
     /// such instead of surfacing later as pool timeouts.
-    pub async fn new(config: Config) -> Result<ConnectionManager> {
+    pub async fn new(mut config: Config) -> Result<ConnectionManager> {
         config.validate()?;
+        // TLS to PostgreSQL: held by the tunnel (settings from DATABASE_URL, files read now so a
+        // missing one fails here), or left to sqlx for a direct connection.
+        match &config.tunnel {
+            Some(tc) => config.tunnel = Some(crate::tls::resolve_tunnel(&config, tc)?),
+            None => crate::tls::check_direct(config.database_url_str())?,
+        }
         let generation = Arc::new(Generation::new());
         let tunnel = match &config.tunnel {
             Some(tc) => Some(

@@ -25,8 +25,9 @@ use secrecy::{ExposeSecret, SecretString};
 use super::hooks::{self, Hooks};
 use crate::config::{Config, SessionSettings};
 use crate::error::Result;
+use crate::tls::tunnel_holds_tls;
 use crate::tunnel::LocalEndpoint;
-use crate::url::{local_database_url, split_password};
+use crate::url::{local_database_url, local_database_url_tls_in_tunnel, split_password, without_crate_params};
 
 /// Where the pool connects.
 #[derive(Debug, Clone)]
@@ -97,8 +98,15 @@ fn base_options(config: &Config, endpoint: &Endpoint, rotating: Option<SecretStr
     // Validates the URL (the error never repeats the password).
     config.database_options()?;
     let url = match endpoint {
-        Endpoint::Direct => config.database_url_str().to_string(),
-        Endpoint::Tunnel { local, remote_port } => local_database_url(config.database_url_str(), local, *remote_port)?,
+        // sqlx's own TLS, untouched (minus the parameters only this crate reads).
+        Endpoint::Direct => without_crate_params(config.database_url_str()),
+        // The tunnel holds TLS: plaintext to its private endpoint.
+        Endpoint::Tunnel { local, remote_port } if config.tunnel.as_ref().is_some_and(tunnel_holds_tls) => {
+            local_database_url_tls_in_tunnel(config.database_url_str(), local, *remote_port)?
+        }
+        Endpoint::Tunnel { local, remote_port } => {
+            local_database_url(&without_crate_params(config.database_url_str()), local, *remote_port)?
+        }
     };
     // The password never travels inside the URL: SeaORM keeps the URL in `ConnectOptions`, whose
     // derived `Debug` is recorded by its own trace-level instrumentation (and printed by anyone

@@ -114,9 +114,18 @@ impl super::Inner {
         {
             let cause = Error::clone(&cause);
             return match cause {
-                Error::ChannelRefused { .. } => cause,
+                Error::ChannelRefused { .. } | Error::Tls { .. } => cause,
                 other => Error::TunnelFailed(Box::new(other)),
             };
+        }
+        // The tunnel refused TLS to the server and told the client so in an ErrorResponse: the
+        // tunnel's own error says it better (and keeps its kind).
+        if crate::error::is_tunnel_tls_refusal(&error)
+            && let Some(tunnel) = &self.tunnel
+            && let Some(cause) = tunnel.permanent_error().or_else(|| tunnel.last_error())
+            && let Error::Tls { .. } = &*cause
+        {
+            return Error::clone(&cause);
         }
         match error {
             Error::Database(DbErr::ConnectionAcquire(sea_orm::error::ConnAcquireErr::Timeout)) => {

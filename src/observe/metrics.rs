@@ -58,6 +58,10 @@ pub const SSH_TUNNEL_FAILOVERS_TOTAL: &str = "ssh_tunnel_failovers_total";
 /// Label of the tunnel metrics that are per bastion: `host:port`.
 pub const BASTION_LABEL: &str = "bastion";
 
+/// Gauge (label `pool`): seconds until the PostgreSQL server certificate expires, as seen in
+/// the latest TLS handshake the tunnel made (negative once expired).
+pub const DB_TLS_CERT_EXPIRY_SECONDS: &str = "db_tls_cert_expiry_seconds";
+
 /// Label every metric of this crate carries: the pool (or tunnel) it belongs to.
 pub const POOL_LABEL: &str = "pool";
 

@@ -71,4 +71,10 @@ impl TunnelTelemetry {
             metrics::counter!(m::SSH_TUNNEL_BYTES_TOTAL, m::POOL_LABEL => self.label(), "direction" => "from_remote");
         (to, from)
     }
+
+    /// `db_tls_cert_expiry_seconds`: seconds until the server certificate of the latest TLS
+    /// handshake expires.
+    pub(crate) fn set_tls_cert_expiry(&self, seconds: i64) {
+        metrics::gauge!(m::DB_TLS_CERT_EXPIRY_SECONDS, m::POOL_LABEL => self.label()).set(seconds as f64);
+    }
 }

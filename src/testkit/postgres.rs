@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 
+use super::certs::CertPair;
 use super::util::{self, OsUser, Result, Signal, TestkitError};
 
 const INSTALL: &str = "apt-get install postgresql";
@@ -54,6 +55,40 @@ pub struct TempPostgres {
     port: AtomicU16,
     user: String,
     password: String,
+    /// Extra `-c name=value` settings (TLS).
+    settings: Vec<String>,
+}
+
+/// TLS for [`TempPostgres::start_tls_with`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PgServerTls {
+    /// The server's certificate and key.
+    pub server: CertPair,
+    /// CA whose client certificates the server accepts (`ssl_ca_file`); needed for `cert`.
+    pub client_ca: Option<PathBuf>,
+    /// A role that logs in with a client certificate (pg_hba `cert`: the certificate's CN must
+    /// be this name). The role is not created: create it with the superuser.
+    pub cert_user: Option<String>,
+}
+
+impl PgServerTls {
+    /// TLS with `server`'s certificate, password logins only.
+    pub fn new(server: &CertPair) -> Self {
+        PgServerTls {
+            server: server.clone(),
+            client_ca: None,
+            cert_user: None,
+        }
+    }
+
+    /// `user` logs in with a client certificate signed by `client_ca` (pg_hba `cert`).
+    #[must_use]
+    pub fn cert_auth(mut self, client_ca: impl Into<PathBuf>, user: impl Into<String>) -> Self {
+        self.client_ca = Some(client_ca.into());
+        self.cert_user = Some(user.into());
+        self
+    }
 }
 
 impl fmt::Debug for TempPostgres {
@@ -83,6 +118,23 @@ impl TempPostgres {
     /// Fails with [`TestkitError::MissingBinary`] (naming `apt-get install postgresql`) when
     /// `initdb`/`postgres` are not on `PATH` or in `/usr/lib/postgresql/*/bin`.
     pub async fn start() -> Result<TempPostgres> {
+        Self::start_with(None).await
+    }
+
+    /// [`start`](Self::start) with TLS only: `ssl=on` with `server`'s certificate, and a
+    /// pg_hba.conf of `hostssl` lines only (a plaintext TCP connection is refused, and the
+    /// refusal is logged as `no encryption`). `log_connections` is on, so the log shows each
+    /// connection's TLS.
+    pub async fn start_tls(server: &CertPair) -> Result<TempPostgres> {
+        Self::start_with(Some(PgServerTls::new(server))).await
+    }
+
+    /// [`start_tls`](Self::start_tls) with client-certificate authentication (see [`PgServerTls`]).
+    pub async fn start_tls_with(tls: PgServerTls) -> Result<TempPostgres> {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<PgServerTls>) -> Result<TempPostgres> {
         let bin_dir = find_bin_dir()?;
         let run_as = if util::is_root() {
             Some(util::lookup_user("postgres").ok_or_else(|| {
@@ -111,6 +163,10 @@ impl TempPostgres {
         let mut cp = Command::new("cp");
         cp.arg("-a").arg(&template.data_dir).arg(&data_dir);
         util::run(cp, "copying the PostgreSQL template").await?;
+        let settings = match &tls {
+            Some(tls) => install_tls(dir.path(), &data_dir, tls, run_as.as_ref())?,
+            None => Vec::new(),
+        };
 
         let pg = TempPostgres {
             child: Mutex::new(None),
@@ -122,6 +178,7 @@ impl TempPostgres {
             port: AtomicU16::new(util::free_port()?),
             user: template.user.clone(),
             password: template.password.clone(),
+            settings,
         };
         // The free port may be taken between probing and binding it: then try another.
         let mut attempts = 0;
@@ -307,6 +364,9 @@ impl TempPostgres {
         ] {
             cmd.arg("-c").arg(setting);
         }
+        for setting in &self.settings {
+            cmd.arg("-c").arg(setting);
+        }
         cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
         let child = cmd
             .spawn()
@@ -374,6 +434,42 @@ impl Drop for TempPostgres {
         }
         // `dir` (a TempDir) removes the directory after this.
     }
+}
+
+/// Copies the certificate files into the instance dir (owned by the server's user, keys 0600,
+/// as PostgreSQL insists), writes a `hostssl`-only pg_hba.conf, and returns the settings.
+fn install_tls(dir: &Path, data_dir: &Path, tls: &PgServerTls, run_as: Option<&OsUser>) -> Result<Vec<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let copy = |from: &Path, name: &str, mode: u32| -> Result<PathBuf> {
+        let to = dir.join(name);
+        std::fs::copy(from, &to).map_err(|e| TestkitError::io(format!("copying {}", from.display()), e))?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| TestkitError::io(format!("chmod {}", to.display()), e))?;
+        if let Some(user) = run_as {
+            util::chown(&to, user)?;
+        }
+        Ok(to)
+    };
+    let cert = copy(&tls.server.cert, "server.crt", 0o644)?;
+    let key = copy(&tls.server.key, "server.key", 0o600)?;
+    let mut settings = vec![
+        "ssl=on".to_owned(),
+        format!("ssl_cert_file={}", cert.display()),
+        format!("ssl_key_file={}", key.display()),
+        "log_connections=on".to_owned(),
+    ];
+    if let Some(ca) = &tls.client_ca {
+        let ca = copy(ca, "client-ca.crt", 0o644)?;
+        settings.push(format!("ssl_ca_file={}", ca.display()));
+    }
+    let mut hba = String::from("local all all scram-sha-256\n");
+    if let Some(user) = &tls.cert_user {
+        hba.push_str(&format!("hostssl all \"{user}\" 127.0.0.1/32 cert\n"));
+    }
+    hba.push_str("hostssl all all 127.0.0.1/32 scram-sha-256\n");
+    // Nothing else: `hostnossl` has no line, so a plaintext TCP login is refused.
+    std::fs::write(data_dir.join("pg_hba.conf"), hba).map_err(|e| TestkitError::io("writing pg_hba.conf", e))?;
+    Ok(settings)
 }
 
 fn pg_command(bin_dir: &Path, program: &str, cwd: &Path, run_as: Option<&OsUser>) -> Command {

@@ -60,16 +60,21 @@ pub enum StepKind {
     DatabaseLogin,
     /// `SELECT 1` returns 1.
     SelectOne,
+    /// The tunnel negotiates TLS with PostgreSQL as `DATABASE_URL`'s `sslmode` asks (protocol,
+    /// cipher, what was verified, days until the server certificate expires). Runs after
+    /// [`ChannelOpen`](Self::ChannelOpen); number 8 (exit code 18) because it was added later.
+    Tls,
 }
 
 impl StepKind {
     /// Every step, in the order they run.
-    pub const ALL: [StepKind; 7] = [
+    pub const ALL: [StepKind; 8] = [
         StepKind::TcpReach,
         StepKind::SshHandshake,
         StepKind::HostKey,
         StepKind::Authentication,
         StepKind::ChannelOpen,
+        StepKind::Tls,
         StepKind::DatabaseLogin,
         StepKind::SelectOne,
     ];
@@ -84,7 +89,13 @@ impl StepKind {
             StepKind::ChannelOpen => 5,
             StepKind::DatabaseLogin => 6,
             StepKind::SelectOne => 7,
+            StepKind::Tls => 8,
         }
+    }
+
+    /// The step's place in [`ALL`](Self::ALL) (the order they run), from 1.
+    pub fn position(self) -> usize {
+        Self::ALL.iter().position(|k| *k == self).map_or(0, |i| i + 1)
     }
 
     /// The short name `sea-orm-tunnel check` prints, e.g. `host key`.
@@ -97,11 +108,12 @@ impl StepKind {
             StepKind::ChannelOpen => "channel open",
             StepKind::DatabaseLogin => "database login",
             StepKind::SelectOne => "SELECT 1",
+            StepKind::Tls => "TLS",
         }
     }
 
     /// The process exit code for a failure at this step: 10 + [`number`](Self::number)
-    /// (11 TCP reach ... 17 SELECT 1).
+    /// (11 TCP reach ... 17 SELECT 1, 18 TLS).
     pub fn exit_code(self) -> u8 {
         10 + self.number()
     }
@@ -225,7 +237,7 @@ pub async fn diagnose_with(config: &Config, on_step: impl FnMut(&Step) + Send) -
     let started = Instant::now();
     let route = match config.tunnel.clone() {
         Some(tunnel) => {
-            let _ = tunnel_steps(&mut rec, tunnel, db_options, timeout).await;
+            let _ = tunnel_steps(&mut rec, config, tunnel, db_options, timeout).await;
             Route::Tunnel
         }
         None => {
@@ -253,7 +265,7 @@ struct Recorder<F> {
 
 impl<F: FnMut(&Step)> Recorder<F> {
     fn push(&mut self, kind: StepKind, outcome: Outcome, elapsed: Option<Duration>, detail: String, hint: &str) {
-        debug_assert_eq!(usize::from(kind.number()), self.steps.len() + 1, "steps run in order");
+        debug_assert_eq!(kind.position(), self.steps.len() + 1, "steps run in order");
         let step = Step {
             kind,
             outcome,
@@ -276,7 +288,7 @@ impl<F: FnMut(&Step)> Recorder<F> {
     /// Records the failure and every later step as not run.
     fn fail(&mut self, kind: StepKind, elapsed: Option<Duration>, error: impl fmt::Display, hint: &str) -> Stopped {
         self.push(kind, Outcome::Failed, elapsed, error.to_string(), hint);
-        for later in StepKind::ALL.into_iter().skip(usize::from(kind.number())) {
+        for later in StepKind::ALL.into_iter().skip(kind.position()) {
             self.push(later, Outcome::NotRun, None, String::new(), "");
         }
         Stopped
@@ -318,15 +330,32 @@ async fn direct_steps<F: FnMut(&Step)>(
     ] {
         rec.skipped(kind, "no tunnel");
     }
+    rec.skipped(
+        StepKind::Tls,
+        &format!(
+            "no tunnel: sqlx negotiates TLS itself (sslmode={})",
+            crate::tls::PostgresTls::from_database_url(config.database_url_str())
+                .map_or_else(|_| "?".to_owned(), |t| t.mode.to_string())
+        ),
+    );
     database_steps(rec, db_options, timeout).await
 }
 
 async fn tunnel_steps<F: FnMut(&Step)>(
     rec: &mut Recorder<F>,
+    config: &Config,
     tunnel_config: TunnelConfig,
     db_options: sqlx::postgres::PgConnectOptions,
     timeout: Duration,
 ) -> StepResult {
+    // TLS as the manager holds it; a problem with it (a missing sslrootcert) is the TLS step's
+    // failure, after the SSH steps were checked over a tunnel without TLS.
+    let (tunnel_config, tls_problem) = match crate::tls::resolve_tunnel(config, &tunnel_config) {
+        Ok(t) => (t, None),
+        Err(e) => (tunnel_config.postgres_tls(crate::tls::PostgresTls::disabled()), Some(e)),
+    };
+    let holds_tls = crate::tls::tunnel_holds_tls(&tunnel_config);
+    let tls_settings = tunnel_config.postgres_tls.clone();
     // 1. TCP reach: the first hop of the chain (the first jump host, or the bastion). With
     //    several bastions and no jump host, the first one that answers (as the tunnel does).
     let t = Instant::now();
@@ -406,7 +435,7 @@ async fn tunnel_steps<F: FnMut(&Step)>(
     });
     let chain_desc = describe_chain(&tunnel_config);
     let t = Instant::now();
-    let tunnel = match SshTunnel::connect(tunnel_config).await {
+    let tunnel = match SshTunnel::connect_labeled(tunnel_config, config.pool.pool_label.clone()).await {
         Ok(tunnel) => {
             let elapsed = t.elapsed();
             // With several bastions, say which one the tunnel got to.
@@ -470,17 +499,64 @@ async fn tunnel_steps<F: FnMut(&Step)>(
         }
     };
 
-    // 5. Channel open: a PostgreSQL SSLRequest through the tunnel must come back with one byte.
+    // 5. Channel open: a PostgreSQL SSLRequest through the tunnel must come back with one byte;
+    //    through a tunnel that holds TLS, a startup message must come back with the server's first
+    //    answer (the tunnel answers the SSLRequest itself).
+    // 6. TLS: what the tunnel negotiated for that connection.
     let mut events = tunnel.subscribe();
     let t = Instant::now();
-    let result = match channel_probe(tunnel.local_endpoint(), timeout).await {
+    let probe = if holds_tls {
+        let user = db_options.get_username().to_owned();
+        let database = db_options.get_database().unwrap_or(&user).to_owned();
+        startup_probe(tunnel.local_endpoint(), &user, &database, timeout).await
+    } else {
+        channel_probe(tunnel.local_endpoint(), timeout)
+            .await
+            .map(Probe::Answered)
+    };
+    let result = match probe {
         Ok(answer) => {
+            let elapsed = t.elapsed();
+            let said = match &answer {
+                Probe::Answered(a) => *a,
+                Probe::TlsRefused(_) | Probe::Served => "through the tunnel's TLS negotiation",
+            };
             rec.ok(
                 StepKind::ChannelOpen,
-                Some(t.elapsed()),
-                format_args!("direct-tcpip to {remote}; PostgreSQL answered ({answer})"),
+                Some(elapsed),
+                format_args!("direct-tcpip to {remote}; PostgreSQL answered ({said})"),
             );
+            match (answer, tls_problem, &tls_settings) {
+                (_, Some(problem), _) => {
+                    let hint =
+                        "fix the file or parameter named (DATABASE_URL sslrootcert / sslcert / sslkey / sslpassword)";
+                    tunnel.disconnect().await;
+                    return Err(rec.fail(StepKind::Tls, None, problem, hint));
+                }
+                (Probe::TlsRefused(message), None, _) => {
+                    tunnel.disconnect().await;
+                    return Err(rec.fail(StepKind::Tls, Some(elapsed), message, tls_hint(&tls_settings)));
+                }
+                (Probe::Served, None, Some(tls)) => match tls.last_session() {
+                    Some(session) => rec.ok(StepKind::Tls, Some(elapsed), describe_session(&session)),
+                    None => rec.ok(
+                        StepKind::Tls,
+                        Some(elapsed),
+                        format_args!(
+                            "plaintext: the server does not support TLS, and sslmode={} allows that",
+                            tls.mode
+                        ),
+                    ),
+                },
+                _ => rec.skipped(StepKind::Tls, "sslmode=disable: the tunnel forwards bytes as they are"),
+            }
             let endpoint = tunnel.local_endpoint().clone();
+            // The tunnel holds TLS: plaintext to its private endpoint, as the pool does.
+            let db_options = if holds_tls {
+                db_options.ssl_mode(sqlx::postgres::PgSslMode::Disable)
+            } else {
+                db_options
+            };
             let db_options = match &endpoint {
                 LocalEndpoint::Tcp(addr) => db_options.host(&addr.ip().to_string()).port(addr.port()),
                 LocalEndpoint::Unix(_) => {
@@ -681,6 +757,105 @@ async fn read_banner(addr: SocketAddr) -> std::io::Result<String> {
                 "not an SSH server (no banner line)",
             ));
         }
+    }
+}
+
+/// What a probe through the tunnel found.
+enum Probe {
+    /// The server answered the `SSLRequest` (a tunnel without TLS).
+    Answered(&'static str),
+    /// The tunnel refused TLS to the server (its `ErrorResponse`'s message).
+    TlsRefused(String),
+    /// The server answered the startup message through the tunnel's TLS (or plaintext).
+    Served,
+}
+
+/// Sends a startup message through a tunnel that holds TLS and reads the first answer: the
+/// tunnel's own refusal (TLS failed), or anything from the server (TLS worked; a login error is
+/// the login step's business).
+async fn startup_probe(
+    endpoint: &LocalEndpoint,
+    user: &str,
+    database: &str,
+    timeout: Duration,
+) -> std::io::Result<Probe> {
+    use super::pgwire;
+    let message = pgwire::startup_message(&[
+        ("user", user),
+        ("database", database),
+        ("application_name", "sea-orm-tunnel-check"),
+    ]);
+    async fn probe<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        mut s: S,
+        message: &[u8],
+    ) -> std::io::Result<Probe> {
+        s.write_all(message).await?;
+        let first = pgwire::read_first_server_message(&mut s)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the tunnel closed the connection")
+                }
+                _ => e,
+            })?;
+        if let Some(fields) = pgwire::error_fields(&first)
+            && fields
+                .iter()
+                .any(|(k, v)| *k == b'R' && v == crate::error::TUNNEL_TLS_ROUTINE)
+        {
+            let message = fields
+                .into_iter()
+                .find(|(k, _)| *k == b'M')
+                .map(|(_, v)| v)
+                .unwrap_or_default();
+            let message = message.strip_prefix("sea-orm-tunnel: ").unwrap_or(&message).to_owned();
+            return Ok(Probe::TlsRefused(message));
+        }
+        Ok(Probe::Served)
+    }
+    let attempt = async {
+        match endpoint {
+            LocalEndpoint::Tcp(addr) => probe(tokio::net::TcpStream::connect(addr).await?, &message).await,
+            #[cfg(unix)]
+            LocalEndpoint::Unix(path) => probe(tokio::net::UnixStream::connect(path).await?, &message).await,
+            #[cfg(not(unix))]
+            LocalEndpoint::Unix(_) => Err(std::io::Error::other("Unix sockets are not supported here")),
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))?
+}
+
+/// `TLSv1_3, TLS13_AES_256_GCM_SHA384, chain and name verified for db.internal; the server
+/// certificate expires in 364 days (2027-12-01 00:00:00 UTC)`.
+fn describe_session(session: &crate::tls::TlsSession) -> String {
+    let mut out = format!(
+        "{}, {}, {} for {}",
+        session.protocol, session.cipher, session.verification, session.server_name
+    );
+    if let (Some(left), Some(at)) = (session.expires_in_secs(), session.not_after) {
+        let days = left.div_euclid(86_400);
+        out.push_str(&format!(
+            "; the server certificate expires in {days} days ({})",
+            crate::tls::format_unix(at.max(0) as u64)
+        ));
+        if left < crate::tls::EXPIRY_WARNING_DAYS * 86_400 {
+            out.push_str(&format!(
+                " - WARNING: less than {} days left",
+                crate::tls::EXPIRY_WARNING_DAYS
+            ));
+        }
+    }
+    out
+}
+
+fn tls_hint(settings: &Option<crate::tls::PostgresTls>) -> &'static str {
+    match settings.as_ref().map(|t| t.mode) {
+        Some(crate::tls::SslMode::VerifyFull) => {
+            "check sslrootcert (the CA that signed the server's certificate), the name on the certificate              (sslservername when DATABASE_URL names the server by address or alias) and its dates"
+        }
+        _ => "check that PostgreSQL has ssl=on, sslrootcert, and the client certificate (sslcert/sslkey)",
     }
 }
 

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
+use super::pgwire;
 use super::session::SshSession;
 use super::{Inner, LOG_TARGET, LocalEndpoint, TunnelEvent, TunnelState};
 use crate::config::{LocalEndpointConfig, TunnelConfig};
@@ -33,6 +34,10 @@ pub(crate) enum Listener {
 /// Binds the endpoint: `127.0.0.1:port` (never a wildcard address), or a Unix socket
 /// `.s.PGSQL.<remote_port>` in a fresh 0700 directory under the temp dir.
 pub(crate) async fn bind(config: &TunnelConfig) -> Result<(Listener, LocalEndpoint, Option<PathBuf>)> {
+    // TLS files are read once, here: a missing sslrootcert fails the start, not each connection.
+    if let Some(tls) = config.postgres_tls.as_ref().filter(|t| t.is_enabled()) {
+        tls.validate()?;
+    }
     match &config.local {
         LocalEndpointConfig::Tcp(port) => {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, *port));
@@ -199,8 +204,197 @@ async fn acquire_slot(inner: &Arc<Inner>, deadline: Instant) -> std::result::Res
     }
 }
 
-/// Forwards one local connection: reserve a slot, open the channel, copy both ways.
+/// Forwards one local connection: reserve a slot, open the channel, copy both ways (through the
+/// PostgreSQL startup phase first when the tunnel holds TLS).
 async fn serve(inner: Arc<Inner>, local: LocalStream, origin: (String, u32)) {
+    let tls = match inner.config.postgres_tls.as_ref().filter(|t| t.is_enabled()) {
+        // Loaded (and validated) by `bind`: this is a cache hit.
+        Some(tls) => match tls.load() {
+            Ok(loaded) => Some(loaded),
+            Err(e) => {
+                tracing::warn!(target: LOG_TARGET, error = %e, "TLS settings unusable; closing the local connection");
+                return;
+            }
+        },
+        None => None,
+    };
+    match (local, tls) {
+        (local, None) => serve_raw(inner, local, origin).await,
+        (LocalStream::Tcp(s), Some(tls)) => serve_startup(inner, s, origin, tls).await,
+        #[cfg(unix)]
+        (LocalStream::Unix(s), Some(tls)) => serve_startup(inner, s, origin, tls).await,
+    }
+}
+
+/// Reserves a slot and opens a channel, waiting (until `deadline`) for a session; `None` when
+/// the connection was refused (already counted and logged).
+async fn slot_and_channel(
+    inner: &Arc<Inner>,
+    origin: &(String, u32),
+    deadline: Instant,
+) -> Option<(Slot, russh::Channel<russh::client::Msg>)> {
+    loop {
+        let slot = match acquire_slot(inner, deadline).await {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                refuse(inner, refusal, inner.config.connect_timeout);
+                return None;
+            }
+        };
+        match open_channel(inner, &slot.session, origin).await {
+            Ok(channel) => return Some((slot, channel)),
+            Err(OpenError::SessionGone) => {
+                // The session died under us: try another one (or wait for the reconnect).
+                drop(slot);
+                continue;
+            }
+            Err(OpenError::Refused) => return None,
+        }
+    }
+}
+
+/// The startup phase (see [`pgwire`]): the client's startup read here, TLS (or not, per
+/// `sslmode`) negotiated upstream, the startup sent on, then bytes copied untouched.
+async fn serve_startup<S: AsyncRead + AsyncWrite + Unpin>(
+    inner: Arc<Inner>,
+    local: S,
+    origin: (String, u32),
+    tls: Arc<crate::tls::Loaded>,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    let timeout = inner.config.connect_timeout;
+    let deadline = Instant::now() + timeout;
+    let (to_remote, from_remote) = inner.telemetry.byte_counters();
+    let mut local = Counted {
+        inner: local,
+        counters: &inner.counters,
+        to_remote,
+        from_remote,
+    };
+    let startup = match tokio::time::timeout_at(deadline, pgwire::read_client_startup(&mut local)).await {
+        Ok(Ok(startup)) => startup,
+        Ok(Err(pgwire::StartupError::Protocol(message))) => {
+            tracing::debug!(target: LOG_TARGET, %message, "local connection is not a PostgreSQL startup");
+            let reply = pgwire::error_response(pgwire::SQLSTATE_PROTOCOL_VIOLATION, &message, None, None);
+            let _ = local.write_all(&reply).await;
+            return;
+        }
+        Ok(Err(pgwire::StartupError::Io(e))) => {
+            tracing::trace!(target: LOG_TARGET, error = %e, "local client left before its startup message");
+            return;
+        }
+        // Nothing in time.
+        Err(_) => return,
+    };
+    let Some((slot, channel)) = slot_and_channel(&inner, &origin, deadline).await else {
+        return;
+    };
+    let negotiated = tokio::select! {
+        r = tokio::time::timeout_at(deadline, pgwire::negotiate(channel.into_stream(), &tls)) => r,
+        () = slot.session.kill.cancelled() => return,
+        () = inner.cancel.cancelled() => return,
+    };
+    let mut upstream = match negotiated {
+        Ok(Ok(pgwire::Negotiated::Ready(upstream))) => upstream,
+        Ok(Ok(pgwire::Negotiated::ServerError(server))) => {
+            // The server's own error: hand it over as it comes.
+            if local.write_all(b"E").await.is_ok() {
+                let mut server = server;
+                let _ = tokio::io::copy_bidirectional_with_sizes(&mut local, &mut server, COPY_BUF, COPY_BUF).await;
+            }
+            return;
+        }
+        // The channel broke mid-negotiation: close, as a plain forward would, so the client
+        // sees the same I/O error it would see without TLS in the tunnel.
+        Ok(Err(error)) if error.is_transient() => {
+            tracing::debug!(target: LOG_TARGET, error = %error, "connection to PostgreSQL lost during TLS negotiation");
+            inner.record_error(Arc::new(error));
+            return;
+        }
+        Ok(Err(error)) => return tls_refused(&inner, &mut local, error).await,
+        Err(_) => {
+            let error = tls.error(
+                crate::error::TlsErrorKind::Io,
+                format!("no TLS handshake with the server within {timeout:?}"),
+            );
+            return tls_refused(&inner, &mut local, error).await;
+        }
+    };
+    if let Some(session) = upstream.tls_session(&tls) {
+        if let Some(left) = session.expires_in_secs() {
+            inner.telemetry.set_tls_cert_expiry(left);
+        }
+        tls.record(session);
+    }
+    // The server's first answer is read here, not in the copy: a TLS 1.3 server refuses a
+    // client certificate only after the handshake, and that must reach the client as an error;
+    // and a SASL offer must lose its channel-binding mechanism (see `pgwire`).
+    let is_tls = matches!(upstream, pgwire::Upstream::Tls(_));
+    let first = async {
+        upstream.write_all(&startup.message).await?;
+        upstream.flush().await?;
+        if startup.kind == pgwire::StartupKind::Cancel {
+            // The server answers a cancel request with nothing.
+            return Ok(None);
+        }
+        pgwire::read_first_server_message(&mut upstream).await.map(Some)
+    };
+    let first = tokio::select! {
+        r = first => r,
+        () = slot.session.kill.cancelled() => return,
+        () = inner.cancel.cancelled() => return,
+    };
+    match first {
+        Ok(None) => {}
+        Ok(Some(message)) => {
+            if local.write_all(&message).await.is_err() {
+                return;
+            }
+        }
+        Err(e) => {
+            let error = tls.handshake_error(&e);
+            if is_tls && !error.is_transient() {
+                return tls_refused(&inner, &mut local, error).await;
+            }
+            tracing::trace!(target: LOG_TARGET, error = %e, "forwarded connection ended during startup");
+            return;
+        }
+    }
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut local, &mut upstream, COPY_BUF, COPY_BUF);
+    tokio::select! {
+        r = copy => {
+            if let Err(e) = r {
+                tracing::trace!(target: LOG_TARGET, session = slot.session.id, error = %e, "forwarded connection ended with an error");
+            }
+        }
+        () = slot.session.kill.cancelled() => {}
+        () = inner.cancel.cancelled() => {}
+    }
+    drop(upstream);
+    drop(slot);
+}
+
+/// A TLS failure: recorded (a permanent one is reported by `SshTunnel::permanent_error`, so the
+/// manager returns it instead of retrying), logged, and told to the local client.
+async fn tls_refused<S: AsyncWrite + Unpin>(inner: &Inner, local: &mut S, error: Error) {
+    use tokio::io::AsyncWriteExt as _;
+    let reply = pgwire::error_response_for(&error);
+    if error.is_transient() {
+        tracing::debug!(target: LOG_TARGET, error = %error, "TLS to PostgreSQL failed");
+    } else {
+        tracing::warn!(target: LOG_TARGET, error = %error, "TLS to PostgreSQL refused");
+    }
+    let error = Arc::new(error);
+    if !error.is_transient() {
+        inner.set_channel_refusal(Some(error.clone()));
+    }
+    inner.record_error(error);
+    let _ = local.write_all(&reply).await;
+    let _ = local.flush().await;
+}
+
+/// Forwards one local connection as bytes: reserve a slot, open the channel, copy both ways.
+async fn serve_raw(inner: Arc<Inner>, local: LocalStream, origin: (String, u32)) {
     let timeout = inner.config.connect_timeout;
     let deadline = Instant::now() + timeout;
     let (slot, channel) = loop {

@@ -94,6 +94,7 @@ pub(crate) mod host_key;
 mod inner;
 #[allow(dead_code)] // Wired into the forward path with the PgBouncer mode.
 pub(crate) mod pgbouncer;
+pub(crate) mod pgwire;
 mod session;
 mod sessions;
 mod socket;

@@ -110,13 +110,14 @@ async fn check_walks_every_step_and_succeeds() {
         String::from_utf8_lossy(&out.stderr)
     );
     for step in [
-        "[1/7] TCP reach",
-        "[2/7] SSH handshake",
-        "[3/7] host key",
-        "[4/7] authentication",
-        "[5/7] channel open",
-        "[6/7] database login",
-        "[7/7] SELECT 1",
+        "[1/8] TCP reach",
+        "[2/8] SSH handshake",
+        "[3/8] host key",
+        "[4/8] authentication",
+        "[5/8] channel open",
+        "[6/8] TLS",
+        "[7/8] database login",
+        "[8/8] SELECT 1",
     ] {
         let line = stdout
             .lines()
@@ -146,7 +147,7 @@ async fn check_with_a_changed_host_key_fails_at_the_host_key_step() {
     assert_eq!(out.status.code(), Some(13), "exit code names step 3\n{stdout}");
     let line = stdout
         .lines()
-        .find(|l| l.contains("[3/7] host key"))
+        .find(|l| l.contains("[3/8] host key"))
         .expect("host key line");
     assert!(line.contains("FAILED"), "{line}");
     assert!(line.contains("CHANGED"), "{line}");
@@ -155,13 +156,13 @@ async fn check_with_a_changed_host_key_fails_at_the_host_key_step() {
     assert!(
         stdout
             .lines()
-            .any(|l| l.contains("[2/7] SSH handshake") && l.contains(" ok ")),
+            .any(|l| l.contains("[2/8] SSH handshake") && l.contains(" ok ")),
         "{stdout}"
     );
     assert!(
         stdout
             .lines()
-            .any(|l| l.contains("[4/7] authentication") && l.contains("not run")),
+            .any(|l| l.contains("[4/8] authentication") && l.contains("not run")),
         "{stdout}"
     );
 }
@@ -315,6 +316,7 @@ async fn diagnose_returns_every_step_as_data() {
             StepKind::SshHandshake,
             StepKind::Authentication,
             StepKind::ChannelOpen,
+            StepKind::Tls,
             StepKind::DatabaseLogin,
             StepKind::SelectOne
         ]
@@ -349,6 +351,7 @@ async fn diagnose_returns_every_step_as_data() {
             (StepKind::HostKey, Outcome::Failed),
             (StepKind::Authentication, Outcome::NotRun),
             (StepKind::ChannelOpen, Outcome::NotRun),
+            (StepKind::Tls, Outcome::NotRun),
             (StepKind::DatabaseLogin, Outcome::NotRun),
             (StepKind::SelectOne, Outcome::NotRun),
         ]
@@ -366,6 +369,7 @@ async fn diagnose_returns_every_step_as_data() {
             (StepKind::HostKey, Outcome::Skipped),
             (StepKind::Authentication, Outcome::Skipped),
             (StepKind::ChannelOpen, Outcome::Skipped),
+            (StepKind::Tls, Outcome::Skipped),
             (StepKind::DatabaseLogin, Outcome::Ok),
             (StepKind::SelectOne, Outcome::Ok),
         ]
@@ -373,7 +377,7 @@ async fn diagnose_returns_every_step_as_data() {
     assert_eq!(diagnosis.exit_code(), 0);
 
     // The documented exit codes: 10 + the step number.
-    assert_eq!(StepKind::ALL.map(StepKind::exit_code), [11, 12, 13, 14, 15, 16, 17]);
+    assert_eq!(StepKind::ALL.map(StepKind::exit_code), [11, 12, 13, 14, 15, 18, 16, 17]);
 }
 
 #[test]

@@ -25,6 +25,7 @@ mod password;
 mod security;
 mod ssh_config;
 mod testkit;
+mod tls;
 mod tonic_layers;
 mod tunnel;
 mod tunnel_auth;

@@ -45,7 +45,8 @@ fn config_error(e: &sea_orm_tunnel::Error) -> ExitCode {
 
 /// `  [3/7] host key        ok                 verified (...)`.
 fn step_line(step: &Step) -> String {
-    let n = step.kind.number();
+    // The place in the run order (the TLS step runs sixth, though its number is 8).
+    let n = step.kind.position();
     let total = StepKind::ALL.len();
     let name = step.kind.name();
     let time = step.elapsed.map(millis).unwrap_or_default();
@@ -70,7 +71,7 @@ fn verdict(diagnosis: &Diagnosis) -> ExitCode {
         Some(failed) => {
             println!(
                 "verdict: FAILED at step {} ({})",
-                failed.kind.number(),
+                failed.kind.position(),
                 failed.kind.name()
             );
             if let Some(hint) = &failed.hint {

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use sea_orm_tunnel::config::{Config, LocalEndpointConfig, TunnelConfig};
 use sea_orm_tunnel::tunnel::{LocalEndpoint, SshTunnel, TunnelEvent, TunnelState};
-use sea_orm_tunnel::url::{local_database_url, redact_url};
+use sea_orm_tunnel::url::{local_database_url, local_database_url_tls_in_tunnel, redact_url};
 use sea_orm_tunnel::{Error, Result};
 use secrecy::ExposeSecret as _;
 use tokio::sync::broadcast;
@@ -46,6 +46,23 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>) -> ExitCode {
     if let Some(local) = local {
         tunnel_config = tunnel_config.local(local);
     }
+    // TLS to PostgreSQL per DATABASE_URL's sslmode, held by the tunnel; files read now.
+    if let Some(config) = &config {
+        tunnel_config = match sea_orm_tunnel::tls::resolve_tunnel(config, &tunnel_config) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+    }
+    let holds_tls = sea_orm_tunnel::tls::tunnel_holds_tls(&tunnel_config);
+    if let Some(tls) = tunnel_config.postgres_tls.as_ref().filter(|_| holds_tls) {
+        log(format_args!(
+            "TLS to PostgreSQL held by the tunnel: sslmode={}, server name {:?}; local clients connect with sslmode=disable",
+            tls.mode, tls.server_name
+        ));
+    }
     // The delays of one reconnect round; after it gives up, `forward` starts another one after the
     // longest delay, like autossh, instead of exiting.
     let round_pause = tunnel_config.reconnect.max_delay;
@@ -73,17 +90,41 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>) -> ExitCode {
     ));
     let endpoint = tunnel.local_endpoint().clone();
     println!("listening on {endpoint}");
-    if let Some(config) = &config
-        && let Ok(url) = local_database_url(
-            config.database_url.expose_secret(),
-            &endpoint,
-            tunnel.config().remote_port,
-        )
-    {
-        println!("DATABASE_URL={}", redact_url(&url));
+    let remote_port = tunnel.config().remote_port;
+    let local_url = config.as_ref().and_then(|config| {
+        let url = config.database_url.expose_secret();
+        if holds_tls {
+            local_database_url_tls_in_tunnel(url, &endpoint, remote_port).ok()
+        } else {
+            local_database_url(url, &endpoint, remote_port).ok()
+        }
+    });
+    if let Some(url) = &local_url {
+        println!("DATABASE_URL={}", redact_url(url));
     }
-    if let (LocalEndpoint::Unix(_), Some(dir)) = (&endpoint, endpoint.unix_dir()) {
-        println!("psql: psql -h {} -p {} ...", dir.display(), tunnel.config().remote_port);
+    let options = config.as_ref().and_then(|c| c.database_options().ok());
+    let user = options
+        .as_ref()
+        .map(|o| o.get_username().to_owned())
+        .filter(|u| !u.is_empty());
+    let dbname = options.as_ref().and_then(|o| o.get_database().map(str::to_owned));
+    let mut psql = match (&endpoint, endpoint.unix_dir()) {
+        (LocalEndpoint::Unix(_), Some(dir)) => format!("host={} port={remote_port}", dir.display()),
+        (LocalEndpoint::Tcp(addr), _) => format!("host={} port={}", addr.ip(), addr.port()),
+        _ => String::new(),
+    };
+    if !psql.is_empty() {
+        if let Some(user) = user {
+            psql.push_str(&format!(" user={user}"));
+        }
+        if let Some(dbname) = dbname {
+            psql.push_str(&format!(" dbname={dbname}"));
+        }
+        // The tunnel holds TLS upstream: the private local side is plaintext.
+        if holds_tls {
+            psql.push_str(" sslmode=disable");
+        }
+        println!("psql: psql \"{psql}\"");
     }
     let _ = std::io::stdout().flush();
 
