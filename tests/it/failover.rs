@@ -204,6 +204,12 @@ async fn a_handler_using_question_mark_sees_a_failover_as_503_and_the_pool_moves
         .await
         .unwrap();
     let _: bool = scalar(&admin_a, "SELECT pg_reload_conf()").await;
+    // The postmaster signals every backend asynchronously: wait until the demotion is in force.
+    eventually("A read-only", || async {
+        scalar::<String>(&admin_a, "SHOW default_transaction_read_only").await == "on"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     switch.retarget(SocketAddr::from(([127, 0, 0, 1], b.port())));
 
     let demoted = http(served.addr, "POST", "/write/2", &[], "").await;
