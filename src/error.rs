@@ -175,6 +175,20 @@ pub enum Error {
         source: sea_orm::DbErr,
     },
 
+    /// The database answered like a transaction pooler (PgBouncer, pgcat, Supavisor, RDS Proxy)
+    /// while PgBouncer mode is off: an unsupported startup parameter, or a prepared statement
+    /// that already exists (42P05) or does not exist (26000) on the server connection the pooler
+    /// lent. Transient exactly when the database error is.
+    #[error(
+        "{source}: this looks like a transaction pooler (PgBouncer, pgcat, RDS Proxy); set \
+         pgbouncer=true in DATABASE_URL (or POSTGRES_PGBOUNCER=true)"
+    )]
+    TransactionPooler {
+        /// The database error.
+        #[source]
+        source: sea_orm::DbErr,
+    },
+
     /// The bastion needs an algorithm this build leaves out: an optional cargo feature is off.
     #[error("SSH connection to {host}:{port} needs {needs}: enable the `{feature}` feature of sea-orm-tunnel")]
     FeatureRequired {
@@ -375,7 +389,7 @@ impl Error {
             | Error::Failover { .. } => true,
             // A renewed certificate on disk heals it: the file is read again on every attempt.
             Error::UserCertificateExpired { .. } => true,
-            Error::Database(e) => db_err_is_transient(e),
+            Error::Database(e) | Error::TransactionPooler { source: e } => db_err_is_transient(e),
         }
     }
 

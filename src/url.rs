@@ -164,7 +164,9 @@ fn local_url(database_url: &str, endpoint: &LocalEndpoint, remote_port: u16, tun
         .query_pairs()
         .filter(|pair| {
             let name = param_name(pair);
-            let dropped = TARGET_PARAMS.contains(&name.as_str()) || (tunnel_tls && is_encryption_param(&name));
+            let dropped = TARGET_PARAMS.contains(&name.as_str())
+                || name == "pgbouncer"
+                || (tunnel_tls && is_encryption_param(&name));
             !dropped
         })
         .map(Cow::Borrowed)
@@ -412,10 +414,36 @@ pub(crate) fn without_crate_params(url: &str) -> String {
     };
     let query: Vec<Cow<'_, str>> = parts
         .query_pairs()
-        .filter(|pair| !matches!(param_name(pair).as_str(), "sslpassword" | "sslservername"))
+        .filter(|pair| !matches!(param_name(pair).as_str(), "sslpassword" | "sslservername" | "pgbouncer"))
         .map(Cow::Borrowed)
         .collect();
     parts.join(parts.userinfo, parts.host_port, &query)
+}
+
+/// `pgbouncer=true|false` in `DATABASE_URL` (the parameter other tools use), if present. An
+/// unreadable value is an error naming it.
+pub(crate) fn pgbouncer_param(url: &str) -> Result<Option<bool>> {
+    let Some(parts) = Parts::split(url.trim()) else {
+        return Ok(None);
+    };
+    let mut found = None;
+    for pair in parts.query_pairs() {
+        if param_name(pair) != "pgbouncer" {
+            continue;
+        }
+        let value = pair.split_once('=').map_or("", |(_, v)| v);
+        found = Some(match value.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" => false,
+            _ => {
+                return Err(Error::config(
+                    "DATABASE_URL",
+                    format!("pgbouncer={value:?} is not true or false"),
+                ));
+            }
+        });
+    }
+    Ok(found)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ pub const ENV_VARS: &[&str] = &[
     "CONNECTION_LOG_TO_DB",
     "SHUTDOWN_DRAIN_TIMEOUT",
     "DATABASE_PASSWORD_FILE",
+    "POSTGRES_PGBOUNCER",
     "SSH_HOST",
     "SSH_PORT",
     "SSH_USER",
@@ -84,6 +85,7 @@ impl Config {
     /// | `POSTGRES_LEAK_DETECTION_THRESHOLD` (ms, 0 = off) | off |
     /// | `CONNECTION_LOG_TO_DB` | false |
     /// | `SHUTDOWN_DRAIN_TIMEOUT` (ms) | 5000 |
+    /// | `POSTGRES_PGBOUNCER` (transaction pooler; `pgbouncer=true` in `DATABASE_URL` wins) | false |
     /// | `DATABASE_PASSWORD_FILE` (the password, re-read when the file changes; `DATABASE_URL` then has none) | none |
     /// | `SSH_HOST` (`host[:port],...`: bastions tried in order, failover to the next) | unset = no tunnel |
     /// | `SSH_PORT` | 22 |
@@ -420,6 +422,9 @@ fn read_config(vars: &Vars<'_>) -> Result<Config> {
     }
     if let Some(v) = vars.millis("SHUTDOWN_DRAIN_TIMEOUT")? {
         config.shutdown_drain_timeout = v;
+    }
+    if let Some(v) = vars.bool("POSTGRES_PGBOUNCER")? {
+        config.pgbouncer = v;
     }
     if let Some(path) = vars.path("DATABASE_PASSWORD_FILE")? {
         config.password_source = Some(super::PasswordSource::file(path));

@@ -94,6 +94,10 @@ pub struct Config {
     /// `DATABASE_PASSWORD_FILE`, or a provider: a password that rotates. `None` = the password of
     /// `DATABASE_URL`. Default `None`.
     pub password_source: Option<PasswordSource>,
+    /// `POSTGRES_PGBOUNCER`: the database is reached through a transaction pooler (PgBouncer,
+    /// pgcat, Supavisor, RDS Proxy). `pgbouncer=true|false` in `DATABASE_URL` wins. See
+    /// [`pgbouncer`](Self::pgbouncer). Default false.
+    pub pgbouncer: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -125,7 +129,34 @@ impl Config {
             log_to_db: false,
             shutdown_drain_timeout: profile::SHUTDOWN_DRAIN_TIMEOUT,
             password_source: None,
+            pgbouncer: false,
         }
+    }
+
+    /// `POSTGRES_PGBOUNCER`: PgBouncer transaction-mode compatibility (`pgbouncer=true` in
+    /// `DATABASE_URL` wins over this).
+    ///
+    /// - Through the tunnel, the forward path rewrites sqlx's named prepared statements to the
+    ///   unnamed statement (re-parsed when the pooler lent another server), so any transaction
+    ///   pooler works, PgBouncer 1.18 included. Without a tunnel the pooler must support
+    ///   prepared statements itself (PgBouncer ≥ 1.21 with `max_prepared_statements`).
+    /// - `extra_float_digits` and `options` are not sent at startup; session settings (role,
+    ///   timeouts, read-only) are a validation error, since they would leak to other clients of
+    ///   the pooler's server connections. `application_name` is allowed (the pooler tracks it).
+    /// - Per-connection ids are not set on the server (a `SET` would leak too), and shutdown
+    ///   never terminates the pooler's server connections.
+    #[must_use]
+    pub fn pgbouncer(mut self, enabled: bool) -> Self {
+        self.pgbouncer = enabled;
+        self
+    }
+
+    /// Whether PgBouncer mode is on: `pgbouncer=` in `DATABASE_URL`, else [`pgbouncer`](Self::pgbouncer).
+    pub fn pgbouncer_mode(&self) -> bool {
+        crate::url::pgbouncer_param(self.database_url.expose_secret())
+            .ok()
+            .flatten()
+            .unwrap_or(self.pgbouncer)
     }
 
     /// The database password comes from `source` (a file re-read when it changes, or an async
@@ -308,6 +339,7 @@ impl fmt::Debug for Config {
             .field("log_to_db", &self.log_to_db)
             .field("shutdown_drain_timeout", &self.shutdown_drain_timeout)
             .field("password_source", &self.password_source)
+            .field("pgbouncer", &self.pgbouncer)
             .finish()
     }
 }

@@ -86,6 +86,10 @@ pub struct TunnelConfig {
     /// `sea-orm-tunnel forward` take it from `DATABASE_URL`; a tunnel used on its own copies
     /// bytes untouched.
     pub postgres_tls: Option<crate::tls::PostgresTls>,
+    /// PgBouncer (transaction pooling) compatibility in the forward path: named prepared
+    /// statements are rewritten to the unnamed one (see [`Config::pgbouncer`]). The manager and
+    /// `forward` set it from the configuration. Default false.
+    pub pgbouncer: bool,
 }
 
 /// A bastion address, `host:port` (see [`TunnelConfig::fallback_hosts`]).
@@ -206,6 +210,7 @@ impl TunnelConfig {
             ssh_config: SshConfigSource::Disabled,
             ssh_alias: None,
             postgres_tls: None,
+            pgbouncer: false,
         }
     }
 
@@ -402,6 +407,14 @@ impl TunnelConfig {
         .collect()
     }
 
+    /// PgBouncer (transaction pooling) compatibility in the forward path (see
+    /// [`pgbouncer`](Self::pgbouncer)). Default false.
+    #[must_use]
+    pub fn pgbouncer(mut self, enabled: bool) -> Self {
+        self.pgbouncer = enabled;
+        self
+    }
+
     /// TLS to PostgreSQL held by the tunnel (see [`crate::tls`]); overrides what
     /// `DATABASE_URL` says.
     #[must_use]
@@ -446,6 +459,7 @@ impl fmt::Debug for TunnelConfig {
             .field("ssh_config", &self.ssh_config)
             .field("ssh_alias", &self.ssh_alias)
             .field("postgres_tls", &self.postgres_tls)
+            .field("pgbouncer", &self.pgbouncer)
             .finish()
     }
 }

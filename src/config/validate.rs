@@ -60,6 +60,9 @@ impl Config {
         validate_health(&self.health, n)?;
         validate_backoff(&self.recovery, &|f| format!("recovery.{f}"))?;
         validate_session(&self.session, n)?;
+        if crate::url::pgbouncer_param(self.database_url.expose_secret())?.unwrap_or(self.pgbouncer) {
+            validate_pgbouncer(&self.session, n)?;
+        }
         if let Some(source) = &self.password_source {
             let has_password = crate::url::split_password(self.database_url.expose_secret())
                 .1
@@ -113,6 +116,38 @@ impl BackoffPolicy {
     pub fn validate(&self) -> Result<()> {
         validate_backoff(self, &|f| f.to_owned())
     }
+}
+
+/// Session settings would stay on the pooler's server connection and leak to its other clients.
+fn validate_pgbouncer(session: &super::SessionSettings, n: Naming) -> Result<()> {
+    let mut refused = Vec::new();
+    if session.role.is_some() {
+        refused.push(n.pick("session.role", "the session role"));
+    }
+    if session.statement_timeout.is_some() {
+        refused.push(n.pick("session.statement_timeout", "POSTGRES_STATEMENT_TIMEOUT"));
+    }
+    if session.idle_in_transaction_session_timeout.is_some() {
+        refused.push(n.pick(
+            "session.idle_in_transaction_session_timeout",
+            "the idle-in-transaction timeout",
+        ));
+    }
+    if session.read_only {
+        refused.push(n.pick("session.read_only", "the read-only session setting"));
+    }
+    if refused.is_empty() {
+        return Ok(());
+    }
+    Err(Error::config(
+        n.pick("pgbouncer", "POSTGRES_PGBOUNCER"),
+        format!(
+            "is on, and {} cannot be used with a transaction pooler: they are per-session settings \
+             that would stay on the pooler's server connection for its other clients; set them on \
+             the database role instead (ALTER ROLE ... SET ...)",
+            refused.join(", ")
+        ),
+    ))
 }
 
 /// A rotating password replaces the URL's: both at once would leave one of them unused.

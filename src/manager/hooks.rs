@@ -79,6 +79,9 @@ pub(crate) struct Hooks {
     next_id: Arc<AtomicU64>,
     generation: Arc<Generation>,
     test_if_idle_for: Duration,
+    /// PgBouncer mode: a `SET` would stay on the pooler's server connection; no per-connection id
+    /// is set on the server.
+    pub(crate) no_server_id: std::sync::atomic::AtomicBool,
     /// Reference instant and seed of the lifetime jitter.
     base: Instant,
     seed: u64,
@@ -111,6 +114,7 @@ impl Hooks {
             next_id,
             generation,
             test_if_idle_for: pool.test_if_idle_for,
+            no_server_id: std::sync::atomic::AtomicBool::new(false),
             base: Instant::now(),
             seed: fastrand::u64(..),
             known: Mutex::new(Known::default()),
@@ -230,7 +234,9 @@ impl Hooks {
         let n = self.next_id.fetch_add(1, Ordering::SeqCst) + 1;
         let id: Arc<str> = format!("{}-{n}", self.id_base).into();
         let sql = format!("SET application_name = {}", quote_literal(&id));
-        if let Err(error) = conn.execute(sqlx::AssertSqlSafe(sql)).await {
+        if !self.no_server_id.load(Ordering::Relaxed)
+            && let Err(error) = conn.execute(sqlx::AssertSqlSafe(sql)).await
+        {
             self.counters.setup_failures.fetch_add(1, Ordering::Relaxed);
             self.failed(&id, "setup", &error);
             return Err(error);

@@ -203,8 +203,11 @@ impl ConnectionManager {
         config.validate()?;
         // TLS to PostgreSQL: held by the tunnel (settings from DATABASE_URL, files read now so a
         // missing one fails here), or left to sqlx for a direct connection.
+        let pgbouncer = config.pgbouncer_mode();
         match &config.tunnel {
-            Some(tc) => config.tunnel = Some(crate::tls::resolve_tunnel(&config, tc)?),
+            Some(tc) => {
+                config.tunnel = Some(crate::tls::resolve_tunnel(&config, tc)?.pgbouncer(pgbouncer || tc.pgbouncer))
+            }
             None => crate::tls::check_direct(config.database_url_str())?,
         }
         let generation = Arc::new(Generation::new());
@@ -242,6 +245,7 @@ impl ConnectionManager {
         };
         let next_id = Arc::new(AtomicU64::new(0));
         let hooks = Arc::new(Hooks::new(&config.pool, next_id.clone(), generation.clone()));
+        hooks.no_server_id.store(config.pgbouncer_mode(), Ordering::Relaxed);
         let password = match &config.password_source {
             Some(source) => Some(password::Rotation::start(source.clone()).await?),
             None => None,
@@ -367,6 +371,9 @@ impl ConnectionManager {
             inner.next_id.clone(),
             inner.generation.clone(),
         ));
+        hooks
+            .no_server_id
+            .store(inner.config.pgbouncer_mode(), Ordering::Relaxed);
         pool::connect_options(
             &inner.config,
             &inner.endpoint,

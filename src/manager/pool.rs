@@ -121,9 +121,18 @@ fn base_options(config: &Config, endpoint: &Endpoint, rotating: Option<SecretStr
         .acquire_timeout(pool.acquire_timeout)
         .sqlx_logging(false);
     let session = session_options(&config.session);
+    let pgbouncer = config.pgbouncer_mode();
     options.map_sqlx_postgres_opts(move |o| {
+        // A transaction pooler refuses unknown startup parameters (PgBouncer: "unsupported
+        // startup parameter: extra_float_digits"); `options` is empty (validated).
+        let o = if pgbouncer { o.extra_float_digits(None) } else { o };
         // Appended after what SeaORM set (its own `statement_timeout`), so ours win where both are set.
-        let o = o.options(session.iter().map(|(k, v)| (k, v)));
+        // (Only when there are some: an empty `options` is still sent, and a pooler refuses it.)
+        let o = if session.is_empty() {
+            o
+        } else {
+            o.options(session.iter().map(|(k, v)| (k, v)))
+        };
         match &password {
             Some(password) => o.password(password.expose_secret()),
             None => o,

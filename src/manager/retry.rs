@@ -103,6 +103,12 @@ impl super::Inner {
         } else {
             self.failover.observe(error)
         };
+        let error = match error {
+            Error::Database(e) if !self.config.pgbouncer_mode() && looks_like_a_transaction_pooler(&e) => {
+                Error::TransactionPooler { source: e }
+            }
+            other => other,
+        };
         if let Some(rotation) = &self.password
             && super::password::is_password_rejected(&error)
         {
@@ -152,4 +158,12 @@ impl super::Inner {
             other => other,
         }
     }
+}
+
+/// What a transaction pooler answers to a client that is not configured for it.
+fn looks_like_a_transaction_pooler(e: &DbErr) -> bool {
+    let code = super::failover::sqlstate(e);
+    let text = e.to_string();
+    (text.contains("unsupported startup parameter"))
+        || (matches!(code.as_deref(), Some("42P05") | Some("26000")) && text.contains("prepared statement"))
 }

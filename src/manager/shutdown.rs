@@ -89,7 +89,15 @@ impl Inner {
         };
         let (drained_in_time, ()) = tokio::join!(async { tokio::time::timeout_at(until, drain).await.is_ok() }, flush);
         let mut forced = 0;
-        if !drained_in_time {
+        if !drained_in_time && self.config.pgbouncer_mode() {
+            // Behind a transaction pooler the server processes are the pooler's, shared with
+            // other clients: never terminate them. Closing the pool below ends ours.
+            forced = pool.size().saturating_sub(pool.num_idle() as u32);
+            events::manager_lifecycle(
+                "forced connections",
+                &format_args!("{forced} checked out; PgBouncer mode: closed, no backend terminated"),
+            );
+        } else if !drained_in_time {
             forced = pool.size().saturating_sub(pool.num_idle() as u32);
             // 4. Force: end the server side of every connection of ours, idle ones included
             //    (the pool only closes idle connections once all checked-out ones are back).

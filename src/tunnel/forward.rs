@@ -216,6 +216,9 @@ async fn serve(inner: Arc<Inner>, local: LocalStream, origin: (String, u32)) {
                 return;
             }
         },
+        // PgBouncer mode parses the protocol after the startup as well: through the startup
+        // path, without TLS.
+        None if inner.config.pgbouncer => crate::tls::PostgresTls::disabled().load().ok(),
         None => None,
     };
     match (local, tls) {
@@ -360,7 +363,16 @@ async fn serve_startup<S: AsyncRead + AsyncWrite + Unpin>(
             return;
         }
     }
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut local, &mut upstream, COPY_BUF, COPY_BUF);
+    let copy = async {
+        if inner.config.pgbouncer {
+            // Named prepared statements become the unnamed one (see `pgbouncer`).
+            super::pgbouncer::copy_rewriting(&mut local, &mut upstream).await
+        } else {
+            tokio::io::copy_bidirectional_with_sizes(&mut local, &mut upstream, COPY_BUF, COPY_BUF)
+                .await
+                .map(drop)
+        }
+    };
     tokio::select! {
         r = copy => {
             if let Err(e) = r {

@@ -92,7 +92,6 @@ mod forward;
 mod global;
 pub(crate) mod host_key;
 mod inner;
-#[allow(dead_code)] // Wired into the forward path with the PgBouncer mode.
 pub(crate) mod pgbouncer;
 pub(crate) mod pgwire;
 mod session;
@@ -355,7 +354,14 @@ impl SshTunnel {
                 source: std::io::Error::other(e).into(),
             })??;
         let (listener, endpoint, unix_dir) = forward::bind(&config).await?;
-        let inner = Arc::new(Inner::new(config, pool_label.into(), generation, credentials, endpoint, unix_dir));
+        let inner = Arc::new(Inner::new(
+            config,
+            pool_label.into(),
+            generation,
+            credentials,
+            endpoint,
+            unix_dir,
+        ));
         let tunnel = SshTunnel {
             _alive: Arc::new(inner.cancel.clone().drop_guard()),
             inner: inner.clone(),

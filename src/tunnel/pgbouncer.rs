@@ -260,7 +260,8 @@ impl Rewriter {
         self.flush_local(to_client);
     }
 
-    /// Whether the client may be handed over mid-conversation: nothing pending.
+    /// Whether every reply the client waits for has come: nothing pending.
+    #[cfg(test)]
     pub(crate) fn is_idle(&self) -> bool {
         self.pending.is_empty()
     }
@@ -302,6 +303,102 @@ impl Rewriter {
             }
         }
     }
+}
+
+/// Copies one forwarded connection both ways after its startup, through a [`Rewriter`].
+///
+/// Two tasks' worth of work in one future: client → server and server → client each read into
+/// their own buffer and hand whole messages to the shared rewriter; whatever goes to the local
+/// client (server replies and local `CloseComplete`s) is queued in the order the rewriter made
+/// it, under its lock, so the two kinds never overtake each other.
+pub(crate) async fn copy_rewriting<L, U>(local: L, upstream: U) -> std::io::Result<()>
+where
+    L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use std::io;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    const READ: usize = 64 * 1024;
+    let (mut local_read, mut local_write) = tokio::io::split(local);
+    let (mut up_read, mut up_write) = tokio::io::split(upstream);
+    let rewriter = tokio::sync::Mutex::new(Rewriter::new());
+    let (to_local, mut local_queue) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    let bad = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+
+    let (client_tx, server_tx) = (to_local.clone(), to_local);
+    let client_side = async {
+        let to_local = client_tx;
+        let mut buf = Vec::with_capacity(READ);
+        let mut to_server = Vec::new();
+        loop {
+            if buf.capacity() - buf.len() < READ / 4 {
+                buf.reserve(READ);
+            }
+            if local_read.read_buf(&mut buf).await? == 0 {
+                let _ = up_write.shutdown().await;
+                return Ok::<(), io::Error>(());
+            }
+            let mut used = 0;
+            {
+                let mut r = rewriter.lock().await;
+                let mut to_client = Vec::new();
+                while let Some((_, len)) = next_message(&buf[used..]).map_err(bad)? {
+                    r.client_message(&buf[used..used + len], &mut to_server, &mut to_client);
+                    used += len;
+                }
+                if !to_client.is_empty() && to_local.send(to_client).await.is_err() {
+                    return Ok(());
+                }
+            }
+            buf.drain(..used);
+            if !to_server.is_empty() {
+                up_write.write_all(&to_server).await?;
+                to_server.clear();
+            }
+        }
+    };
+    let server_side = async {
+        let to_local = server_tx;
+        let mut buf = Vec::with_capacity(READ);
+        loop {
+            if buf.capacity() - buf.len() < READ / 4 {
+                buf.reserve(READ);
+            }
+            if up_read.read_buf(&mut buf).await? == 0 {
+                return Ok::<(), io::Error>(());
+            }
+            let mut used = 0;
+            let mut r = rewriter.lock().await;
+            let mut to_client = Vec::with_capacity(buf.len());
+            while let Some((_, len)) = next_message(&buf[used..]).map_err(bad)? {
+                r.server_message(&buf[used..used + len], &mut to_client);
+                used += len;
+            }
+            if !to_client.is_empty() && to_local.send(to_client).await.is_err() {
+                return Ok(());
+            }
+            drop(r);
+            buf.drain(..used);
+        }
+    };
+    let writer = async {
+        while let Some(bytes) = local_queue.recv().await {
+            local_write.write_all(&bytes).await?;
+        }
+        let _ = local_write.shutdown().await;
+        Ok::<(), io::Error>(())
+    };
+    // The connection is over when either side ends (or fails); what is queued is still written
+    // (both senders are dropped with their sides, which ends the writer).
+    let sides = async {
+        tokio::select! {
+            r = client_side => r,
+            r = server_side => r,
+        }
+    };
+    let (sides, written) = tokio::join!(sides, writer);
+    sides.and(written)
 }
 
 #[cfg(test)]

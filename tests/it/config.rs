@@ -171,6 +171,7 @@ fn every_variable_is_parsed() {
         ("SSH_RETRY_DELAY", "750"),
         ("SSH_KEEPALIVE_INTERVAL", "1500"),
         ("SSH_KEEPALIVE_MAX", "2"),
+        ("POSTGRES_PGBOUNCER", "false"),
         ("SSH_PROXY_JUMP", "ops@jump.example.com:2200,jump2.example.com"),
         ("SSH_CERTIFICATE_PATH", "~/deploy_key-cert.pub"),
         ("SSH_CONFIG", "none"),
@@ -197,6 +198,7 @@ fn every_variable_is_parsed() {
     assert_eq!(c.pool.application_name, "billing");
     assert_eq!(c.pool.leak_detection_threshold, Some(ms(20_000)));
     assert!(c.log_to_db);
+    assert!(!c.pgbouncer && !c.pgbouncer_mode(), "POSTGRES_PGBOUNCER (true excludes POSTGRES_STATEMENT_TIMEOUT)");
     assert_eq!(c.shutdown_drain_timeout, ms(8_000));
     let t = c.tunnel.as_ref().expect("SSH_HOST set");
     assert_eq!(t.host, "bastion.example.com");

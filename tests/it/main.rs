@@ -22,6 +22,7 @@ mod manager;
 mod manager_tunnel;
 mod migration;
 mod password;
+mod pgbouncer;
 mod security;
 mod ssh_config;
 mod testkit;

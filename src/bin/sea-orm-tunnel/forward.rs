@@ -49,7 +49,8 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>) -> ExitCode {
     // TLS to PostgreSQL per DATABASE_URL's sslmode, held by the tunnel; files read now.
     if let Some(config) = &config {
         tunnel_config = match sea_orm_tunnel::tls::resolve_tunnel(config, &tunnel_config) {
-            Ok(t) => t,
+            // PgBouncer mode (`pgbouncer=true` / POSTGRES_PGBOUNCER): named statements rewritten.
+            Ok(t) => t.pgbouncer(config.pgbouncer_mode()),
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(EXIT_CONFIG);
