@@ -1,7 +1,8 @@
 //! Chaos: writers insert rows with unique ids through the manager and through an axum server
 //! with the layers, while a schedule injects faults — sshd sessions dropped, sshd stopped and
 //! started, a blackhole between tunnel and sshd, PostgreSQL fast restarts, pool-exhausting
-//! bursts, connection resets, a failover to a second bastion and back. At the end every acknowledged write is in the table exactly once,
+//! bursts, connection resets, a failover to a second bastion and back. The database accepts only
+//! TLS (`hostssl`), which the tunnel holds with `sslmode=verify-full` against its own name. At the end every acknowledged write is in the table exactly once,
 //! every failed write has a clear error, the system recovered within the bound after each fault,
 //! pool connections / channels / SSH sessions / tasks / file descriptors are back at their
 //! baseline, graceful shutdown meets its deadline, and no secret appeared in any log record (at
@@ -23,7 +24,7 @@ use axum::routing::post;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait};
 use sea_orm_tunnel::config::{AuthConfig, BackoffPolicy, Config, HealthConfig, HostKeyPolicy, TunnelConfig};
 use sea_orm_tunnel::layer::{Db, InjectDatabaseLayer, RecoveryLayer};
-use sea_orm_tunnel::testkit::{FaultProxy, KeyKind, OpenSshd, TempPostgres};
+use sea_orm_tunnel::testkit::{FaultProxy, KeyKind, OpenSshd, TempPostgres, TestCa};
 use sea_orm_tunnel::{ConnectionManager, Error};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -161,13 +162,16 @@ struct Lab {
     proxy: FaultProxy,
     manager: ConnectionManager,
     _dir: tempfile::TempDir,
+    /// The database's CA: PostgreSQL accepts only TLS (`hostssl`), verified by the tunnel
+    /// against the name `db.internal`.
+    _ca: TestCa,
 }
 
 impl Lab {
     /// Our connections' server processes, counted over a direct (untunnelled) connection.
     async fn backends(&self) -> i64 {
         use sea_orm::sqlx::{Connection, Row};
-        let mut conn = sea_orm::sqlx::PgConnection::connect(&self.pg.url())
+        let mut conn = sea_orm::sqlx::PgConnection::connect(&format!("{}?sslmode=require", self.pg.url()))
             .await
             .expect("direct connection");
         let row = sea_orm::sqlx::query(
@@ -326,7 +330,10 @@ impl Lab {
 }
 
 async fn setup(passphrase: &str, scanner: &SecretScanner) -> Lab {
-    let (pg, sshd) = servers().await;
+    let ca = TestCa::new("chaos CA").await.expect("test CA");
+    let server = ca.server_cert("db.internal").await.expect("server certificate");
+    let (pg, sshd) = tokio::join!(TempPostgres::start_tls(&server), OpenSshd::start());
+    let (pg, sshd) = (pg.expect("PostgreSQL with TLS starts"), sshd.expect("sshd starts"));
     let fallback = OpenSshd::builder()
         .address("127.0.0.2".parse().unwrap())
         .start()
@@ -374,7 +381,17 @@ async fn setup(passphrase: &str, scanner: &SecretScanner) -> Lab {
                 .max_delay(Duration::from_secs(1))
                 .max_retries(0),
         );
-    let config = Config::new(pg.url())
+    // The database by its own name, verify-full: the tunnel holds TLS (the bastion dials
+    // 127.0.0.1; nothing resolves db.internal).
+    let url = format!(
+        "postgres://{}:{}@db.internal:{}/{}?sslmode=verify-full&sslrootcert={}",
+        pg.user(),
+        pg.password(),
+        pg.port(),
+        pg.database(),
+        ca.cert_path().display()
+    );
+    let config = Config::new(url)
         .tunnel(tunnel)
         .map_pool(|p| {
             p.max_connections(MAX_CONNECTIONS)
@@ -416,6 +433,7 @@ async fn setup(passphrase: &str, scanner: &SecretScanner) -> Lab {
         proxy,
         manager,
         _dir: dir,
+        _ca: ca,
     }
 }
 

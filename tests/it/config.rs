@@ -198,7 +198,10 @@ fn every_variable_is_parsed() {
     assert_eq!(c.pool.application_name, "billing");
     assert_eq!(c.pool.leak_detection_threshold, Some(ms(20_000)));
     assert!(c.log_to_db);
-    assert!(!c.pgbouncer && !c.pgbouncer_mode(), "POSTGRES_PGBOUNCER (true excludes POSTGRES_STATEMENT_TIMEOUT)");
+    assert!(
+        !c.pgbouncer && !c.pgbouncer_mode(),
+        "POSTGRES_PGBOUNCER (true excludes POSTGRES_STATEMENT_TIMEOUT)"
+    );
     assert_eq!(c.shutdown_drain_timeout, ms(8_000));
     let t = c.tunnel.as_ref().expect("SSH_HOST set");
     assert_eq!(t.host, "bastion.example.com");
