@@ -28,7 +28,7 @@ pub struct CertPair {
 ///
 /// let ca = TestCa::new("test CA").await?;
 /// let server = ca.server_cert("db.internal").await?;
-/// let pg = TempPostgres::start_tls(&server, None).await?;
+/// let pg = TempPostgres::start_tls(&server).await?;
 /// // DATABASE_URL=...@db.internal:PORT/postgres?sslmode=verify-full&sslrootcert=<ca.cert_path()>
 /// # let _ = pg; Ok(()) }
 /// ```
