@@ -83,7 +83,9 @@ impl Two {
 }
 
 fn vars_config(vars: &[(&str, String)]) -> Config {
-    let vars: HashMap<&str, String> = vars.iter().cloned().collect();
+    let mut vars: HashMap<&str, String> = vars.iter().cloned().collect();
+    // Never the machine's ssh_config.
+    vars.entry("SSH_CONFIG").or_insert_with(|| "none".to_owned());
     Config::from_env_with(|name| vars.get(name).cloned()).expect("valid configuration")
 }
 

@@ -72,6 +72,8 @@ impl Env {
             ("SSH_RETRY_DELAY", "1000".to_owned()),
             ("SSH_KEEPALIVE_INTERVAL", "5000".to_owned()),
             ("SSH_KEEPALIVE_MAX", "3".to_owned()),
+            // Never the machine's ssh_config (the fuzzer may still set SSH_CONFIG itself).
+            ("SSH_CONFIG", "none".to_owned()),
             ("HOME", dir.path().display().to_string()),
         ]);
         Env {
