@@ -83,6 +83,7 @@
 //!   an ssh-agent work without it). Off by default because of RUSTSEC-2023-0071.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod civil;
 pub mod config;
 pub mod error;
 pub(crate) mod generation;

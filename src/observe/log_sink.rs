@@ -674,7 +674,7 @@ pub(crate) fn rfc3339_utc(at: SystemTime) -> String {
     let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = civil_from_days(days);
+    let (year, month, day) = crate::civil::civil_from_days(days);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
         rem / 3600,
@@ -682,21 +682,6 @@ pub(crate) fn rfc3339_utc(at: SystemTime) -> String {
         rem % 60,
         since.subsec_micros()
     )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day), counting in 400-year eras
-/// of 146 097 days that start on March 1st (so the leap day is the last day of the year).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468; // days from 0000-03-01 to 1970-01-01
-    let era = z / 146_097;
-    let day_of_era = z % 146_097;
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153; // month index counted from March
-    let day = day_of_year - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]
@@ -721,7 +706,7 @@ mod tests {
         // Walk day by day from 1970 to 2400 and check the calendar advances correctly.
         let (mut y, mut m, mut d) = (1970, 1, 1);
         for days in 0..157_000u64 {
-            assert_eq!(civil_from_days(days), (y, m, d), "day {days}");
+            assert_eq!(crate::civil::civil_from_days(days), (y, m, d), "day {days}");
             let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
             let len = match m {
                 2 if leap => 29,

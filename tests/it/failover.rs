@@ -34,20 +34,68 @@ async fn ours(db: &sea_orm::DatabaseConnection, prefix: &str) -> i64 {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_demoted_primary_and_a_moved_name_lose_no_acknowledged_write() {
-    let (a, b, sshd) = tokio::join!(TempPostgres::start(), TempPostgres::start(), OpenSshd::start());
-    let (a, b, sshd) = (a.unwrap(), b.unwrap(), sshd.unwrap());
-    let (admin_a, admin_b) = (checker(&a.url()).await, checker(&b.url()).await);
-    for admin in [&admin_a, &admin_b] {
-        admin
-            .execute_unprepared("CREATE TABLE writes (id bigint PRIMARY KEY)")
+/// Two PostgreSQL servers with a `writes` table, behind a switch that stands for the database's
+/// DNS name (pointing at A), and a bastion.
+struct Moving {
+    a: TempPostgres,
+    b: TempPostgres,
+    sshd: OpenSshd,
+    admin_a: sea_orm::DatabaseConnection,
+    admin_b: sea_orm::DatabaseConnection,
+    switch: FaultProxy,
+}
+
+impl Moving {
+    async fn start() -> Moving {
+        let (a, b, sshd) = tokio::join!(TempPostgres::start(), TempPostgres::start(), OpenSshd::start());
+        let (a, b, sshd) = (a.unwrap(), b.unwrap(), sshd.unwrap());
+        let (admin_a, admin_b) = (checker(&a.url()).await, checker(&b.url()).await);
+        for admin in [&admin_a, &admin_b] {
+            admin
+                .execute_unprepared("CREATE TABLE writes (id bigint PRIMARY KEY)")
+                .await
+                .unwrap();
+        }
+        let switch = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], a.port())))
             .await
             .unwrap();
+        Moving {
+            a,
+            b,
+            sshd,
+            admin_a,
+            admin_b,
+            switch,
+        }
     }
-    let switch = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], a.port())))
+}
+
+/// The failover: A is demoted (every session becomes read-only; the postmaster signals the
+/// backends asynchronously, so this waits until it is in force), then the name moves to B.
+async fn fail_over(admin_a: &sea_orm::DatabaseConnection, switch: &FaultProxy, b: &TempPostgres) {
+    admin_a
+        .execute_unprepared("ALTER SYSTEM SET default_transaction_read_only = on")
         .await
         .unwrap();
+    let _: bool = scalar(admin_a, "SELECT pg_reload_conf()").await;
+    eventually("A read-only", || async {
+        scalar::<String>(admin_a, "SHOW default_transaction_read_only").await == "on"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    switch.retarget(SocketAddr::from(([127, 0, 0, 1], b.port())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demoted_primary_and_a_moved_name_lose_no_acknowledged_write() {
+    let Moving {
+        a,
+        b,
+        sshd,
+        admin_a,
+        admin_b,
+        switch,
+    } = Moving::start().await;
     assert_eq!(a.password(), b.password(), "the test kit's servers share credentials");
 
     let tunnel = sshd.tunnel_config("127.0.0.1", switch.addr().port());
@@ -94,12 +142,7 @@ async fn a_demoted_primary_and_a_moved_name_lose_no_acknowledged_write() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
 
     // The failover: A is demoted (every session becomes read-only), the name moves to B.
-    admin_a
-        .execute_unprepared("ALTER SYSTEM SET default_transaction_read_only = on")
-        .await
-        .unwrap();
-    let _: bool = scalar(&admin_a, "SELECT pg_reload_conf()").await;
-    switch.retarget(SocketAddr::from(([127, 0, 0, 1], b.port())));
+    fail_over(&admin_a, &switch, &b).await;
     let switched = Instant::now();
 
     let (acked, acked_at, errors) = writer.await.unwrap();
@@ -170,18 +213,14 @@ async fn a_write_on_a_read_only_pool_is_the_applications_error_not_a_failover() 
 async fn a_handler_using_question_mark_sees_a_failover_as_503_and_the_pool_moves() {
     use sea_orm_tunnel::layer::{Db, InjectDatabaseLayer};
 
-    let (a, b, sshd) = tokio::join!(TempPostgres::start(), TempPostgres::start(), OpenSshd::start());
-    let (a, b, sshd) = (a.unwrap(), b.unwrap(), sshd.unwrap());
-    let (admin_a, admin_b) = (checker(&a.url()).await, checker(&b.url()).await);
-    for admin in [&admin_a, &admin_b] {
-        admin
-            .execute_unprepared("CREATE TABLE writes (id bigint PRIMARY KEY)")
-            .await
-            .unwrap();
-    }
-    let switch = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], a.port())))
-        .await
-        .unwrap();
+    let Moving {
+        a,
+        b,
+        sshd,
+        admin_a,
+        admin_b,
+        switch,
+    } = Moving::start().await;
     let config = fast_config(a.url(), "fohttp")
         .map_pool(|p| p.max_connections(1))
         .map_health(|h| h.interval(Duration::from_secs(30)))
@@ -199,26 +238,12 @@ async fn a_handler_using_question_mark_sees_a_failover_as_503_and_the_pool_moves
     let served = serve(app).await;
     assert_eq!(http(served.addr, "POST", "/write/1", &[], "").await.status, 200);
 
-    admin_a
-        .execute_unprepared("ALTER SYSTEM SET default_transaction_read_only = on")
-        .await
-        .unwrap();
-    let _: bool = scalar(&admin_a, "SELECT pg_reload_conf()").await;
-    // The postmaster signals every backend asynchronously: wait until the demotion is in force.
-    eventually("A read-only", || async {
-        scalar::<String>(&admin_a, "SHOW default_transaction_read_only").await == "on"
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    switch.retarget(SocketAddr::from(([127, 0, 0, 1], b.port())));
+    fail_over(&admin_a, &switch, &b).await;
 
     let demoted = http(served.addr, "POST", "/write/2", &[], "").await;
     assert_eq!(demoted.status, 503, "{demoted:?}");
     assert!(demoted.header("retry-after").is_some(), "{demoted:?}");
-    assert!(
-        demoted.body.contains("database") || !demoted.body.is_empty(),
-        "{demoted:?}"
-    );
+    assert!(demoted.body.contains("database"), "{demoted:?}");
     // The pool moved: the client's retry is served by B.
     let retried = http(served.addr, "POST", "/write/2", &[], "").await;
     assert_eq!(retried.status, 200, "{retried:?}");
