@@ -3,7 +3,7 @@
 //! against real OpenSSH sshd.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::support::*;
@@ -309,52 +309,6 @@ async fn extra_key_paths_are_offered_in_order_after_the_key_path() {
     tunnel_verdict(cfg(&sshd).auth(auth()))
         .await
         .expect("the second identity file is accepted");
-}
-
-/// A real `ssh-agent` on a private socket; killed on drop.
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Agent {
-    fn start(dir: &Path) -> Agent {
-        let socket = dir.join("agent.sock");
-        let child = Command::new("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("ssh-agent runs (openssh-client)");
-        let deadline = std::time::Instant::now() + LIVENESS;
-        while !socket.exists() {
-            assert!(std::time::Instant::now() < deadline, "ssh-agent socket did not appear");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Agent { child, socket }
-    }
-
-    /// `ssh-add KEY` (which also loads `KEY-cert.pub` when it exists); returns ssh-add's stderr.
-    fn add(&self, key: &Path) -> String {
-        let out = Command::new("ssh-add")
-            .arg(key)
-            .env("SSH_AUTH_SOCK", &self.socket)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "ssh-add: {stderr}");
-        stderr
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

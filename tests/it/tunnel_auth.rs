@@ -1,7 +1,5 @@
 //! Authentication and host-key verification of the SSH tunnel against real OpenSSH sshd.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::support::*;
@@ -104,53 +102,6 @@ async fn a_missing_key_file_is_a_file_error_naming_the_path() {
     assert!(matches!(&err, Error::File { path, .. } if path == &missing), "{err:?}");
     assert!(err.to_string().contains(&missing.display().to_string()));
     assert!(!err.is_transient());
-}
-
-/// A real `ssh-agent` on a private socket; killed on drop.
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Agent {
-    fn start(dir: &Path) -> Agent {
-        let socket = dir.join("agent.sock");
-        let child = Command::new("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("ssh-agent runs (openssh-client)");
-        let deadline = std::time::Instant::now() + LIVENESS;
-        while !socket.exists() {
-            assert!(std::time::Instant::now() < deadline, "ssh-agent socket did not appear");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Agent { child, socket }
-    }
-
-    fn add(&self, key: &Path) {
-        let out = Command::new("ssh-add")
-            .arg(key)
-            .env("SSH_AUTH_SOCK", &self.socket)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ssh-add: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 //! running a test in a process of its own.
 #![allow(dead_code, unreachable_pub)]
 
+mod agent;
 mod capture;
 mod hostile;
 mod http_app;
@@ -12,6 +13,7 @@ mod servers;
 mod sql;
 mod waits;
 
+pub use agent::*;
 pub use capture::*;
 pub use hostile::*;
 pub use http_app::*;
