@@ -571,7 +571,7 @@ async fn hold_connections(db: &DatabaseConnection, n: usize, sql: &'static str) 
 }
 
 /// Sequential `SELECT 1` in chunks, the paths alternating (and rotating which goes first) chunk
-/// by chunk; records p50 and p99.
+/// by chunk; records p50, p99 and the share of queries over 10 ms (a delayed-ACK stall is ~40 ms).
 async fn select1_latencies(paths: &[(&'static str, DatabaseConnection)], sizes: &Sizes, results: &mut Results) {
     let mut latencies: BTreeMap<&'static str, Vec<Duration>> = BTreeMap::new();
     let mut done = 0;
@@ -594,6 +594,8 @@ async fn select1_latencies(paths: &[(&'static str, DatabaseConnection)], sizes: 
         v.sort();
         results.set(path, "select1_p50_us", percentile(&v, 50).as_secs_f64() * 1e6);
         results.set(path, "select1_p99_us", percentile(&v, 99).as_secs_f64() * 1e6);
+        let stalled = v.iter().filter(|d| **d > Duration::from_millis(10)).count();
+        results.set(path, "select1_over_10ms_pct", stalled as f64 * 100.0 / v.len() as f64);
     }
 }
 
@@ -641,7 +643,8 @@ async fn backend_tls(db: &DatabaseConnection) -> (bool, String, String) {
 /// The TLS section: a `hostssl`-only PostgreSQL with its own CA, the four [`TLS_PATHS`] on pools
 /// of 16, `SELECT 1` and bulk alternating. Returns the section's metadata for the JSON.
 async fn tls_section(sshd: &OpenSshd, plain_pg: &TempPostgres, sizes: &Sizes, results: &mut Results) -> Value {
-    eprintln!("compare: TLS section: starting a hostssl-only PostgreSQL");
+    let load_before = loadavg();
+    eprintln!("compare: TLS section: starting a hostssl-only PostgreSQL (load average {load_before})");
     let ca = TestCa::new("sea-orm-tunnel compare CA").await.expect("test CA");
     // `127.0.0.1` too, so sqlx can verify the address it dials (direct and through `ssh -L`).
     let server = ca
@@ -734,6 +737,8 @@ async fn tls_section(sshd: &OpenSshd, plain_pg: &TempPostgres, sizes: &Sizes, re
             stands in for libpq host=db.internal hostaddr=127.0.0.1, which sqlx lacks",
         "tunnel_tls_name_check": "verify-full against db.internal, tunnel remote 127.0.0.1",
         "certificate_names": [TLS_DB_NAME, "127.0.0.1"],
+        "load_average_before": load_before,
+        "load_average_after": loadavg(),
     })
 }
 
@@ -743,9 +748,10 @@ const TLS_RATIOS: [(&str, &str, &str); 3] = [
     ("tunnel_tls/openssh_tls", TUNNEL_TLS, OPENSSH_TLS),
     ("tunnel_tls/direct_tls", TUNNEL_TLS, DIRECT_TLS),
 ];
-const TLS_KEYS: [(&str, &str, bool); 3] = [
+const TLS_KEYS: [(&str, &str, bool); 4] = [
     ("SELECT 1 p50 (us)", "select1_p50_us", false),
     ("SELECT 1 p99 (us)", "select1_p99_us", false),
+    ("SELECT 1 > 10 ms (%)", "select1_over_10ms_pct", false),
     ("bulk 52 MB (MB/s)", "bulk_mbps", true),
 ];
 
@@ -774,7 +780,12 @@ fn tls_ratios(results: &Results) -> serde_json::Map<String, Value> {
 }
 
 fn print_tls_table(results: &Results, meta: &Value) {
-    println!("TLS to PostgreSQL (hostssl-only server, certificate for {TLS_DB_NAME} and 127.0.0.1):");
+    println!(
+        "TLS to PostgreSQL (hostssl-only server, certificate for {TLS_DB_NAME} and 127.0.0.1), load average \
+         before {} / after {}:",
+        meta["load_average_before"].as_str().unwrap_or("?"),
+        meta["load_average_after"].as_str().unwrap_or("?")
+    );
     let seen = &meta["server_side_tls"];
     for path in TLS_PATHS {
         println!("  {path:<13} server sees: {}", seen[path].as_str().unwrap_or("?"));
@@ -807,9 +818,10 @@ fn print_tls_table(results: &Results, meta: &Value) {
         let label = format!("{label} {}", if higher_is_better { "↑" } else { "↓" });
         print!("| {label:<22} |");
         for path in TLS_PATHS {
-            let cell = results
-                .get(path, key)
-                .map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
+            let cell = results.get(path, key).map_or_else(
+                || "-".to_owned(),
+                |v| format!("{v:.*}", usize::from(key.ends_with("_pct"))),
+            );
             print!(" {cell:>12} |");
         }
         for (_, num, den) in TLS_RATIOS {
