@@ -6,11 +6,25 @@
 //! - `tunnel_seaorm_defaults`: this crate's `SshTunnel` with a plain SeaORM pool (default
 //!   settings), so the manager's own pool choices show.
 //!
+//! A TLS section (skip it with `COMPARE_TLS=0`) runs `SELECT 1` and the bulk query on a second,
+//! `hostssl`-only PostgreSQL whose certificate names `db.internal` and `127.0.0.1`:
+//!
+//! - `direct_tls`: SeaORM straight to it with `sslmode=verify-full` (dialling and verifying
+//!   `127.0.0.1`);
+//! - `openssh_tls`: through `ssh -N -L` with sqlx's own TLS, `sslmode=verify-full` against the
+//!   forwarded `127.0.0.1` (sqlx has no libpq `hostaddr`; the certificate's IP name stands in for
+//!   libpq's `host=db.internal hostaddr=127.0.0.1`: the same handshake and cipher, another name);
+//! - `tunnel_tls`: the `ConnectionManager` with `sslmode=verify-full` against `db.internal`
+//!   (nothing resolves it; the bastion connects to 127.0.0.1), the tunnel holding the TLS;
+//! - `tunnel_plain`: the same through the tunnel to the plaintext server with `sslmode=disable`,
+//!   for the cost of TLS itself.
+//!
 //! The paths alternate within each workload (never one path's whole run after another's), so a
-//! busy machine slows all of them alike; compare the ratios. Prints one table and writes
+//! busy machine slows all of them alike; compare the ratios. Prints the tables and writes
 //! `target/compare.json`.
 //!
-//! Run with: `cargo bench --bench compare` (`COMPARE_QUICK=1` for a short run).
+//! Run with: `cargo bench --bench compare` (`COMPARE_QUICK=1` for a short run, `COMPARE_TLS=0`
+//! without the TLS section).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -20,7 +34,7 @@ use std::time::{Duration, Instant};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
 use sea_orm_tunnel::ConnectionManager;
 use sea_orm_tunnel::config::{Config, HostKeyPolicy};
-use sea_orm_tunnel::testkit::{FaultProxy, OpenSshd, TempPostgres};
+use sea_orm_tunnel::testkit::{FaultProxy, OpenSshd, TempPostgres, TestCa};
 use sea_orm_tunnel::tunnel::{SshTunnel, TunnelEvent};
 use serde_json::{Value, json};
 
@@ -29,6 +43,14 @@ const OPENSSH: &str = "openssh";
 const TUNNEL: &str = "tunnel";
 const TUNNEL_DEFAULTS: &str = "tunnel_seaorm_defaults";
 const PATHS: [&str; 4] = [DIRECT, OPENSSH, TUNNEL, TUNNEL_DEFAULTS];
+
+const DIRECT_TLS: &str = "direct_tls";
+const OPENSSH_TLS: &str = "openssh_tls";
+const TUNNEL_TLS: &str = "tunnel_tls";
+const TUNNEL_PLAIN: &str = "tunnel_plain";
+const TLS_PATHS: [&str; 4] = [DIRECT_TLS, OPENSSH_TLS, TUNNEL_TLS, TUNNEL_PLAIN];
+/// The name on the TLS server's certificate (with `127.0.0.1`); nothing resolves it.
+const TLS_DB_NAME: &str = "db.internal";
 
 /// `SELECT repeat('x', 1 MiB)` × 50: a 52.4 MB result.
 const BULK_SQL: &str = "SELECT repeat('x', 1048576) AS payload FROM generate_series(1, 50)";
@@ -211,30 +233,8 @@ async fn main() {
 
     // --- sequential SELECT 1 ------------------------------------------------------------------
     eprintln!("compare: sequential SELECT 1 x {}", sizes.select1);
-    let mut latencies: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
-    let mut done = 0;
-    let mut round = 0;
-    while done < sizes.select1 {
-        let n = sizes.chunk.min(sizes.select1 - done);
-        for i in 0..PATHS.len() {
-            let path = PATHS[(i + round) % PATHS.len()];
-            let db = &pools[path].db16;
-            let v = latencies.entry(path).or_default();
-            for _ in 0..n {
-                let t = Instant::now();
-                select1(db).await;
-                v.push(t.elapsed());
-            }
-        }
-        done += n;
-        round += 1;
-    }
-    for (path, mut v) in latencies {
-        v.sort();
-        let path = PATHS.into_iter().find(|p| *p == path).unwrap();
-        results.set(path, "select1_p50_us", percentile(&v, 50).as_secs_f64() * 1e6);
-        results.set(path, "select1_p99_us", percentile(&v, 99).as_secs_f64() * 1e6);
-    }
+    let main16: Vec<(&'static str, DatabaseConnection)> = PATHS.map(|p| (p, pools[p].db16.clone())).to_vec();
+    select1_latencies(&main16, &sizes, &mut results).await;
 
     // --- sequential queries over a pool of 4 (the delayed-ACK stall) ------------------------------------
     eprintln!("compare: sequential queries over a pool of 4");
@@ -264,27 +264,7 @@ async fn main() {
 
     // --- bulk transfer ------------------------------------------------------------------------
     eprintln!("compare: bulk transfer, best of {}", sizes.bulk_rounds);
-    let mut bulk: BTreeMap<&str, f64> = BTreeMap::new();
-    for round in 0..sizes.bulk_rounds {
-        for i in 0..PATHS.len() {
-            let path = PATHS[(i + round) % PATHS.len()];
-            let db = &pools[path].db16;
-            let t = Instant::now();
-            let rows = db
-                .query_all_raw(Statement::from_string(DbBackend::Postgres, BULK_SQL))
-                .await
-                .expect("bulk query");
-            let secs = t.elapsed().as_secs_f64();
-            assert_eq!(rows.len(), 50);
-            let mbps = BULK_BYTES / 1e6 / secs;
-            let best = bulk.entry(path).or_insert(0.0);
-            *best = best.max(mbps);
-        }
-    }
-    for (path, mbps) in bulk {
-        let path = PATHS.into_iter().find(|p| *p == path).unwrap();
-        results.set(path, "bulk_mbps", mbps);
-    }
+    bulk_best(&main16, sizes.bulk_rounds, &mut results).await;
 
     // --- 16-way concurrent throughput ---------------------------------------------------------
     eprintln!(
@@ -363,6 +343,15 @@ async fn main() {
     for path in PATHS {
         results.set(path, "cold_connect_ms", median(cold.remove(path).unwrap()));
     }
+
+    // --- TLS to PostgreSQL: direct, ssh -N -L, the tunnel, the tunnel without TLS --------------
+    let tls_enabled = !std::env::var("COMPARE_TLS").is_ok_and(|v| v == "0");
+    let tls_meta = if tls_enabled {
+        tls_section(&sshd, &pg, &sizes, &mut results).await
+    } else {
+        eprintln!("compare: TLS section skipped (COMPARE_TLS=0)");
+        Value::Null
+    };
 
     // --- blackholed link: time until keepalive declares it dead --------------------------------
     let keepalive = Duration::from_secs(1);
@@ -480,6 +469,10 @@ async fn main() {
     println!();
     print_table(&results);
     println!();
+    if tls_enabled {
+        print_tls_table(&results, &tls_meta);
+        println!();
+    }
     println!(
         "blackhole detection runs (keepalive {keepalive:?} x {keepalive_max}, bound {} ms): {:?} ms",
         (keepalive * keepalive_max as u32 + Duration::from_secs(1)).as_millis(),
@@ -515,6 +508,10 @@ async fn main() {
             "keepalive_max": keepalive_max,
         }),
     );
+    if tls_enabled {
+        json.insert("tls_ratios".into(), Value::Object(tls_ratios(&results)));
+        json.insert("tls_meta".into(), tls_meta);
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
@@ -570,6 +567,268 @@ async fn hold_connections(db: &DatabaseConnection, n: usize, sql: &'static str) 
     for task in tasks {
         // During recovery a query on a dead connection may fail; that is what is measured next.
         let _ = task.await.expect("task");
+    }
+}
+
+/// Sequential `SELECT 1` in chunks, the paths alternating (and rotating which goes first) chunk
+/// by chunk; records p50, p99 and the share of queries over 10 ms (a delayed-ACK stall is ~40 ms).
+async fn select1_latencies(paths: &[(&'static str, DatabaseConnection)], sizes: &Sizes, results: &mut Results) {
+    let mut latencies: BTreeMap<&'static str, Vec<Duration>> = BTreeMap::new();
+    let mut done = 0;
+    let mut round = 0;
+    while done < sizes.select1 {
+        let n = sizes.chunk.min(sizes.select1 - done);
+        for i in 0..paths.len() {
+            let (path, db) = &paths[(i + round) % paths.len()];
+            let v = latencies.entry(*path).or_default();
+            for _ in 0..n {
+                let t = Instant::now();
+                select1(db).await;
+                v.push(t.elapsed());
+            }
+        }
+        done += n;
+        round += 1;
+    }
+    for (path, mut v) in latencies {
+        v.sort();
+        results.set(path, "select1_p50_us", percentile(&v, 50).as_secs_f64() * 1e6);
+        results.set(path, "select1_p99_us", percentile(&v, 99).as_secs_f64() * 1e6);
+        let stalled = v.iter().filter(|d| **d > Duration::from_millis(10)).count();
+        results.set(path, "select1_over_10ms_pct", stalled as f64 * 100.0 / v.len() as f64);
+    }
+}
+
+/// [`BULK_SQL`] `rounds` times per path, alternating; records the best MB/s.
+async fn bulk_best(paths: &[(&'static str, DatabaseConnection)], rounds: usize, results: &mut Results) {
+    let mut bulk: BTreeMap<&'static str, f64> = BTreeMap::new();
+    for round in 0..rounds {
+        for i in 0..paths.len() {
+            let (path, db) = &paths[(i + round) % paths.len()];
+            let t = Instant::now();
+            let rows = db
+                .query_all_raw(Statement::from_string(DbBackend::Postgres, BULK_SQL))
+                .await
+                .expect("bulk query");
+            let secs = t.elapsed().as_secs_f64();
+            assert_eq!(rows.len(), 50);
+            let mbps = BULK_BYTES / 1e6 / secs;
+            let best = bulk.entry(*path).or_insert(0.0);
+            *best = best.max(mbps);
+        }
+    }
+    for (path, mbps) in bulk {
+        results.set(path, "bulk_mbps", mbps);
+    }
+}
+
+/// What the server sees of one pooled connection: `(ssl, version, cipher)` from `pg_stat_ssl`.
+async fn backend_tls(db: &DatabaseConnection) -> (bool, String, String) {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT ssl, coalesce(version, '') AS version, coalesce(cipher, '') AS cipher \
+             FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ))
+        .await
+        .expect("pg_stat_ssl")
+        .expect("a row for our own backend");
+    (
+        row.try_get("", "ssl").expect("ssl"),
+        row.try_get("", "version").expect("version"),
+        row.try_get("", "cipher").expect("cipher"),
+    )
+}
+
+/// The TLS section: a `hostssl`-only PostgreSQL with its own CA, the four [`TLS_PATHS`] on pools
+/// of 16, `SELECT 1` and bulk alternating. Returns the section's metadata for the JSON.
+async fn tls_section(sshd: &OpenSshd, plain_pg: &TempPostgres, sizes: &Sizes, results: &mut Results) -> Value {
+    let load_before = loadavg();
+    eprintln!("compare: TLS section: starting a hostssl-only PostgreSQL (load average {load_before})");
+    let ca = TestCa::new("sea-orm-tunnel compare CA").await.expect("test CA");
+    // `127.0.0.1` too, so sqlx can verify the address it dials (direct and through `ssh -L`).
+    let server = ca
+        .server_cert_for_names(&[TLS_DB_NAME, "127.0.0.1"])
+        .await
+        .expect("server certificate");
+    let pg = TempPostgres::start_tls(&server).await.expect("PostgreSQL with TLS");
+    let verify_full = format!("sslmode=verify-full&sslrootcert={}", ca.cert_path().display());
+    let url_at = |host: &str, port: u16| {
+        format!(
+            "postgres://{}:{}@{host}:{port}/{}?{verify_full}",
+            pg.user(),
+            pg.password(),
+            pg.database()
+        )
+    };
+    let forward = sshd
+        .ssh_forward("127.0.0.1", pg.port())
+        .await
+        .expect("ssh -N -L to the TLS server");
+    let openssh_cipher = forward.cipher().unwrap_or("?").to_owned();
+    let manager_config = |url: String, pg: &TempPostgres| {
+        Config::new(url)
+            .tunnel(sshd.tunnel_config("127.0.0.1", pg.port()))
+            .map_pool(|p| p.max_connections(16))
+    };
+    let tunnel_tls = ConnectionManager::new(manager_config(url_at(TLS_DB_NAME, pg.port()), &pg))
+        .await
+        .expect("manager with verify-full against db.internal");
+    let tunnel_plain = ConnectionManager::new(manager_config(format!("{}?sslmode=disable", plain_pg.url()), plain_pg))
+        .await
+        .expect("manager with sslmode=disable");
+    let direct_url = url_at("127.0.0.1", pg.port());
+    let forward_addr = forward.local_addr();
+    let openssh_url = url_at(&forward_addr.ip().to_string(), forward_addr.port());
+    let paths: Vec<(&'static str, DatabaseConnection)> = vec![
+        (
+            DIRECT_TLS,
+            Database::connect(seaorm_defaults(&direct_url, 16))
+                .await
+                .expect("direct with verify-full"),
+        ),
+        (
+            OPENSSH_TLS,
+            Database::connect(seaorm_defaults(&openssh_url, 16))
+                .await
+                .expect("ssh -N -L with verify-full"),
+        ),
+        (TUNNEL_TLS, tunnel_tls.connection().clone()),
+        (TUNNEL_PLAIN, tunnel_plain.connection().clone()),
+    ];
+    debug_assert_eq!(paths.iter().map(|(p, _)| *p).collect::<Vec<_>>(), TLS_PATHS);
+
+    // The server's view, so the table says what was measured (and a plaintext path would show).
+    let mut seen = serde_json::Map::new();
+    for (path, db) in &paths {
+        let (ssl, version, cipher) = backend_tls(db).await;
+        let expect_tls = *path != TUNNEL_PLAIN;
+        assert_eq!(ssl, expect_tls, "{path}: TLS on the server side is {ssl}");
+        let text = if ssl {
+            format!("{version} {cipher}")
+        } else {
+            "plaintext".to_owned()
+        };
+        seen.insert((*path).to_owned(), json!(text));
+    }
+
+    for _ in 0..100 {
+        for (_, db) in &paths {
+            select1(db).await;
+        }
+    }
+    eprintln!("compare: TLS section: sequential SELECT 1 x {}", sizes.select1);
+    select1_latencies(&paths, sizes, results).await;
+    eprintln!("compare: TLS section: bulk transfer, best of {}", sizes.bulk_rounds);
+    bulk_best(&paths, sizes.bulk_rounds, results).await;
+
+    for (path, db) in paths {
+        if !matches!(path, TUNNEL_TLS | TUNNEL_PLAIN) {
+            db.close().await.expect("closing a pool");
+        }
+    }
+    tunnel_tls.shutdown(Duration::from_secs(2)).await;
+    tunnel_plain.shutdown(Duration::from_secs(2)).await;
+    drop(forward);
+    json!({
+        "server_side_tls": seen,
+        "openssh_cipher": openssh_cipher,
+        "openssh_tls_name_check": "sqlx verify-full against 127.0.0.1 (IP subjectAltName); \
+            stands in for libpq host=db.internal hostaddr=127.0.0.1, which sqlx lacks",
+        "tunnel_tls_name_check": "verify-full against db.internal, tunnel remote 127.0.0.1",
+        "certificate_names": [TLS_DB_NAME, "127.0.0.1"],
+        "load_average_before": load_before,
+        "load_average_after": loadavg(),
+    })
+}
+
+/// `(JSON key, numerator path, denominator path)` of the TLS ratios.
+const TLS_RATIOS: [(&str, &str, &str); 3] = [
+    ("tunnel_tls/tunnel_plain", TUNNEL_TLS, TUNNEL_PLAIN),
+    ("tunnel_tls/openssh_tls", TUNNEL_TLS, OPENSSH_TLS),
+    ("tunnel_tls/direct_tls", TUNNEL_TLS, DIRECT_TLS),
+];
+const TLS_KEYS: [(&str, &str, bool); 4] = [
+    ("SELECT 1 p50 (us)", "select1_p50_us", false),
+    ("SELECT 1 p99 (us)", "select1_p99_us", false),
+    ("SELECT 1 > 10 ms (%)", "select1_over_10ms_pct", false),
+    ("bulk 52 MB (MB/s)", "bulk_mbps", true),
+];
+
+fn ratio(results: &Results, key: &str, num: &str, den: &str) -> Option<f64> {
+    match (results.get(num, key), results.get(den, key)) {
+        (Some(n), Some(d)) if d > 0.0 => Some(n / d),
+        _ => None,
+    }
+}
+
+/// `{"select1_p50_us": {"tunnel_tls/tunnel_plain": 1.1, ...}, ...}`.
+fn tls_ratios(results: &Results) -> serde_json::Map<String, Value> {
+    TLS_KEYS
+        .iter()
+        .map(|(_, key, _)| {
+            let by: serde_json::Map<String, Value> = TLS_RATIOS
+                .iter()
+                .filter_map(|(name, num, den)| {
+                    let r = ratio(results, key, num, den)?;
+                    Some(((*name).to_owned(), json!((r * 1000.0).round() / 1000.0)))
+                })
+                .collect();
+            ((*key).to_owned(), Value::Object(by))
+        })
+        .collect()
+}
+
+fn print_tls_table(results: &Results, meta: &Value) {
+    println!(
+        "TLS to PostgreSQL (hostssl-only server, certificate for {TLS_DB_NAME} and 127.0.0.1), load average \
+         before {} / after {}:",
+        meta["load_average_before"].as_str().unwrap_or("?"),
+        meta["load_average_after"].as_str().unwrap_or("?")
+    );
+    let seen = &meta["server_side_tls"];
+    for path in TLS_PATHS {
+        println!("  {path:<13} server sees: {}", seen[path].as_str().unwrap_or("?"));
+    }
+    println!(
+        "  openssh_tls = `ssh -N -L` (cipher {}) + sqlx sslmode=verify-full against 127.0.0.1 (the \
+         certificate's IP name: sqlx has no libpq hostaddr)",
+        meta["openssh_cipher"].as_str().unwrap_or("?")
+    );
+    println!("  tunnel_tls  = ConnectionManager, sslmode=verify-full against {TLS_DB_NAME}, TLS held by the tunnel");
+    println!("  tunnel_plain = ConnectionManager to the plaintext server, sslmode=disable");
+    println!();
+    print!("| {:<22} |", "workload");
+    for path in TLS_PATHS {
+        print!(" {path:>12} |");
+    }
+    for (name, _, _) in TLS_RATIOS {
+        print!(" {name:>23} |");
+    }
+    println!();
+    print!("|{:-<24}|", "");
+    for _ in TLS_PATHS {
+        print!("{:->14}|", "");
+    }
+    for _ in TLS_RATIOS {
+        print!("{:->25}|", "");
+    }
+    println!();
+    for (label, key, higher_is_better) in TLS_KEYS {
+        let label = format!("{label} {}", if higher_is_better { "↑" } else { "↓" });
+        print!("| {label:<22} |");
+        for path in TLS_PATHS {
+            let cell = results.get(path, key).map_or_else(
+                || "-".to_owned(),
+                |v| format!("{v:.*}", usize::from(key.ends_with("_pct"))),
+            );
+            print!(" {cell:>12} |");
+        }
+        for (_, num, den) in TLS_RATIOS {
+            let cell = ratio(results, key, num, den).map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x"));
+            print!(" {cell:>23} |");
+        }
+        println!();
     }
 }
 

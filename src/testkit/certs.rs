@@ -84,6 +84,19 @@ impl TestCa {
         self.issue(dns_name, Usage::Server, Validity::Current).await
     }
 
+    /// A server certificate for several names, each a DNS name or an IP address (for example
+    /// `["db.internal", "127.0.0.1"]`: a client that dials the address itself, as through an
+    /// `ssh -L` forward, can then verify the name it dialled). The first name is the CN. Valid
+    /// from an hour ago for a year.
+    pub async fn server_cert_for_names(&self, names: &[&str]) -> Result<CertPair> {
+        let Some(first) = names.first() else {
+            return Err(TestkitError::Unsupported(
+                "TestCa::server_cert_for_names needs at least one name".to_owned(),
+            ));
+        };
+        self.issue_for(first, names, Usage::Server, Validity::Current).await
+    }
+
     /// A server certificate for `dns_name` that expired a year ago (valid 2020-01-01 to
     /// 2021-01-01).
     pub async fn expired_server_cert(&self, dns_name: &str) -> Result<CertPair> {
@@ -121,6 +134,11 @@ impl TestCa {
     }
 
     async fn issue(&self, name: &str, usage: Usage, validity: Validity) -> Result<CertPair> {
+        self.issue_for(name, &[name], usage, validity).await
+    }
+
+    /// `name` is the CN; a server certificate's subjectAltName lists `alt_names` (IP or DNS).
+    async fn issue_for(&self, name: &str, alt_names: &[&str], usage: Usage, validity: Validity) -> Result<CertPair> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let base = self.dir.path().join(format!("{n:03}-{}", file_stem(name)));
         let key = base.with_extension("key");
@@ -140,7 +158,14 @@ impl TestCa {
         let mut text = String::from("basicConstraints=critical,CA:FALSE\n");
         match usage {
             Usage::Server => {
-                let _ = writeln!(text, "subjectAltName=DNS:{name}");
+                let alt: Vec<String> = alt_names
+                    .iter()
+                    .map(|n| match n.parse::<std::net::IpAddr>() {
+                        Ok(ip) => format!("IP:{ip}"),
+                        Err(_) => format!("DNS:{n}"),
+                    })
+                    .collect();
+                let _ = writeln!(text, "subjectAltName={}", alt.join(","));
                 text.push_str("keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n");
             }
             Usage::Client => text.push_str("keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"),
