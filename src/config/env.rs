@@ -102,6 +102,7 @@ impl Config {
     /// | `SSH_KEEPALIVE_INTERVAL` (ms) / `SSH_KEEPALIVE_MAX` | 5000 / 3 |
     /// | `SSH_PROXY_JUMP` (`[user@]host[:port],...`, OpenSSH `ProxyJump`) | none |
     /// | `SSH_CERTIFICATE_PATH` (OpenSSH user certificate) | `<key>-cert.pub` when present |
+    /// | `SSH_CHANNEL_WINDOW` (bytes, 64 KiB to 1 GiB) | 8 MiB |
     /// | `SSH_CONFIG` (ssh_config file for `SSH_HOST`, replacing both defaults; `none` = off) | `~/.ssh/config`, then `/etc/ssh/ssh_config` |
     ///
     /// Booleans accept `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off` (any case). `~` in paths
@@ -559,6 +560,9 @@ fn read_tunnel(
     }
     if let Some(hops) = vars.parse("SSH_PROXY_JUMP", |name, v| JumpHost::parse_list(v, name))? {
         t.proxy_jump = hops;
+    }
+    if let Some(v) = vars.count("SSH_CHANNEL_WINDOW", u32::MAX)? {
+        t.channel_window = v;
     }
     if let Some(path) = vars.path("SSH_CERTIFICATE_PATH")? {
         t.auth.certificate_path = Some(path);

@@ -53,7 +53,7 @@ pub use password::{Credential, CredentialFuture, PasswordProvider, PasswordSourc
 pub use pool::{HealthConfig, PoolConfig, SessionSettings};
 pub use profile::ProfileDefaults;
 pub use tunnel::BastionHost;
-pub use tunnel::{AuthConfig, HostKeyPolicy, JumpHost, LocalEndpointConfig, TunnelConfig};
+pub use tunnel::{AuthConfig, DEFAULT_CHANNEL_WINDOW, HostKeyPolicy, JumpHost, LocalEndpointConfig, TunnelConfig};
 
 /// Deployment profile; selects the defaults in [`ProfileDefaults`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

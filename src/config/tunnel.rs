@@ -90,7 +90,15 @@ pub struct TunnelConfig {
     /// statements are rewritten to the unnamed one (see [`Config::pgbouncer`]). The manager and
     /// `forward` set it from the configuration. Default false.
     pub pgbouncer: bool,
+    /// `SSH_CHANNEL_WINDOW`: bytes the bastion may send on one channel before we acknowledge
+    /// them, which bounds one connection's throughput over a long round trip. russh tops the
+    /// window up when half of it is used, so about 0.4 × window moves per round trip (measured:
+    /// 8 MiB → 68 MB/s at +50 ms). Default 8 MiB; between 64 KiB and 1 GiB.
+    pub channel_window: u32,
 }
+
+/// The default [`TunnelConfig::channel_window`]: 8 MiB.
+pub const DEFAULT_CHANNEL_WINDOW: u32 = 8 * 1024 * 1024;
 
 /// A bastion address, `host:port` (see [`TunnelConfig::fallback_hosts`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -211,6 +219,7 @@ impl TunnelConfig {
             ssh_alias: None,
             postgres_tls: None,
             pgbouncer: false,
+            channel_window: DEFAULT_CHANNEL_WINDOW,
         }
     }
 
@@ -407,6 +416,14 @@ impl TunnelConfig {
         .collect()
     }
 
+    /// `SSH_CHANNEL_WINDOW`: the SSH channel window in bytes (see
+    /// [`channel_window`](Self::channel_window)). Default 8 MiB.
+    #[must_use]
+    pub fn channel_window(mut self, bytes: u32) -> Self {
+        self.channel_window = bytes;
+        self
+    }
+
     /// PgBouncer (transaction pooling) compatibility in the forward path (see
     /// [`pgbouncer`](Self::pgbouncer)). Default false.
     #[must_use]
@@ -460,6 +477,7 @@ impl fmt::Debug for TunnelConfig {
             .field("ssh_alias", &self.ssh_alias)
             .field("postgres_tls", &self.postgres_tls)
             .field("pgbouncer", &self.pgbouncer)
+            .field("channel_window", &self.channel_window)
             .finish()
     }
 }

@@ -318,6 +318,15 @@ fn validate_backoff(b: &BackoffPolicy, name: &dyn Fn(&str) -> String) -> Result<
 }
 
 fn validate_tunnel(t: &TunnelConfig, n: Naming) -> Result<()> {
+    if !(64 * 1024..=1 << 30).contains(&t.channel_window) {
+        return Err(Error::config(
+            n.pick("tunnel.channel_window", "SSH_CHANNEL_WINDOW"),
+            format!(
+                "{} bytes is outside 65536 (64 KiB) to 1073741824 (1 GiB)",
+                t.channel_window
+            ),
+        ));
+    }
     for b in &t.fallback_hosts {
         if b.host.trim().is_empty() || b.port == 0 {
             return Err(Error::config(

@@ -5,6 +5,7 @@
 
 mod bastion;
 pub use bastion::{Bastion, BastionOptions};
+mod delay_proxy;
 mod fault_proxy;
 mod helpers;
 mod pgbouncer;
@@ -12,6 +13,7 @@ mod postgres;
 mod sandbox;
 mod sshd;
 mod util;
+pub use delay_proxy::DelayProxy;
 pub use fault_proxy::FaultProxy;
 pub use helpers::{eventually, fast_config};
 pub use pgbouncer::{PgBouncer, PgBouncerBuilder, PoolMode};

@@ -38,7 +38,7 @@ pub(crate) fn russh_config(config: &TunnelConfig) -> russh::client::Config {
         keepalive_interval: Some(config.keepalive_interval),
         keepalive_max: config.keepalive_max,
         // A bigger receive window lets bulk results stream without waiting for window adjusts.
-        window_size: 8 * 1024 * 1024,
+        window_size: config.channel_window,
         maximum_packet_size: 32 * 1024,
         preferred: russh::Preferred {
             cipher: Cow::Borrowed(preferred_ciphers()),

@@ -172,6 +172,7 @@ fn every_variable_is_parsed() {
         ("SSH_KEEPALIVE_INTERVAL", "1500"),
         ("SSH_KEEPALIVE_MAX", "2"),
         ("POSTGRES_PGBOUNCER", "false"),
+        ("SSH_CHANNEL_WINDOW", "16777216"),
         ("SSH_PROXY_JUMP", "ops@jump.example.com:2200,jump2.example.com"),
         ("SSH_CERTIFICATE_PATH", "~/deploy_key-cert.pub"),
         ("SSH_CONFIG", "none"),
@@ -997,5 +998,17 @@ fn pool_label_is_one_validated_pool_setting() {
     for label in ["primary", "billing_db", "eu.west:2/a"] {
         let c = Config::new(url()).map_pool(|p| p.pool_label(label));
         c.validate().unwrap_or_else(|e| panic!("{label}: {e}"));
+    }
+}
+
+#[test]
+fn ssh_channel_window_out_of_range_is_refused_naming_it() {
+    let home = Home::new().with_default_key();
+    for bad in ["1024", "4294967295"] {
+        let mut v = tunnel_vars(&home);
+        v.insert("SSH_CHANNEL_WINDOW".into(), bad.into());
+        let (field, message) = config_error(load(&v));
+        assert_eq!(field, "SSH_CHANNEL_WINDOW", "{message}");
+        assert!(message.contains("64 KiB") && message.contains("1 GiB"), "{message}");
     }
 }

@@ -428,3 +428,25 @@ async fn pgbouncer_pools_in_transaction_mode_restarts_and_pauses() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_proxy_adds_its_round_trip_and_delivers_every_byte_in_order() {
+    use sea_orm_tunnel::testkit::DelayProxy;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let echo = echo_server().await;
+    let rtt = std::time::Duration::from_millis(40);
+    let far = DelayProxy::start(echo.addr, rtt).await.unwrap();
+    assert_eq!(far.rtt(), rtt);
+    // One byte there and back: at least the added round trip.
+    let mut s = tokio::net::TcpStream::connect(far.addr()).await.unwrap();
+    let started = std::time::Instant::now();
+    s.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    s.read_exact(&mut one).await.unwrap();
+    let took = started.elapsed();
+    assert!(took >= rtt, "a round trip through it took {took:?}");
+    drop(s);
+    // Bulk data arrives whole and in order.
+    super::support::echo_roundtrip(far.addr(), (0..4_000_000u32).map(|i| (i % 251) as u8).collect()).await;
+}
