@@ -90,6 +90,10 @@ pub struct TunnelConfig {
     /// statements are rewritten to the unnamed one (see [`Config::pgbouncer`]). The manager and
     /// `forward` set it from the configuration. Default false.
     pub pgbouncer: bool,
+    /// Local connections served at once; one more is answered with a PostgreSQL
+    /// `ErrorResponse` (SQLSTATE 53300, too many connections) and closed. `None` = no limit
+    /// (the default; `sea-orm-tunnel forward --max-connections` sets it).
+    pub max_local_connections: Option<usize>,
 }
 
 /// A bastion address, `host:port` (see [`TunnelConfig::fallback_hosts`]).
@@ -211,6 +215,7 @@ impl TunnelConfig {
             ssh_alias: None,
             postgres_tls: None,
             pgbouncer: false,
+            max_local_connections: None,
         }
     }
 
@@ -415,6 +420,14 @@ impl TunnelConfig {
         self
     }
 
+    /// Local connections served at once (see
+    /// [`max_local_connections`](Self::max_local_connections)); `None` = no limit.
+    #[must_use]
+    pub fn max_local_connections(mut self, max: Option<usize>) -> Self {
+        self.max_local_connections = max;
+        self
+    }
+
     /// TLS to PostgreSQL held by the tunnel (see [`crate::tls`]); overrides what
     /// `DATABASE_URL` says.
     #[must_use]
@@ -460,6 +473,7 @@ impl fmt::Debug for TunnelConfig {
             .field("ssh_alias", &self.ssh_alias)
             .field("postgres_tls", &self.postgres_tls)
             .field("pgbouncer", &self.pgbouncer)
+            .field("max_local_connections", &self.max_local_connections)
             .finish()
     }
 }
