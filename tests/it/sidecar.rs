@@ -223,7 +223,7 @@ fn text(out: &Output) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forward_serves_pgbench_with_more_clients_than_the_pool_profile_allows() {
+async fn forward_serves_pgbench_100_clients_with_default_settings() {
     let (pg, sshd) = servers().await;
     // pgbench's tables, made directly on the server.
     let mut init = pg_client("pgbench", &pg);
@@ -234,35 +234,55 @@ async fn forward_serves_pgbench_with_more_clients_than_the_pool_profile_allows()
     // Default settings: the development profile has 10 channels per session (and capped the
     // pool at 4 sessions = 40); forward opens sessions as clients need them.
     let mut forward = Forward::start(&sshd, &pg, &[], &[]);
-    let clients = 60;
+    let clients = 100;
+    let transactions = 10;
     let (host, port) = forward.host_port();
-    let mut bench = pg_client("pgbench", &pg);
-    bench.args([
-        "-n",
-        "-S",
-        "-c",
-        &clients.to_string(),
-        "-j",
-        "2",
-        "-t",
-        "20",
-        "-h",
-        &host,
-        "-p",
-        &port,
-    ]);
+    let run = |host: String, port: String| {
+        let mut bench = pg_client("pgbench", &pg);
+        bench.args([
+            "-n",
+            "-S",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-t",
+            &transactions.to_string(),
+            "-h",
+            &host,
+            "-p",
+            &port,
+        ]);
+        bench
+    };
+    let bench = run(host, port);
     let out = tokio::task::spawn_blocking(move || output(bench)).await.unwrap();
     let report = text(&out);
-    println!("{report}");
     if !out.status.success() {
         let (_, stderr) = forward.kill();
         panic!("pgbench through forward: {report}\nforward:\n{stderr}");
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(stdout.contains(&format!("number of clients: {clients}")), "{report}");
+    let all = clients * transactions;
     assert!(
-        stdout.contains("number of transactions actually processed: 1200/1200"),
+        stdout.contains(&format!("number of transactions actually processed: {all}/{all}")),
         "{report}"
+    );
+    // The same run through OpenSSH `ssh -N -L`, for comparison (shown with --nocapture).
+    let ssh = sshd.ssh_forward("127.0.0.1", pg.port()).await.expect("ssh -N -L");
+    let bench = run("127.0.0.1".to_owned(), ssh.local_port().to_string());
+    let openssh = tokio::task::spawn_blocking(move || output(bench)).await.unwrap();
+    assert!(
+        openssh.status.success(),
+        "pgbench through ssh -N -L: {}",
+        text(&openssh)
+    );
+    let tps = |out: &str| out.lines().find(|l| l.starts_with("tps")).unwrap_or("").to_owned();
+    println!(
+        "pgbench -S -c {clients} -t {transactions}: forward {} | ssh -N -L {}",
+        tps(&stdout),
+        tps(&String::from_utf8_lossy(&openssh.stdout))
     );
     forward.signal("TERM");
     let (status, stderr) = tokio::task::spawn_blocking(move || forward.wait()).await.unwrap();
@@ -272,7 +292,7 @@ async fn forward_serves_pgbench_with_more_clients_than_the_pool_profile_allows()
     assert!(
         stderr
             .lines()
-            .any(|l| l.contains("additional SSH session") && l.contains("(5 open)")),
+            .any(|l| l.contains("additional SSH session") && l.contains("(10 open)")),
         "{stderr}"
     );
     assert!(!stderr.contains("a client was refused"), "{stderr}");
@@ -425,4 +445,67 @@ async fn sigterm_drains_a_query_in_flight_then_exits_0() {
     .await
     .unwrap();
     drop(sshd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_beyond_the_tunnels_capacity_gets_a_postgres_error_too() {
+    let (pg, sshd) = servers().await;
+    // One session of one channel: the second client waits for the connection timeout, then is
+    // told why instead of being closed bare.
+    let forward = Forward::start(
+        &sshd,
+        &pg,
+        &["--max-sessions", "1"],
+        &[("SSH_MAX_CHANNELS", "1"), ("POSTGRES_CONNECTION_TIMEOUT", "1500")],
+    );
+    let held = std::net::TcpStream::connect(&forward.addr).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cmd = psql(&forward, &pg, "SELECT 1");
+    let out = tokio::task::spawn_blocking(move || output(cmd)).await.unwrap();
+    let report = text(&out);
+    println!("{report}");
+    assert_eq!(out.status.code(), Some(2), "{report}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no free SSH channel"), "{report}");
+    assert!(stderr.contains("max_channels 1 x max_sessions 1"), "{report}");
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flags_win_over_the_environment_which_wins_over_dotenv_files_and_json_logs() {
+    let (pg, sshd) = servers().await;
+    std::fs::write(
+        sshd.dir().join(".env"),
+        "FORWARD_MAX_CONNECTIONS=1\nFORWARD_JSON_LOGS=true\nFORWARD_MAX_SIGTERM_DELAY=7s\n",
+    )
+    .unwrap();
+    std::fs::write(sshd.dir().join(".env.local"), "FORWARD_MAX_CONNECTIONS=4\n").unwrap();
+    let stderr_of = |args: &[&str], env: &[(&str, &str)]| {
+        let mut forward = Forward::start(&sshd, &pg, args, env);
+        forward.signal("TERM");
+        let (status, stderr) = forward.wait();
+        assert!(status.success(), "exit {status:?}\n{stderr}");
+        stderr
+    };
+    // .env.local wins over .env; the rest comes from .env, JSON logs included.
+    let stderr = stderr_of(&[], &[]);
+    assert!(stderr.contains("at most 4 clients"), "{stderr}");
+    assert!(stderr.contains("up to 7s"), "{stderr}");
+    for line in stderr.lines() {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(value["message"].is_string() && value["level"].is_string(), "{line}");
+        assert!(value["time"].as_f64().unwrap() > 1.0e9, "{line}");
+    }
+    assert!(stderr.contains(r#""message":"tunnel connected"#), "{stderr}");
+    // The environment wins over both files.
+    let stderr = stderr_of(&[], &[("FORWARD_MAX_CONNECTIONS", "3"), ("FORWARD_JSON_LOGS", "false")]);
+    assert!(stderr.contains("at most 3 clients"), "{stderr}");
+    assert!(!stderr.trim_start().starts_with('{'), "{stderr}");
+    // A flag wins over the environment.
+    let stderr = stderr_of(
+        &["--max-connections", "2", "--max-sigterm-delay", "1s"],
+        &[("FORWARD_MAX_CONNECTIONS", "3")],
+    );
+    assert!(stderr.contains("at most 2 clients"), "{stderr}");
+    assert!(stderr.contains("up to 1s"), "{stderr}");
 }

@@ -1,7 +1,8 @@
 //! `sea-orm-tunnel`: hold the managed SSH tunnel for any PostgreSQL client, or diagnose it.
 //!
 //! ```text
-//! sea-orm-tunnel forward [--local-port PORT | --unix]
+//! sea-orm-tunnel forward [--local-port PORT | --unix] [--max-sessions N] [--max-connections N]
+//!                        [--http ADDR] [--max-sigterm-delay DURATION] [--json-logs]
 //! sea-orm-tunnel check
 //! ```
 //!
@@ -42,14 +43,17 @@ Configuration (environment, then .env.local, then .env):
   SSH_USE_AGENT, SSH_KNOWN_HOSTS (~/.ssh/known_hosts),
   SSH_HOST_KEY_POLICY (strict | accept-new | SHA256:<fingerprint>), SSH_REMOTE_HOST/PORT,
   SSH_LOCAL_PORT (0 | PORT | unix), SSH_KEEPALIVE_INTERVAL/MAX, SSH_MAX_RETRIES, SSH_RETRY_DELAY,
-  APP_ENV, POSTGRES_CONNECTION_TIMEOUT ... (see the README's configuration table)";
+  APP_ENV, POSTGRES_CONNECTION_TIMEOUT ... (see the README's configuration table)
+  forward only: FORWARD_MAX_CONNECTIONS, FORWARD_HTTP, FORWARD_MAX_SIGTERM_DELAY, FORWARD_JSON_LOGS
+  (flags win over the environment, which wins over .env.local, then .env)";
 
 /// PostgreSQL through an SSH bastion
 #[derive(Debug, Parser)]
 #[command(
     name = "sea-orm-tunnel",
     version,
-    override_usage = "sea-orm-tunnel forward [--local-port PORT | --unix]\n       \
+    override_usage = "sea-orm-tunnel forward [--local-port PORT | --unix] [--max-sessions N] [--max-connections N]\n                              \
+                      [--http ADDR] [--max-sigterm-delay DURATION] [--json-logs]\n       \
                       sea-orm-tunnel check\n       \
                       sea-orm-tunnel --help | --version",
     after_help = AFTER_HELP
@@ -69,6 +73,13 @@ enum Cmd {
     /// DATABASE_URL (password redacted) once the local endpoint is bound; logs tunnel events to
     /// stderr; stops cleanly on Ctrl-C or SIGTERM (exit 0). After a reconnect round gives up on a
     /// transient error, starts another one instead of exiting.
+    ///
+    /// As a sidecar: SSH sessions are opened as clients need them (no cap unless --max-sessions
+    /// or SSH_MAX_SESSIONS); --max-connections refuses clients beyond N with a PostgreSQL error
+    /// (SQLSTATE 53300) that psql prints; --http serves /startup, /liveness, /readiness (503
+    /// while the tunnel is down or draining) and /metrics (Prometheus). On SIGTERM readiness
+    /// turns 503 at once, connections (new ones too) are served until none is open or
+    /// --max-sigterm-delay passes, then exit 0.
     #[command(verbatim_doc_comment)]
     Forward(ForwardArgs),
     /// Diagnose step by step, from TCP reach to SELECT 1; exit 11-17 names the failed step
