@@ -626,7 +626,11 @@ fn refuse(inner: &Inner, refusal: Refusal, timeout: Duration) -> Option<Vec<u8>>
                 &format!(
                     "sea-orm-tunnel: no free SSH channel within {timeout:?}: {channels} channels on {sessions} \
                      SSH sessions in use (max_channels {} x max_sessions {})",
-                    inner.config.max_channels, inner.config.max_sessions
+                    inner.config.max_channels,
+                    match inner.config.max_sessions {
+                        usize::MAX => "unlimited".to_owned(),
+                        n => n.to_string(),
+                    }
                 ),
                 Some("Raise SSH_MAX_SESSIONS or SSH_MAX_CHANNELS (sea-orm-tunnel forward --max-sessions)."),
                 None,

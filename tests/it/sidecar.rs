@@ -336,6 +336,14 @@ async fn max_connections_refusal_is_a_postgres_error_psql_prints() {
         assert!(started.elapsed() < DEADLINE, "never served again: {}", text(&out));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The refusal is in forward's log (summed once a second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    forward.signal("TERM");
+    let (_, stderr) = tokio::task::spawn_blocking(move || forward.wait()).await.unwrap();
+    assert!(
+        stderr.contains("local connections refused (--max-connections 2)"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,24 +459,33 @@ async fn sigterm_drains_a_query_in_flight_then_exits_0() {
 async fn a_client_beyond_the_tunnels_capacity_gets_a_postgres_error_too() {
     let (pg, sshd) = servers().await;
     // One session of one channel: the second client waits for the connection timeout, then is
-    // told why instead of being closed bare.
-    let forward = Forward::start(
-        &sshd,
-        &pg,
-        &["--max-sessions", "1"],
-        &[("SSH_MAX_CHANNELS", "1"), ("POSTGRES_CONNECTION_TIMEOUT", "1500")],
-    );
-    let held = std::net::TcpStream::connect(&forward.addr).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let cmd = psql(&forward, &pg, "SELECT 1");
-    let out = tokio::task::spawn_blocking(move || output(cmd)).await.unwrap();
-    let report = text(&out);
-    println!("{report}");
-    assert_eq!(out.status.code(), Some(2), "{report}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("no free SSH channel"), "{report}");
-    assert!(stderr.contains("max_channels 1 x max_sessions 1"), "{report}");
-    drop(held);
+    // told why instead of being closed bare. Both forward paths: the startup read by the tunnel
+    // (it holds TLS, sslmode=prefer) and bytes passed untouched (sslmode=disable).
+    let url = pg.url();
+    let plain = format!("{url}{}sslmode=disable", if url.contains('?') { '&' } else { '?' });
+    for database_url in [url, plain] {
+        let forward = Forward::start(
+            &sshd,
+            &pg,
+            &["--max-sessions", "1"],
+            &[
+                ("SSH_MAX_CHANNELS", "1"),
+                ("POSTGRES_CONNECTION_TIMEOUT", "1500"),
+                ("DATABASE_URL", &database_url),
+            ],
+        );
+        let held = std::net::TcpStream::connect(&forward.addr).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let cmd = psql(&forward, &pg, "SELECT 1");
+        let out = tokio::task::spawn_blocking(move || output(cmd)).await.unwrap();
+        let report = text(&out);
+        println!("{report}");
+        assert_eq!(out.status.code(), Some(2), "{report}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("no free SSH channel"), "{report}");
+        assert!(stderr.contains("max_channels 1 x max_sessions 1"), "{report}");
+        drop(held);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

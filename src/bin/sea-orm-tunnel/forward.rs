@@ -183,8 +183,24 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>, flags: SidecarFlags)
 
     let stop = shutdown_signal();
     tokio::pin!(stop);
+    // Refusals (the --max-connections limit, or no channel in time), summed once a second.
+    let mut refusals = tokio::time::interval(Duration::from_secs(1));
+    let mut refused = 0;
     let code = loop {
         tokio::select! {
+            _ = refusals.tick() => {
+                let now = tunnel.stats().refused_connections;
+                if now > refused {
+                    let limit = settings
+                        .max_connections
+                        .map_or_else(String::new, |n| format!(" (--max-connections {n})"));
+                    log(format_args!(
+                        "{} local connections refused{limit}; {now} since the start",
+                        now - refused
+                    ));
+                    refused = now;
+                }
+            }
             signal = &mut stop => {
                 health.drain();
                 log(format_args!("{signal}: stopping; readiness answers 503"));
