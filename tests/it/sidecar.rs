@@ -344,6 +344,11 @@ async fn max_connections_refusal_is_a_postgres_error_psql_prints() {
         stderr.contains("local connections refused (--max-connections 2)"),
         "{stderr}"
     );
+    // With the library's own warning.
+    assert!(
+        stderr.contains("warning: local connection refused: max_local_connections reached max=2"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,6 +46,7 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>, flags: SidecarFlags)
         }
     };
     sidecar::set_json_logs(settings.json_logs);
+    sidecar::install_warning_log();
     // The probes answer from the start: /liveness 200, /startup and /readiness 503 until the
     // tunnel is up.
     let health = Arc::new(Health::new(settings.http.and_then(|_| sidecar::install_metrics())));

@@ -166,6 +166,12 @@ pub(crate) fn set_json_logs(on: bool) {
 /// One log line on stderr: `[  1.234s] message`, or with `--json-logs` one JSON object
 /// (`time` = Unix seconds, `level`, `message`).
 pub(crate) fn log_line(level: &str, message: fmt::Arguments<'_>) {
+    write_line(level, false, message);
+}
+
+/// `log_line`; `timed` puts the time in front of error lines too (the library's, which do not
+/// end the process).
+fn write_line(level: &str, timed: bool, message: fmt::Arguments<'_>) {
     static START: OnceLock<Instant> = OnceLock::new();
     let t = START.get_or_init(Instant::now).elapsed();
     if JSON_LOGS.load(Ordering::Relaxed) {
@@ -180,10 +186,66 @@ pub(crate) fn log_line(level: &str, message: fmt::Arguments<'_>) {
             "target": "sea_orm_tunnel::forward",
         });
         eprintln!("{line}");
-    } else if level == "error" {
+    } else if level == "error" && !timed {
         eprintln!("error: {message}");
+    } else if level == "error" {
+        eprintln!("[{:>9.3}s] error: {message}", t.as_secs_f64());
+    } else if level == "warn" {
+        eprintln!("[{:>9.3}s] warning: {message}", t.as_secs_f64());
     } else {
         eprintln!("[{:>9.3}s] {message}", t.as_secs_f64());
+    }
+}
+
+/// Shows the library's warnings and errors (`tracing` events: a refused client, a failed
+/// channel open) as log lines of the same format; quieter events stay hidden, the tunnel's
+/// state changes are logged from its events instead.
+pub(crate) fn install_warning_log() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry().with(WarningLog));
+}
+
+struct WarningLog;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarningLog {
+    fn register_callsite(&self, metadata: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        if metadata.is_event() && *metadata.level() <= tracing::Level::WARN {
+            tracing::subscriber::Interest::always()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, _: tracing_subscriber::layer::Context<'_, S>) -> bool {
+        metadata.is_event() && *metadata.level() <= tracing::Level::WARN
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Fields(String, String);
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                } else {
+                    self.1.push_str(&format!(" {}={value:?}", field.name()));
+                }
+            }
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "message" {
+                    self.0 = value.to_owned();
+                } else {
+                    self.1.push_str(&format!(" {}={value}", field.name()));
+                }
+            }
+        }
+        let mut fields = Fields(String::new(), String::new());
+        event.record(&mut fields);
+        let level = if *event.metadata().level() == tracing::Level::ERROR {
+            "error"
+        } else {
+            "warn"
+        };
+        write_line(level, true, format_args!("{}{}", fields.0, fields.1));
     }
 }
 
