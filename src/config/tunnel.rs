@@ -95,6 +95,10 @@ pub struct TunnelConfig {
     /// window up when half of it is used, so about 0.4 × window moves per round trip (measured:
     /// 8 MiB → 68 MB/s at +50 ms). Default 8 MiB; between 64 KiB and 1 GiB.
     pub channel_window: u32,
+    /// Local connections served at once; one more is answered with a PostgreSQL
+    /// `ErrorResponse` (SQLSTATE 53300, too many connections) and closed. `None` = no limit
+    /// (the default; `sea-orm-tunnel forward --max-connections` sets it).
+    pub max_local_connections: Option<usize>,
 }
 
 /// The default [`TunnelConfig::channel_window`]: 8 MiB.
@@ -220,6 +224,7 @@ impl TunnelConfig {
             postgres_tls: None,
             pgbouncer: false,
             channel_window: DEFAULT_CHANNEL_WINDOW,
+            max_local_connections: None,
         }
     }
 
@@ -432,6 +437,14 @@ impl TunnelConfig {
         self
     }
 
+    /// Local connections served at once (see
+    /// [`max_local_connections`](Self::max_local_connections)); `None` = no limit.
+    #[must_use]
+    pub fn max_local_connections(mut self, max: Option<usize>) -> Self {
+        self.max_local_connections = max;
+        self
+    }
+
     /// TLS to PostgreSQL held by the tunnel (see [`crate::tls`]); overrides what
     /// `DATABASE_URL` says.
     #[must_use]
@@ -478,6 +491,7 @@ impl fmt::Debug for TunnelConfig {
             .field("postgres_tls", &self.postgres_tls)
             .field("pgbouncer", &self.pgbouncer)
             .field("channel_window", &self.channel_window)
+            .field("max_local_connections", &self.max_local_connections)
             .finish()
     }
 }

@@ -89,6 +89,11 @@ pub(crate) async fn bind(config: &TunnelConfig) -> Result<(Listener, LocalEndpoi
 
 /// Accepts local connections until the tunnel shuts down; the listener closes when this ends.
 pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: Listener) {
+    // `max_local_connections`: one permit per local connection being served.
+    let limit = inner
+        .config
+        .max_local_connections
+        .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
     loop {
         let accepted = tokio::select! {
             () = inner.cancel.cancelled() => return,
@@ -97,7 +102,21 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: Listener) {
         match accepted {
             Ok((stream, origin)) => {
                 inner.counters.connections_total.fetch_add(1, Ordering::Relaxed);
-                inner.tracker.spawn(serve(inner.clone(), stream, origin));
+                let permit = match &limit {
+                    None => None,
+                    Some(limit) => match limit.clone().try_acquire_owned() {
+                        Ok(permit) => Some(permit),
+                        Err(_) => {
+                            inner.tracker.spawn(refuse_over_limit(inner.clone(), stream));
+                            continue;
+                        }
+                    },
+                };
+                let inner = inner.clone();
+                inner.tracker.clone().spawn(async move {
+                    serve(inner, stream, origin).await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -235,23 +254,20 @@ async fn slot_and_channel(
     inner: &Arc<Inner>,
     origin: &(String, u32),
     deadline: Instant,
-) -> Option<(Slot, russh::Channel<russh::client::Msg>)> {
+) -> std::result::Result<(Slot, russh::Channel<russh::client::Msg>), Option<Vec<u8>>> {
     loop {
         let slot = match acquire_slot(inner, deadline).await {
             Ok(slot) => slot,
-            Err(refusal) => {
-                refuse(inner, refusal, inner.config.connect_timeout);
-                return None;
-            }
+            Err(refusal) => return Err(refuse(inner, refusal, inner.config.connect_timeout)),
         };
         match open_channel(inner, &slot.session, origin).await {
-            Ok(channel) => return Some((slot, channel)),
+            Ok(channel) => return Ok((slot, channel)),
             Err(OpenError::SessionGone) => {
                 // The session died under us: try another one (or wait for the reconnect).
                 drop(slot);
                 continue;
             }
-            Err(OpenError::Refused) => return None,
+            Err(OpenError::Refused) => return Err(None),
         }
     }
 }
@@ -289,8 +305,15 @@ async fn serve_startup<S: AsyncRead + AsyncWrite + Unpin>(
         // Nothing in time.
         Err(_) => return,
     };
-    let Some((slot, channel)) = slot_and_channel(&inner, &origin, deadline).await else {
-        return;
+    let (slot, channel) = match slot_and_channel(&inner, &origin, deadline).await {
+        Ok(got) => got,
+        Err(reply) => {
+            if let Some(reply) = reply {
+                let _ = local.write_all(&reply).await;
+                let _ = local.flush().await;
+            }
+            return;
+        }
     };
     let negotiated = tokio::select! {
         r = tokio::time::timeout_at(deadline, pgwire::negotiate(channel.into_stream(), &tls)) => r,
@@ -406,14 +429,27 @@ async fn tls_refused<S: AsyncWrite + Unpin>(inner: &Inner, local: &mut S, error:
 }
 
 /// Forwards one local connection as bytes: reserve a slot, open the channel, copy both ways.
-async fn serve_raw(inner: Arc<Inner>, local: LocalStream, origin: (String, u32)) {
+async fn serve_raw(inner: Arc<Inner>, mut local: LocalStream, origin: (String, u32)) {
     let timeout = inner.config.connect_timeout;
     let deadline = Instant::now() + timeout;
     let (slot, channel) = loop {
         let slot = match acquire_slot(&inner, deadline).await {
             Ok(slot) => slot,
             Err(refusal) => {
-                refuse(&inner, refusal, timeout);
+                if let Some(reply) = refuse(&inner, refusal, timeout) {
+                    // Nothing was forwarded yet: a PostgreSQL client can be told why.
+                    let tell = async {
+                        match &mut local {
+                            LocalStream::Tcp(s) => tell_refused(s, &reply).await,
+                            #[cfg(unix)]
+                            LocalStream::Unix(s) => tell_refused(s, &reply).await,
+                        }
+                    };
+                    tokio::select! {
+                        () = tell => {}
+                        () = inner.cancel.cancelled() => {}
+                    }
+                }
                 return;
             }
         };
@@ -554,18 +590,27 @@ async fn open_channel(
     Err(OpenError::Refused)
 }
 
-fn refuse(inner: &Inner, refusal: Refusal, timeout: Duration) {
+/// Counts and logs a refusal; returns the `ErrorResponse` to tell the client why (`None` at
+/// shutdown, when the connection is just closed).
+fn refuse(inner: &Inner, refusal: Refusal, timeout: Duration) -> Option<Vec<u8>> {
     let (channels, sessions) = (
         inner.counters.channels_active.load(Ordering::Relaxed),
         inner.live_sessions(),
     );
-    match refusal {
-        Refusal::ShutDown => return,
+    let reply = match refusal {
+        Refusal::ShutDown => return None,
         Refusal::Failed(error) => {
             tracing::debug!(target: LOG_TARGET, error = %error, "local connection refused: the tunnel has failed");
+            pgwire::error_response_for(&error)
         }
         Refusal::NoSession => {
             tracing::warn!(target: LOG_TARGET, ?timeout, "local connection refused: no SSH session came up in time");
+            pgwire::error_response(
+                pgwire::SQLSTATE_CONNECTION_FAILURE,
+                &format!("sea-orm-tunnel: no SSH session to the bastion came up within {timeout:?}"),
+                None,
+                None,
+            )
         }
         Refusal::Capacity => {
             tracing::warn!(
@@ -576,10 +621,73 @@ fn refuse(inner: &Inner, refusal: Refusal, timeout: Duration) {
                 "local connection refused: every SSH session is at max_channels"
             );
             inner.emit(TunnelEvent::CapacityExhausted { channels, sessions });
+            pgwire::error_response(
+                SQLSTATE_TOO_MANY_CONNECTIONS,
+                &format!(
+                    "sea-orm-tunnel: no free SSH channel within {timeout:?}: {channels} channels on {sessions} \
+                     SSH sessions in use (max_channels {} x max_sessions {})",
+                    inner.config.max_channels,
+                    match inner.config.max_sessions {
+                        usize::MAX => "unlimited".to_owned(),
+                        n => n.to_string(),
+                    }
+                ),
+                Some("Raise SSH_MAX_SESSIONS or SSH_MAX_CHANNELS (sea-orm-tunnel forward --max-sessions)."),
+                None,
+            )
         }
-    }
+    };
     inner.counters.refused.fetch_add(1, Ordering::Relaxed);
     inner.telemetry.count_channel_open_failure();
+    Some(reply)
+}
+
+/// SQLSTATE `too_many_connections`.
+const SQLSTATE_TOO_MANY_CONNECTIONS: &str = "53300";
+
+/// How long a refused client has to send its startup message before it is closed without one.
+const REFUSAL_READ: Duration = Duration::from_secs(2);
+
+/// Tells a refused client why, as a PostgreSQL client understands it: its startup message is
+/// read (an SSL request answered with `N`), then `reply` is sent. A client that is not
+/// PostgreSQL (or sends nothing in time) is just closed.
+async fn tell_refused<S: AsyncRead + AsyncWrite + Unpin>(local: &mut S, reply: &[u8]) {
+    use tokio::io::AsyncWriteExt as _;
+    match tokio::time::timeout(REFUSAL_READ, pgwire::read_client_startup(local)).await {
+        Ok(Ok(startup)) if startup.kind != pgwire::StartupKind::Cancel => {
+            let _ = local.write_all(reply).await;
+            let _ = local.flush().await;
+        }
+        _ => {}
+    }
+}
+
+/// A local connection beyond `max_local_connections`: answered with 53300 and closed.
+async fn refuse_over_limit(inner: Arc<Inner>, local: LocalStream) {
+    let Some(max) = inner.config.max_local_connections else {
+        return;
+    };
+    tracing::warn!(target: LOG_TARGET, max, "local connection refused: max_local_connections reached");
+    inner.counters.refused.fetch_add(1, Ordering::Relaxed);
+    let reply = pgwire::error_response(
+        SQLSTATE_TOO_MANY_CONNECTIONS,
+        &format!("sea-orm-tunnel: too many connections: the limit of {max} local connections is reached"),
+        Some(
+            "The tunnel serves at most this many clients at once (sea-orm-tunnel forward --max-connections / FORWARD_MAX_CONNECTIONS).",
+        ),
+        None,
+    );
+    let serve = async {
+        match local {
+            LocalStream::Tcp(mut s) => tell_refused(&mut s, &reply).await,
+            #[cfg(unix)]
+            LocalStream::Unix(mut s) => tell_refused(&mut s, &reply).await,
+        }
+    };
+    tokio::select! {
+        () = serve => {}
+        () = inner.cancel.cancelled() => {}
+    }
 }
 
 /// Counts bytes on the local side: reads go to the remote, writes come from it.

@@ -24,6 +24,7 @@ mod migration;
 mod password;
 mod pgbouncer;
 mod security;
+mod sidecar;
 mod ssh_config;
 mod testkit;
 mod tls;

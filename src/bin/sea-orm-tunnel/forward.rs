@@ -3,7 +3,8 @@
 use std::fmt;
 use std::io::Write as _;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::Duration;
 
 use sea_orm_tunnel::config::{Config, LocalEndpointConfig, TunnelConfig};
 use sea_orm_tunnel::tunnel::{LocalEndpoint, SshTunnel, TunnelEvent, TunnelState};
@@ -12,6 +13,7 @@ use sea_orm_tunnel::{Error, Result};
 use secrecy::ExposeSecret as _;
 use tokio::sync::broadcast;
 
+use crate::sidecar::{self, Health, SidecarFlags};
 use crate::{EXIT_CONFIG, EXIT_FAILED};
 
 /// Reads the configuration for `forward`: the whole [`Config`] when it is complete (so the
@@ -35,24 +37,74 @@ fn forward_config() -> Result<(TunnelConfig, Option<Config>)> {
 }
 
 /// Runs `forward`; returns the process exit code.
-pub(crate) async fn run(local: Option<LocalEndpointConfig>) -> ExitCode {
+pub(crate) async fn run(local: Option<LocalEndpointConfig>, flags: SidecarFlags) -> ExitCode {
+    let settings = match sidecar::resolve(flags) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    sidecar::set_json_logs(settings.json_logs);
+    sidecar::install_warning_log();
+    // The probes answer from the start: /liveness 200, /startup and /readiness 503 until the
+    // tunnel is up.
+    let health = Arc::new(Health::new(settings.http.and_then(|_| sidecar::install_metrics())));
+    if let Some(addr) = settings.http {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let bound = listener
+                    .local_addr()
+                    .map_or_else(|_| addr.to_string(), |a| a.to_string());
+                println!("http on {bound}");
+                let _ = std::io::stdout().flush();
+                log(format_args!(
+                    "health and metrics on http://{bound}/ (startup, liveness, readiness, metrics)"
+                ));
+                tokio::spawn(sidecar::serve_http(listener, health.clone()));
+            }
+            Err(e) => {
+                error(format_args!("binding --http / FORWARD_HTTP {addr}: {e}"));
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
     let (mut tunnel_config, config) = match forward_config() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
+            error(format_args!("{e}"));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     if let Some(local) = local {
         tunnel_config = tunnel_config.local(local);
     }
+    // forward's own defaults, not the pool's: sessions opened as clients need them.
+    match settings.max_sessions {
+        Some(n) => tunnel_config = tunnel_config.max_sessions(n),
+        None if sea_orm_tunnel::config::is_set("SSH_MAX_SESSIONS").unwrap_or(false) => {}
+        None => tunnel_config = tunnel_config.max_sessions(usize::MAX),
+    }
+    tunnel_config = tunnel_config.max_local_connections(settings.max_connections);
+    let sessions = if tunnel_config.max_sessions == usize::MAX {
+        "SSH sessions opened as needed".to_owned()
+    } else {
+        format!("at most {} SSH sessions", tunnel_config.max_sessions)
+    };
+    let clients = settings
+        .max_connections
+        .map_or_else(|| "no client limit".to_owned(), |n| format!("at most {n} clients"));
+    log(format_args!(
+        "{sessions} x {} channels; {clients}; drain after SIGTERM up to {:?}",
+        tunnel_config.max_channels, settings.max_sigterm_delay
+    ));
     // TLS to PostgreSQL per DATABASE_URL's sslmode, held by the tunnel; files read now.
     if let Some(config) = &config {
         tunnel_config = match sea_orm_tunnel::tls::resolve_tunnel(config, &tunnel_config) {
             // PgBouncer mode (`pgbouncer=true` / POSTGRES_PGBOUNCER): named statements rewritten.
             Ok(t) => t.pgbouncer(config.pgbouncer_mode()),
             Err(e) => {
-                eprintln!("error: {e}");
+                error(format_args!("{e}"));
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
@@ -78,10 +130,11 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>) -> ExitCode {
     let tunnel = match SshTunnel::connect(tunnel_config).await {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("error: {e}");
+            error(format_args!("{e}"));
             return ExitCode::from(EXIT_FAILED);
         }
     };
+    health.started(tunnel.clone());
     let mut events = tunnel.subscribe();
     let mut state = tunnel.state();
     // The first `Connected` event fired inside `connect`, before anyone could subscribe.
@@ -131,10 +184,28 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>) -> ExitCode {
 
     let stop = shutdown_signal();
     tokio::pin!(stop);
+    // Refusals (the --max-connections limit, or no channel in time), summed once a second.
+    let mut refusals = tokio::time::interval(Duration::from_secs(1));
+    let mut refused = 0;
     let code = loop {
         tokio::select! {
+            _ = refusals.tick() => {
+                let now = tunnel.stats().refused_connections;
+                if now > refused {
+                    let limit = settings
+                        .max_connections
+                        .map_or_else(String::new, |n| format!(" (--max-connections {n})"));
+                    log(format_args!(
+                        "{} local connections refused{limit}; {now} since the start",
+                        now - refused
+                    ));
+                    refused = now;
+                }
+            }
             signal = &mut stop => {
-                log(format_args!("{signal}: stopping"));
+                health.drain();
+                log(format_args!("{signal}: stopping; readiness answers 503"));
+                drain(&tunnel, &mut events, settings.max_sigterm_delay).await;
                 break ExitCode::SUCCESS;
             }
             event = events.recv() => match event {
@@ -149,7 +220,7 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>) -> ExitCode {
                 let current = state.borrow_and_update().clone();
                 if let TunnelState::Failed { error } = current {
                     if !error.is_transient() {
-                        eprintln!("error: the tunnel stopped: {error}");
+                        self::error(format_args!("the tunnel stopped: {error}"));
                         break ExitCode::from(EXIT_FAILED);
                     }
                     // The tunnel starts the next round by itself after that pause.
@@ -163,6 +234,42 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>) -> ExitCode {
         log(format_args!("stopped"));
     }
     code
+}
+
+/// Keeps serving (new connections included) until no forwarded connection is open or `delay`
+/// has passed, or a second signal arrives.
+async fn drain(tunnel: &SshTunnel, events: &mut broadcast::Receiver<TunnelEvent>, delay: Duration) {
+    let deadline = tokio::time::Instant::now() + delay;
+    let again = shutdown_signal();
+    tokio::pin!(again);
+    let mut announced = false;
+    loop {
+        let open = tunnel.stats().channels_active;
+        if open == 0 {
+            if announced {
+                log(format_args!("drained: no connection open"));
+            }
+            return;
+        }
+        if !announced {
+            log(format_args!(
+                "draining: {open} connections open; serving until they end or {delay:?} passes"
+            ));
+            announced = true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => {
+                log(format_args!("max-sigterm-delay {delay:?} passed with {open} connections open; closing them"));
+                return;
+            }
+            signal = &mut again => {
+                log(format_args!("{signal} again: closing {open} connections now"));
+                return;
+            }
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            event = events.recv() => if let Ok(event) = event { log_event(&event) },
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM with the signal's name.
@@ -248,9 +355,12 @@ fn log_event(event: &TunnelEvent) {
     }
 }
 
-/// One log line on stderr, prefixed with the time since the start.
+/// One log line on stderr, prefixed with the time since the start (or JSON, `--json-logs`).
 fn log(message: fmt::Arguments<'_>) {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let t = START.get_or_init(Instant::now).elapsed();
-    eprintln!("[{:>9.3}s] {message}", t.as_secs_f64());
+    sidecar::log_line("info", message);
+}
+
+/// An error line on stderr: `error: ...` (or JSON, `--json-logs`).
+fn error(message: fmt::Arguments<'_>) {
+    sidecar::log_line("error", message);
 }

@@ -1,7 +1,8 @@
 //! `sea-orm-tunnel`: hold the managed SSH tunnel for any PostgreSQL client, or diagnose it.
 //!
 //! ```text
-//! sea-orm-tunnel forward [--local-port PORT | --unix]
+//! sea-orm-tunnel forward [--local-port PORT | --unix] [--max-sessions N] [--max-connections N]
+//!                        [--http ADDR] [--max-sigterm-delay DURATION] [--json-logs]
 //! sea-orm-tunnel check
 //! ```
 //!
@@ -11,6 +12,7 @@
 
 mod check;
 mod forward;
+mod sidecar;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -20,6 +22,8 @@ use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use sea_orm_tunnel::config::LocalEndpointConfig;
+
+use crate::sidecar::SidecarFlags;
 
 /// Exit code for configuration errors.
 const EXIT_CONFIG: u8 = 1;
@@ -39,14 +43,17 @@ Configuration (environment, then .env.local, then .env):
   SSH_USE_AGENT, SSH_KNOWN_HOSTS (~/.ssh/known_hosts),
   SSH_HOST_KEY_POLICY (strict | accept-new | SHA256:<fingerprint>), SSH_REMOTE_HOST/PORT,
   SSH_LOCAL_PORT (0 | PORT | unix), SSH_KEEPALIVE_INTERVAL/MAX, SSH_MAX_RETRIES, SSH_RETRY_DELAY,
-  APP_ENV, POSTGRES_CONNECTION_TIMEOUT ... (see the README's configuration table)";
+  APP_ENV, POSTGRES_CONNECTION_TIMEOUT ... (see the README's configuration table)
+  forward only: FORWARD_MAX_CONNECTIONS, FORWARD_HTTP, FORWARD_MAX_SIGTERM_DELAY, FORWARD_JSON_LOGS
+  (flags win over the environment, which wins over .env.local, then .env)";
 
 /// PostgreSQL through an SSH bastion
 #[derive(Debug, Parser)]
 #[command(
     name = "sea-orm-tunnel",
     version,
-    override_usage = "sea-orm-tunnel forward [--local-port PORT | --unix]\n       \
+    override_usage = "sea-orm-tunnel forward [--local-port PORT | --unix] [--max-sessions N] [--max-connections N]\n                              \
+                      [--http ADDR] [--max-sigterm-delay DURATION] [--json-logs]\n       \
                       sea-orm-tunnel check\n       \
                       sea-orm-tunnel --help | --version",
     after_help = AFTER_HELP
@@ -66,6 +73,13 @@ enum Cmd {
     /// DATABASE_URL (password redacted) once the local endpoint is bound; logs tunnel events to
     /// stderr; stops cleanly on Ctrl-C or SIGTERM (exit 0). After a reconnect round gives up on a
     /// transient error, starts another one instead of exiting.
+    ///
+    /// As a sidecar: SSH sessions are opened as clients need them (no cap unless --max-sessions
+    /// or SSH_MAX_SESSIONS); --max-connections refuses clients beyond N with a PostgreSQL error
+    /// (SQLSTATE 53300) that psql prints; --http serves /startup, /liveness, /readiness (503
+    /// while the tunnel is down or draining) and /metrics (Prometheus). On SIGTERM readiness
+    /// turns 503 at once, connections (new ones too) are served until none is open or
+    /// --max-sigterm-delay passes, then exit 0.
     #[command(verbatim_doc_comment)]
     Forward(ForwardArgs),
     /// Diagnose step by step, from TCP reach to SELECT 1; exit 11-17 names the failed step
@@ -86,6 +100,21 @@ struct ForwardArgs {
     /// Listen on a Unix socket in a private 0700 directory instead
     #[arg(long)]
     unix: bool,
+    /// Cap SSH sessions at N (default: SSH_MAX_SESSIONS if set, else opened as needed, no cap)
+    #[arg(long, value_name = "N", value_parser = sidecar::parse_sessions)]
+    max_sessions: Option<usize>,
+    /// Serve at most N clients at once; more get SQLSTATE 53300 (default 0 = unlimited)
+    #[arg(long, value_name = "N", env = "FORWARD_MAX_CONNECTIONS", value_parser = sidecar::parse_count)]
+    max_connections: Option<usize>,
+    /// Serve /startup, /liveness, /readiness and /metrics (Prometheus) on ADDR, e.g. 127.0.0.1:9090
+    #[arg(long, value_name = "ADDR", env = "FORWARD_HTTP", value_parser = sidecar::parse_http)]
+    http: Option<std::net::SocketAddr>,
+    /// After SIGTERM, keep serving until connections end or this passes (default 5s)
+    #[arg(long, value_name = "DURATION", env = "FORWARD_MAX_SIGTERM_DELAY", value_parser = sidecar::parse_duration)]
+    max_sigterm_delay: Option<Duration>,
+    /// Log one JSON object per line on stderr
+    #[arg(long, env = "FORWARD_JSON_LOGS")]
+    json_logs: bool,
 }
 
 /// A `--local-port` / `SSH_LOCAL_PORT` value; `None` for an empty variable, which the
@@ -114,6 +143,8 @@ enum Command {
     /// `None`: where the configuration says (SSH_LOCAL_PORT in a `.env` file, else ephemeral).
     Forward {
         local: Option<LocalEndpointConfig>,
+        /// The sidecar flags given (flag or process environment).
+        sidecar: SidecarFlags,
     },
     Check,
 }
@@ -144,7 +175,20 @@ fn parse(
             } else {
                 args.local_port.and_then(|p| p.0)
             };
-            Command::Forward { local }
+            let forward = matches.subcommand_matches("forward");
+            let given = |id: &str| {
+                forward
+                    .and_then(|m| m.value_source(id))
+                    .is_some_and(|s| s != ValueSource::DefaultValue)
+            };
+            let sidecar = SidecarFlags {
+                max_sessions: args.max_sessions,
+                max_connections: args.max_connections,
+                http: args.http,
+                max_sigterm_delay: args.max_sigterm_delay,
+                json_logs: given("json_logs").then_some(args.json_logs),
+            };
+            Command::Forward { local, sidecar }
         }
     })
 }
@@ -161,7 +205,7 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async move {
         match command {
-            Command::Forward { local } => forward::run(local).await,
+            Command::Forward { local, sidecar } => forward::run(local, sidecar).await,
             Command::Check => check::run().await,
         }
     });
@@ -177,7 +221,17 @@ mod tests {
     /// The parser without the SSH_LOCAL_PORT fallback, so the developer's environment does not
     /// change the outcome.
     fn cli() -> clap::Command {
-        Cli::command().mut_subcommand("forward", |f| f.mut_arg("local_port", |a| a.env(None)))
+        Cli::command().mut_subcommand("forward", |f| {
+            [
+                "local_port",
+                "max_connections",
+                "http",
+                "max_sigterm_delay",
+                "json_logs",
+            ]
+            .into_iter()
+            .fold(f, |f, id| f.mut_arg(id, |a| a.env(None)))
+        })
     }
 
     fn parse_args(args: &[&str]) -> clap::error::Result<Command> {
@@ -191,23 +245,56 @@ mod tests {
     #[test]
     fn parses_commands_and_flags() {
         assert_eq!(parse_args(&["check"]).unwrap(), Command::Check);
-        assert_eq!(parse_args(&["forward"]).unwrap(), Command::Forward { local: None });
+        assert_eq!(
+            parse_args(&["forward"]).unwrap(),
+            Command::Forward {
+                local: None,
+                sidecar: SidecarFlags::default()
+            }
+        );
+        assert_eq!(
+            parse_args(&[
+                "forward",
+                "--max-sessions",
+                "3",
+                "--max-connections=2",
+                "--http",
+                ":9090",
+                "--max-sigterm-delay",
+                "30s",
+                "--json-logs"
+            ])
+            .unwrap(),
+            Command::Forward {
+                local: None,
+                sidecar: SidecarFlags {
+                    max_sessions: Some(3),
+                    max_connections: Some(2),
+                    http: Some("127.0.0.1:9090".parse().unwrap()),
+                    max_sigterm_delay: Some(Duration::from_secs(30)),
+                    json_logs: Some(true),
+                }
+            }
+        );
         assert_eq!(
             parse_args(&["forward", "--local-port", "6543"]).unwrap(),
             Command::Forward {
-                local: Some(LocalEndpointConfig::Tcp(6543))
+                local: Some(LocalEndpointConfig::Tcp(6543)),
+                sidecar: SidecarFlags::default()
             }
         );
         assert_eq!(
             parse_args(&["forward", "--local-port=0"]).unwrap(),
             Command::Forward {
-                local: Some(LocalEndpointConfig::Tcp(0))
+                local: Some(LocalEndpointConfig::Tcp(0)),
+                sidecar: SidecarFlags::default()
             }
         );
         assert_eq!(
             parse_args(&["forward", "--unix"]).unwrap(),
             Command::Forward {
-                local: Some(LocalEndpointConfig::Unix)
+                local: Some(LocalEndpointConfig::Unix),
+                sidecar: SidecarFlags::default()
             }
         );
         assert_eq!(error_kind(&["forward", "--help"]), Some(ErrorKind::DisplayHelp));
