@@ -142,6 +142,8 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>, flags: SidecarFlags)
         "tunnel connected ({} SSH session)",
         tunnel.stats().sessions
     ));
+    // Installed before anything says we are up: a SIGTERM right after must drain, not kill.
+    let mut signals = Signals::install();
     let endpoint = tunnel.local_endpoint().clone();
     println!("listening on {endpoint}");
     let remote_port = tunnel.config().remote_port;
@@ -182,8 +184,6 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>, flags: SidecarFlags)
     }
     let _ = std::io::stdout().flush();
 
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
     // Refusals (the --max-connections limit, or no channel in time), summed once a second.
     let mut refusals = tokio::time::interval(Duration::from_secs(1));
     let mut refused = 0;
@@ -202,10 +202,10 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>, flags: SidecarFlags)
                     refused = now;
                 }
             }
-            signal = &mut stop => {
+            signal = signals.recv() => {
                 health.drain();
                 log(format_args!("{signal}: stopping; readiness answers 503"));
-                drain(&tunnel, &mut events, settings.max_sigterm_delay).await;
+                drain(&tunnel, &mut events, settings.max_sigterm_delay, &mut signals).await;
                 break ExitCode::SUCCESS;
             }
             event = events.recv() => match event {
@@ -238,10 +238,13 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>, flags: SidecarFlags)
 
 /// Keeps serving (new connections included) until no forwarded connection is open or `delay`
 /// has passed, or a second signal arrives.
-async fn drain(tunnel: &SshTunnel, events: &mut broadcast::Receiver<TunnelEvent>, delay: Duration) {
+async fn drain(
+    tunnel: &SshTunnel,
+    events: &mut broadcast::Receiver<TunnelEvent>,
+    delay: Duration,
+    signals: &mut Signals,
+) {
     let deadline = tokio::time::Instant::now() + delay;
-    let again = shutdown_signal();
-    tokio::pin!(again);
     let mut announced = false;
     loop {
         let open = tunnel.stats().channels_active;
@@ -262,7 +265,7 @@ async fn drain(tunnel: &SshTunnel, events: &mut broadcast::Receiver<TunnelEvent>
                 log(format_args!("max-sigterm-delay {delay:?} passed with {open} connections open; closing them"));
                 return;
             }
-            signal = &mut again => {
+            signal = signals.recv() => {
                 log(format_args!("{signal} again: closing {open} connections now"));
                 return;
             }
@@ -272,26 +275,53 @@ async fn drain(tunnel: &SshTunnel, events: &mut broadcast::Receiver<TunnelEvent>
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM with the signal's name.
-async fn shutdown_signal() -> &'static str {
+/// SIGINT and SIGTERM, registered when created (a lazily registered handler would miss a signal
+/// sent right after the process said it was up).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = tokio::signal::ctrl_c() => "interrupted",
-                _ = term.recv() => "SIGTERM",
-            },
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                "interrupted"
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Signals {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        {
+            Signals {}
+        }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "interrupted"
+
+    /// The next Ctrl-C or SIGTERM, by name.
+    async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = next(&mut self.int) => "interrupted",
+                () = next(&mut self.term) => "SIGTERM",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupted"
+        }
     }
 }
 
