@@ -396,15 +396,7 @@ async fn serve_startup<S: AsyncRead + AsyncWrite + Unpin>(
                 .map(drop)
         }
     };
-    tokio::select! {
-        r = copy => {
-            if let Err(e) = r {
-                tracing::trace!(target: LOG_TARGET, session = slot.session.id, error = %e, "forwarded connection ended with an error");
-            }
-        }
-        () = slot.session.kill.cancelled() => {}
-        () = inner.cancel.cancelled() => {}
-    }
+    until_the_session_ends(&inner, &slot.session, copy).await;
     drop(upstream);
     drop(slot);
 }
@@ -472,18 +464,23 @@ async fn serve_raw(inner: Arc<Inner>, mut local: LocalStream, origin: (String, u
             LocalStream::Unix(s) => copy(&inner, s, &mut remote, to_remote, from_remote).await,
         }
     };
+    until_the_session_ends(&inner, &slot.session, copy).await;
+    drop(remote);
+    drop(slot);
+}
+
+/// Runs a forwarded connection's copy until it ends, its SSH session dies (the local side is then
+/// closed at once, so the client sees it) or the tunnel shuts down.
+async fn until_the_session_ends<T>(inner: &Inner, session: &SshSession, copy: impl Future<Output = io::Result<T>>) {
     tokio::select! {
         r = copy => {
             if let Err(e) = r {
-                tracing::trace!(target: LOG_TARGET, session = slot.session.id, error = %e, "forwarded connection ended with an error");
+                tracing::trace!(target: LOG_TARGET, session = session.id, error = %e, "forwarded connection ended with an error");
             }
         }
-        // The session died: close the local side now so the client sees it at once.
-        () = slot.session.kill.cancelled() => {}
+        () = session.kill.cancelled() => {}
         () = inner.cancel.cancelled() => {}
     }
-    drop(remote);
-    drop(slot);
 }
 
 async fn copy<S: AsyncRead + AsyncWrite + Unpin>(

@@ -50,23 +50,17 @@ async fn tls_checker(pg: &TempPostgres) -> sea_orm::DatabaseConnection {
 
 /// `(backends of ours, of which on TLS)`.
 async fn tls_backends(checker: &sea_orm::DatabaseConnection, prefix: &str) -> (i64, i64) {
-    let total: i64 = scalar(
+    // One snapshot: a connection the pool opens between two queries must not skew the counts.
+    let both: String = scalar(
         checker,
         &format!(
-            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
-             WHERE application_name LIKE '{prefix}-%'"
+            "SELECT count(*)::text || ',' || (count(*) FILTER (WHERE ssl))::text \
+             FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE application_name LIKE '{prefix}-%'"
         ),
     )
     .await;
-    let on_tls: i64 = scalar(
-        checker,
-        &format!(
-            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
-             WHERE application_name LIKE '{prefix}-%' AND ssl"
-        ),
-    )
-    .await;
-    (total, on_tls)
+    let (total, on_tls) = both.split_once(',').expect("two counts");
+    (total.parse().unwrap(), on_tls.parse().unwrap())
 }
 
 /// The server log has no plaintext login attempt (pg_hba has only `hostssl` lines, so one would
