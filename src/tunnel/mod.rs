@@ -481,8 +481,10 @@ impl SshTunnel {
     /// - the tunnel is [`TunnelState::Failed`] with a permanent error (host key changed or
     ///   revoked, authentication refused, ...), or
     /// - the bastion's latest answer to a channel open was a permanent refusal
-    ///   ([`Error::ChannelRefused`] with `transient: false`, e.g. `administratively prohibited`);
-    ///   this clears as soon as a channel opens again.
+    ///   ([`Error::ChannelRefused`] with `transient: false`, e.g. `administratively prohibited`),
+    ///   or the latest TLS negotiation with PostgreSQL was refused for good ([`Error::Tls`]: wrong
+    ///   CA, expired certificate, name mismatch, no TLS where it is required); this clears as soon
+    ///   as a channel opens (and negotiates) again.
     ///
     /// A local connection made while this is `Some` is closed without data, which a database
     /// driver reports as a (transient-looking) I/O error; the manager uses this to return the

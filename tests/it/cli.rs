@@ -376,7 +376,7 @@ async fn diagnose_returns_every_step_as_data() {
     );
     assert_eq!(diagnosis.exit_code(), 0);
 
-    // The documented exit codes: 10 + the step number.
+    // The documented exit codes (the TLS step, added later, is 18).
     assert_eq!(StepKind::ALL.map(StepKind::exit_code), [11, 12, 13, 14, 15, 18, 16, 17]);
 }
 
@@ -395,8 +395,10 @@ fn help_lists_both_subcommands_and_the_environment() {
         "Hold the tunnel",
         "check",
         "Diagnose step by step",
-        "11-17",
+        "11-18",
         "DATABASE_URL",
+        "SSH_CONFIG",
+        "SSH_PROXY_JUMP",
         "SSH_HOST",
         "SSH_KEY_PATH",
         "SSH_KNOWN_HOSTS",

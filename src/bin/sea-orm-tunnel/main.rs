@@ -35,11 +35,15 @@ Exit codes:
   0        check: every step works; forward: stopped by Ctrl-C or SIGTERM
   1        configuration error, or forward could not hold the tunnel
   2        bad arguments
-  11-17    check failed at a step: 10 + the step number (11 TCP reach ... 17 SELECT 1)
+  11-18    check failed at a step: 11 TCP reach, 12 SSH handshake, 13 host key, 14 authentication,
+           15 channel open, 18 TLS, 16 database login, 17 SELECT 1
 
 Configuration (environment, then .env.local, then .env):
-  DATABASE_URL        postgres://user:password@host:port/db; host:port as seen from the bastion
-  SSH_HOST, SSH_PORT (22), SSH_USER, SSH_KEY_PATH (~/.ssh/id_ed25519), SSH_KEY_PASSPHRASE,
+  DATABASE_URL        postgres://user:password@host:port/db; host:port as seen from the bastion;
+                      libpq's sslmode/sslrootcert/sslcert/sslkey (TLS held by the tunnel), pgbouncer=true
+  SSH_HOST (a host, an ssh_config alias, or a list a,b:2222), SSH_CONFIG (path | none),
+  SSH_PROXY_JUMP (user@host:port,...), SSH_CERTIFICATE_PATH, SSH_CHANNEL_WINDOW,
+  SSH_PORT (22), SSH_USER, SSH_KEY_PATH (~/.ssh/id_ed25519), SSH_KEY_PASSPHRASE,
   SSH_USE_AGENT, SSH_KNOWN_HOSTS (~/.ssh/known_hosts),
   SSH_HOST_KEY_POLICY (strict | accept-new | SHA256:<fingerprint>), SSH_REMOTE_HOST/PORT,
   SSH_LOCAL_PORT (0 | PORT | unix), SSH_KEEPALIVE_INTERVAL/MAX, SSH_MAX_RETRIES, SSH_RETRY_DELAY,
@@ -82,12 +86,13 @@ enum Cmd {
     /// --max-sigterm-delay passes, then exit 0.
     #[command(verbatim_doc_comment)]
     Forward(ForwardArgs),
-    /// Diagnose step by step, from TCP reach to SELECT 1; exit 11-17 names the failed step
+    /// Diagnose step by step, from TCP reach to SELECT 1; exit 11-18 names the failed step
     ///
     /// Diagnoses step by step: TCP reach, SSH handshake, host key, authentication, channel open,
-    /// database login, SELECT 1. Prints each step with its time and a verdict. Exit 0 when
-    /// everything works; 10 + the step number when a step fails (11 TCP reach ... 17 SELECT 1);
-    /// 1 for a configuration error.
+    /// TLS, database login, SELECT 1 (through a jump chain the SSH steps name the hop). Prints each
+    /// step with its time and a verdict. Exit 0 when everything works; when a step fails: 11 TCP
+    /// reach, 12 SSH handshake, 13 host key, 14 authentication, 15 channel open, 18 TLS,
+    /// 16 database login, 17 SELECT 1; 1 for a configuration error.
     #[command(verbatim_doc_comment)]
     Check,
 }
