@@ -537,6 +537,22 @@ pub enum TlsErrorKind {
     Io,
 }
 
+/// The SQLSTATE of a database error, if PostgreSQL sent one.
+pub(crate) fn sqlstate(e: &sea_orm::DbErr) -> Option<String> {
+    use sea_orm::{DbErr, RuntimeErr};
+    let runtime = match e {
+        DbErr::Conn(r) | DbErr::Exec(r) | DbErr::Query(r) => r,
+        _ => return None,
+    };
+    match runtime {
+        RuntimeErr::SqlxError(e) => match e.as_ref() {
+            sea_orm::sqlx::Error::Database(e) => e.code().map(|c| c.into_owned()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// PostgreSQL SQLSTATEs that mean "try again": class 08 (connection exception),
 /// 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now, 40001/40P01
 /// (serialization failure, deadlock) are retryable transactions.

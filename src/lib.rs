@@ -91,6 +91,7 @@ pub mod layer;
 pub mod manager;
 pub mod observe;
 pub mod ssh_config;
+mod sync;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod tls;

@@ -152,11 +152,14 @@ impl Config {
     }
 
     /// Whether PgBouncer mode is on: `pgbouncer=` in `DATABASE_URL`, else [`pgbouncer`](Self::pgbouncer).
+    /// (An unreadable `pgbouncer=` value is reported by [`validate`](Self::validate).)
     pub fn pgbouncer_mode(&self) -> bool {
-        crate::url::pgbouncer_param(self.database_url.expose_secret())
-            .ok()
-            .flatten()
-            .unwrap_or(self.pgbouncer)
+        self.resolve_pgbouncer().unwrap_or(self.pgbouncer)
+    }
+
+    /// `pgbouncer=` in `DATABASE_URL`, else the setting; an unreadable value is an error.
+    pub(crate) fn resolve_pgbouncer(&self) -> Result<bool> {
+        Ok(crate::url::pgbouncer_param(self.database_url.expose_secret())?.unwrap_or(self.pgbouncer))
     }
 
     /// The database password comes from `source` (a file re-read when it changes, or an async

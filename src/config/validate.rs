@@ -60,7 +60,7 @@ impl Config {
         validate_health(&self.health, n)?;
         validate_backoff(&self.recovery, &|f| format!("recovery.{f}"))?;
         validate_session(&self.session, n)?;
-        if crate::url::pgbouncer_param(self.database_url.expose_secret())?.unwrap_or(self.pgbouncer) {
+        if self.resolve_pgbouncer()? {
             validate_pgbouncer(&self.session, n)?;
         }
         if let Some(source) = &self.password_source {

@@ -27,6 +27,7 @@ use tokio::sync::Notify;
 
 use crate::error::Error;
 use crate::generation::Generation;
+use crate::sync::lock;
 
 /// Signals within this long of a retirement belong to the same failover.
 pub(crate) const DEBOUNCE: Duration = Duration::from_secs(2);
@@ -65,7 +66,9 @@ impl Failover {
     /// Looks at `error` for a failover signal; returns the error a caller should act on.
     pub(crate) fn observe(&self, error: Error) -> Error {
         let Error::Database(db) = &error else { return error };
-        let Some(code) = sqlstate(db) else { return error };
+        let Some(code) = crate::error::sqlstate(db) else {
+            return error;
+        };
         if code == "25006" && !self.read_only_session {
             self.signal("read-only transaction (SQLSTATE 25006) on a read-write pool");
             let Error::Database(source) = error else {
@@ -126,25 +129,6 @@ pub(crate) fn observe_in_scope(error: DbErr) -> Error {
 /// Whether a request scope's detector is active (so `From<DbErr>` observes errors).
 pub(crate) fn in_scope() -> bool {
     IN_SCOPE.try_with(|_| ()).is_ok()
-}
-
-/// The SQLSTATE of a database error, if PostgreSQL sent one.
-pub(crate) fn sqlstate(e: &DbErr) -> Option<String> {
-    let runtime = match e {
-        DbErr::Conn(r) | DbErr::Exec(r) | DbErr::Query(r) => r,
-        _ => return None,
-    };
-    match runtime {
-        sea_orm::RuntimeErr::SqlxError(e) => match e.as_ref() {
-            sea_orm::sqlx::Error::Database(e) => e.code().map(|c| c.into_owned()),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

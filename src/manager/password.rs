@@ -19,6 +19,7 @@ use super::Inner;
 use crate::config::{PasswordSource, PasswordSourceKind};
 use crate::error::{Error, Result};
 use crate::observe::events::TARGET_MANAGER;
+use crate::sync::lock;
 
 /// A file's identity and version: a rotation by rename (Kubernetes' `..data` symlink swap, Vault
 /// Agent's write-then-rename) changes the inode, an in-place write the mtime or length.
@@ -248,22 +249,7 @@ impl Inner {
 
 /// Whether `error` is PostgreSQL's "password authentication failed" (SQLSTATE 28P01).
 pub(crate) fn is_password_rejected(error: &Error) -> bool {
-    let Error::Database(db) = error else { return false };
-    let runtime = match db {
-        sea_orm::DbErr::Conn(r) | sea_orm::DbErr::Exec(r) | sea_orm::DbErr::Query(r) => r,
-        _ => return false,
-    };
-    match runtime {
-        sea_orm::RuntimeErr::SqlxError(e) => match e.as_ref() {
-            sea_orm::sqlx::Error::Database(e) => e.code().as_deref() == Some("28P01"),
-            _ => false,
-        },
-        _ => false,
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    matches!(error, Error::Database(db) if crate::error::sqlstate(db).as_deref() == Some("28P01"))
 }
 
 #[cfg(test)]

@@ -162,7 +162,7 @@ impl super::Inner {
 
 /// What a transaction pooler answers to a client that is not configured for it.
 fn looks_like_a_transaction_pooler(e: &DbErr) -> bool {
-    let code = super::failover::sqlstate(e);
+    let code = crate::error::sqlstate(e);
     let text = e.to_string();
     (text.contains("unsupported startup parameter"))
         || (matches!(code.as_deref(), Some("42P05") | Some("26000")) && text.contains("prepared statement"))

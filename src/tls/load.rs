@@ -81,7 +81,13 @@ fn provider() -> Arc<CryptoProvider> {
 impl Loaded {
     pub(crate) fn new(tls: &PostgresTls) -> Result<Loaded> {
         let provider = provider();
-        let (roots, roots_desc) = load_roots(tls)?;
+        // As in libpq, sslmode=disable reads no certificate file: nothing is negotiated.
+        let disabled = tls.mode == SslMode::Disable;
+        let (roots, roots_desc) = if disabled {
+            (None, "none (sslmode=disable)".to_owned())
+        } else {
+            load_roots(tls)?
+        };
         let verify = match (tls.mode, &roots) {
             (SslMode::VerifyFull, Some(_)) => Verify::ChainAndName,
             (SslMode::VerifyCa, Some(_)) => Verify::Chain,
@@ -138,7 +144,8 @@ impl Loaded {
             .map_err(|e| Error::config("DATABASE_URL sslmode", format!("TLS setup: {e}")))?
             .dangerous()
             .with_custom_certificate_verifier(verifier);
-        let (mut config, client_cert) = match load_client_cert(tls)? {
+        let client = if disabled { None } else { load_client_cert(tls)? };
+        let (mut config, client_cert) = match client {
             Some((cert_path, certs, key_path, key)) => {
                 let config = builder.with_client_auth_cert(certs, key).map_err(|e| match e {
                     rustls::Error::InconsistentKeys(_) => file_error(
@@ -510,10 +517,7 @@ impl ServerCertVerifier for AnyCertificate {
     }
 }
 
-/// Locks a std mutex, ignoring poisoning (plain data).
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use crate::sync::lock;
 
 impl Loaded {
     /// Keeps `session` as the latest, and warns once when the certificate expires within

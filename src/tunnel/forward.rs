@@ -237,7 +237,7 @@ async fn serve(inner: Arc<Inner>, local: LocalStream, origin: (String, u32)) {
         },
         // PgBouncer mode parses the protocol after the startup as well: through the startup
         // path, without TLS.
-        None if inner.config.pgbouncer => crate::tls::PostgresTls::disabled().load().ok(),
+        None if inner.config.pgbouncer => Some(plaintext_startup()),
         None => None,
     };
     match (local, tls) {
@@ -246,6 +246,18 @@ async fn serve(inner: Arc<Inner>, local: LocalStream, origin: (String, u32)) {
         #[cfg(unix)]
         (LocalStream::Unix(s), Some(tls)) => serve_startup(inner, s, origin, tls).await,
     }
+}
+
+/// The startup path's settings for a plaintext upstream (PgBouncer mode without TLS): built once.
+fn plaintext_startup() -> Arc<crate::tls::Loaded> {
+    static PLAIN: std::sync::OnceLock<Arc<crate::tls::Loaded>> = std::sync::OnceLock::new();
+    PLAIN
+        .get_or_init(|| {
+            crate::tls::PostgresTls::disabled()
+                .load()
+                .expect("sslmode=disable reads no file")
+        })
+        .clone()
 }
 
 /// Reserves a slot and opens a channel, waiting (until `deadline`) for a session; `None` when

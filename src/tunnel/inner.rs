@@ -197,7 +197,4 @@ impl Drop for Inner {
     }
 }
 
-/// Locks a std mutex, ignoring poisoning (the data are plain values that stay consistent).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use crate::sync::lock;

@@ -102,11 +102,22 @@ pub(crate) fn next_message(buf: &[u8]) -> Result<Option<(u8, usize)>, String> {
     Ok((buf.len() > len).then_some((buf[0], len + 1)))
 }
 
-fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 5);
+/// Appends the message `tag` whose body is `parts` concatenated (no intermediate buffer: this
+/// runs for every rewritten message).
+fn put_message(out: &mut Vec<u8>, tag: u8, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.reserve(len + 5);
     out.push(tag);
-    out.extend_from_slice(&u32::try_from(body.len() + 4).unwrap_or(u32::MAX).to_be_bytes());
-    out.extend_from_slice(body);
+    out.extend_from_slice(&u32::try_from(len + 4).unwrap_or(u32::MAX).to_be_bytes());
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+}
+
+#[cfg(test)]
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_message(&mut out, tag, &[body]);
     out
 }
 
@@ -149,12 +160,8 @@ impl Rewriter {
                     return self.pass(msg, Some(Entry::Pass(Ends::BindComplete)), to_server);
                 }
                 self.ensure_unnamed(name, to_server);
-                let mut new_body = Vec::with_capacity(body.len());
-                new_body.extend_from_slice(portal);
-                new_body.push(0);
-                new_body.push(0); // statement ""
-                new_body.extend_from_slice(rest);
-                to_server.extend_from_slice(&message(b'B', &new_body));
+                // Same portal, statement "" (two NULs), the rest as it came.
+                put_message(to_server, b'B', &[portal, b"\0\0", rest]);
                 self.pending.push_back(Entry::Pass(Ends::BindComplete));
             }
             b'D' => {
@@ -163,7 +170,7 @@ impl Rewriter {
                 match (kind, name) {
                     (Some(b'S'), Some(name)) if !name.is_empty() && self.statements.contains_key(name) => {
                         self.ensure_unnamed(name, to_server);
-                        to_server.extend_from_slice(&message(b'D', b"S\0"));
+                        put_message(to_server, b'D', &[b"S\0"]);
                         self.pending.push_back(Entry::Pass(Ends::DescribeStatement));
                     }
                     (Some(b'S'), _) => self.pass(msg, Some(Entry::Pass(Ends::DescribeStatement)), to_server),
@@ -274,10 +281,8 @@ impl Rewriter {
     }
 
     fn send_parse(&mut self, name: &[u8], rest: &[u8], entry: Entry, to_server: &mut Vec<u8>) {
-        let mut body = Vec::with_capacity(rest.len() + 1);
-        body.push(0); // the unnamed statement
-        body.extend_from_slice(rest);
-        to_server.extend_from_slice(&message(b'P', &body));
+        // `\0`: the unnamed statement.
+        put_message(to_server, b'P', &[b"\0", rest]);
         self.pending.push_back(entry);
         self.server_unnamed = Some(name.to_vec());
     }
@@ -287,11 +292,13 @@ impl Rewriter {
         if self.server_unnamed.as_deref() == Some(name) {
             return;
         }
-        let Some(rest) = self.statements.get(name).cloned() else {
+        let Some(rest) = self.statements.get(name) else {
             return;
         };
+        put_message(to_server, b'P', &[b"\0", rest]);
+        self.pending.push_back(Entry::Swallow);
+        self.server_unnamed = Some(name.to_vec());
         self.reparsed += 1;
-        self.send_parse(name, &rest, Entry::Swallow, to_server);
     }
 
     /// Sends the local replies that are due (at the head of the queue).
@@ -299,7 +306,7 @@ impl Rewriter {
         while self.pending.front() == Some(&Entry::LocalCloseComplete) {
             self.pending.pop_front();
             if !self.skipping {
-                to_client.extend_from_slice(&message(b'3', b""));
+                put_message(to_client, b'3', &[]);
             }
         }
     }

@@ -179,7 +179,8 @@ fn every_variable_is_parsed() {
         ("HOME", home.path().to_str().unwrap()),
         ("SSH_AUTH_SOCK", socket.to_str().unwrap()),
     ]);
-    // The test covers the whole DESIGN §3 table; DATABASE_PASSWORD_FILE excludes a password in
+    // The test covers every variable `from_env` reads (`ENV_VARS`, the README's configuration
+    // table); DATABASE_PASSWORD_FILE excludes a password in
     // DATABASE_URL, so `password::the_password_file_comes_from_the_environment` covers it.
     for name in ENV_VARS.iter().filter(|n| **n != "DATABASE_PASSWORD_FILE") {
         assert!(v.contains_key(*name), "{name} is not exercised");

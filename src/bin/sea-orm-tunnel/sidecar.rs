@@ -424,7 +424,8 @@ mod tests {
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5x").is_err());
         assert_eq!(parse_http(":9090").unwrap(), "127.0.0.1:9090".parse().unwrap());
-        assert_eq!(parse_http("0.0.0.0:80").unwrap(), "0.0.0.0:80".parse().unwrap());
+        // An explicit address is taken as given (here another loopback address).
+        assert_eq!(parse_http("[::1]:9091").unwrap(), "[::1]:9091".parse().unwrap());
         assert!(parse_http("localhost").is_err());
         assert!(parse_sessions("0").is_err());
         assert_eq!(parse_sessions("3").unwrap(), 3);
