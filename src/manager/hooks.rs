@@ -81,7 +81,7 @@ pub(crate) struct Hooks {
     test_if_idle_for: Duration,
     /// PgBouncer mode: a `SET` would stay on the pooler's server connection; no per-connection id
     /// is set on the server.
-    pub(crate) no_server_id: std::sync::atomic::AtomicBool,
+    no_server_id: bool,
     /// Reference instant and seed of the lifetime jitter.
     base: Instant,
     seed: u64,
@@ -112,7 +112,7 @@ impl Hooks {
             next_id,
             generation,
             test_if_idle_for: pool.test_if_idle_for,
-            no_server_id: std::sync::atomic::AtomicBool::new(false),
+            no_server_id: false,
             base: Instant::now(),
             seed: fastrand::u64(..),
             known: Mutex::new(Known::default()),
@@ -120,6 +120,13 @@ impl Hooks {
             counters: Counters::default(),
             sink: Mutex::new(None),
         }
+    }
+
+    /// PgBouncer mode: no per-connection `SET application_name` (it would stay on the pooler's
+    /// server connection for its other clients).
+    pub(crate) fn without_server_id(mut self, without: bool) -> Hooks {
+        self.no_server_id = without;
+        self
     }
 
     pub(crate) fn pool_label(&self) -> &str {
@@ -232,7 +239,7 @@ impl Hooks {
         let n = self.next_id.fetch_add(1, Ordering::SeqCst) + 1;
         let id: Arc<str> = format!("{}-{n}", self.id_base).into();
         let sql = format!("SET application_name = {}", quote_literal(&id));
-        if !self.no_server_id.load(Ordering::Relaxed)
+        if !self.no_server_id
             && let Err(error) = conn.execute(sqlx::AssertSqlSafe(sql)).await
         {
             self.counters.setup_failures.fetch_add(1, Ordering::Relaxed);

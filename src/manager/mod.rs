@@ -244,8 +244,9 @@ impl ConnectionManager {
             _ => Endpoint::Direct,
         };
         let next_id = Arc::new(AtomicU64::new(0));
-        let hooks = Arc::new(Hooks::new(&config.pool, next_id.clone(), generation.clone()));
-        hooks.no_server_id.store(config.pgbouncer_mode(), Ordering::Relaxed);
+        let hooks = Arc::new(
+            Hooks::new(&config.pool, next_id.clone(), generation.clone()).without_server_id(config.pgbouncer_mode()),
+        );
         let password = match &config.password_source {
             Some(source) => Some(password::Rotation::start(source.clone()).await?),
             None => None,
@@ -366,14 +367,10 @@ impl ConnectionManager {
     /// it at connection startup), and use `pool.test_if_idle_for`.
     pub fn connect_options(&self) -> ConnectOptions {
         let inner = &self.inner;
-        let hooks = Arc::new(Hooks::new(
-            &inner.config.pool,
-            inner.next_id.clone(),
-            inner.generation.clone(),
-        ));
-        hooks
-            .no_server_id
-            .store(inner.config.pgbouncer_mode(), Ordering::Relaxed);
+        let hooks = Arc::new(
+            Hooks::new(&inner.config.pool, inner.next_id.clone(), inner.generation.clone())
+                .without_server_id(inner.config.pgbouncer_mode()),
+        );
         pool::connect_options(
             &inner.config,
             &inner.endpoint,
