@@ -33,6 +33,10 @@ use crate::{Error, Result};
 /// query and lets them override the authority); dropped when the URL is pointed elsewhere.
 const TARGET_PARAMS: [&str; 3] = ["host", "hostaddr", "port"];
 
+/// Query parameters only this crate reads; never passed on to sqlx (which would log an
+/// unknown one with its value). `target_session_attrs` is libpq's, which sqlx does not implement.
+const CRATE_PARAMS: [&str; 4] = ["sslpassword", "sslservername", "pgbouncer", "target_session_attrs"];
+
 // ---------------------------------------------------------------------------------------------
 // Parsing
 // ---------------------------------------------------------------------------------------------
@@ -62,6 +66,16 @@ pub(crate) fn parse_database_url(url: &str, field: &str) -> Result<PgConnectOpti
             ));
         }
     }
+    // Several hosts (`a:5432,b:5433`, `host=a,b`): sqlx reads one, so it is given the first;
+    // the list itself is checked here so a bad entry fails where the URL is read.
+    let first;
+    let url = match url_hosts(url, field)? {
+        hosts if hosts.len() > 1 => {
+            first = with_host(url, &hosts[0].0, hosts[0].1);
+            first.as_str()
+        }
+        _ => url,
+    };
     PgConnectOptions::from_str(url).map_err(|e| {
         // sqlx's messages name the part that failed (port, sslmode, UTF-8), never the password.
         // An '@' after the authority usually means a '/', '?' or '#' in the password ended it early.
@@ -165,7 +179,7 @@ fn local_url(database_url: &str, endpoint: &LocalEndpoint, remote_port: u16, tun
         .filter(|pair| {
             let name = param_name(pair);
             let dropped = TARGET_PARAMS.contains(&name.as_str())
-                || name == "pgbouncer"
+                || CRATE_PARAMS.contains(&name.as_str())
                 || (tunnel_tls && is_encryption_param(&name));
             !dropped
         })
@@ -405,8 +419,8 @@ pub(crate) fn authority_host(url: &str) -> Option<String> {
     (!host.is_empty()).then_some(host)
 }
 
-/// The URL without the parameters only this crate reads (`sslpassword`, `sslservername`), for a
-/// direct connection: sqlx would log an unknown parameter with its value.
+/// The URL without the parameters only this crate reads ([`CRATE_PARAMS`]), for a direct
+/// connection: sqlx would log an unknown parameter with its value.
 pub(crate) fn without_crate_params(url: &str) -> String {
     let url = url.trim();
     let Some(parts) = Parts::split(url) else {
@@ -414,7 +428,7 @@ pub(crate) fn without_crate_params(url: &str) -> String {
     };
     let query: Vec<Cow<'_, str>> = parts
         .query_pairs()
-        .filter(|pair| !matches!(param_name(pair).as_str(), "sslpassword" | "sslservername" | "pgbouncer"))
+        .filter(|pair| !CRATE_PARAMS.contains(&param_name(pair).as_str()))
         .map(Cow::Borrowed)
         .collect();
     parts.join(parts.userinfo, parts.host_port, &query)
@@ -444,6 +458,162 @@ pub(crate) fn pgbouncer_param(url: &str) -> Result<Option<bool>> {
         });
     }
     Ok(found)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several hosts
+// ---------------------------------------------------------------------------------------------
+
+/// The TCP servers a URL names, in order, as libpq reads them: the authority's comma-separated
+/// list (`a:5432,b:5433`, `[::1]:5432,b`), or the `host=` query list (`host=a,b`, which wins
+/// over the authority, as it does for one host) with `port=` giving one port for all or one per
+/// host. A host without a port takes the URL's single port, else 5432.
+///
+/// Empty when the URL names no TCP host (a Unix socket directory, or no host at all); one entry
+/// for an ordinary URL. Several hosts with a socket directory among them, an empty entry, a bad
+/// port, a `port=` list of the wrong length, or `hostaddr` (libpq's per-host address list is
+/// not supported) are errors naming `field`.
+pub(crate) fn url_hosts(url: &str, field: &str) -> Result<Vec<(String, u16)>> {
+    let Some(parts) = Parts::split(url.trim()) else {
+        return Ok(Vec::new());
+    };
+    let params = query_params(url);
+    let last = |name: &str| params.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let bad = |what: String| Error::config(field, what);
+    let parse_port = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| bad(format!("port {p:?} is not a port number (1-65535)")))
+    };
+    let query_ports: Vec<String> = last("port")
+        .map(|p| p.split(',').map(|s| s.trim().to_owned()).collect())
+        .unwrap_or_default();
+    let entries: Vec<(String, Option<u16>)> = match last("host") {
+        Some(hosts) => {
+            let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
+            if query_ports.len() > 1 && query_ports.len() != hosts.len() {
+                return Err(bad(format!(
+                    "port= lists {} ports for {} hosts (give one port for all, or one per host)",
+                    query_ports.len(),
+                    hosts.len()
+                )));
+            }
+            let mut out = Vec::with_capacity(hosts.len());
+            for (i, host) in hosts.iter().enumerate() {
+                let port = match query_ports.get(if query_ports.len() > 1 { i } else { 0 }) {
+                    Some(p) if !p.is_empty() => Some(parse_port(p)?),
+                    _ => None,
+                };
+                out.push(((*host).to_owned(), port));
+            }
+            out
+        }
+        None => {
+            let mut out = Vec::new();
+            for entry in parts.host_port.split(',') {
+                let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
+                    match rest.split_once(']') {
+                        Some((h, "")) => (h, None),
+                        Some((h, p)) if p.starts_with(':') => (h, Some(&p[1..])),
+                        _ => return Err(bad(format!("host entry {entry:?} is not [address]:port"))),
+                    }
+                } else {
+                    match entry.rsplit_once(':') {
+                        Some((h, p)) => (h, Some(p)),
+                        None => (entry, None),
+                    }
+                };
+                let port = match port {
+                    Some(p) => Some(parse_port(p)?),
+                    None => None,
+                };
+                out.push((percent_decode(host, false), port));
+            }
+            if out.len() == 1 && out[0].0.is_empty() {
+                return Ok(Vec::new());
+            }
+            out
+        }
+    };
+    let default_port = match query_ports.as_slice() {
+        [one] if !one.is_empty() => parse_port(one)?,
+        _ => 5432,
+    };
+    let several = entries.len() > 1;
+    let mut hosts = Vec::with_capacity(entries.len());
+    for (host, port) in entries {
+        if host.is_empty() {
+            if several {
+                return Err(bad("has an empty entry in its host list".to_owned()));
+            }
+            return Ok(Vec::new());
+        }
+        if host.starts_with('/') {
+            if several {
+                return Err(bad(format!(
+                    "lists the socket directory {host:?} among several hosts (only TCP hosts can be listed)"
+                )));
+            }
+            return Ok(Vec::new());
+        }
+        hosts.push((host, port.unwrap_or(default_port)));
+    }
+    if several && last("hostaddr").is_some() {
+        return Err(bad(
+            "hostaddr with several hosts is not supported (name each host in the host list instead)".to_owned(),
+        ));
+    }
+    Ok(hosts)
+}
+
+/// The URL naming only `host:port` (in the authority): the host list, `host=`, `hostaddr=` and
+/// `port=` are gone, everything else is kept as written.
+pub(crate) fn with_host(url: &str, host: &str, port: u16) -> String {
+    let url = url.trim();
+    let Some(parts) = Parts::split(url) else {
+        return url.to_owned();
+    };
+    let query: Vec<Cow<'_, str>> = parts
+        .query_pairs()
+        .filter(|pair| !TARGET_PARAMS.contains(&param_name(pair).as_str()))
+        .map(Cow::Borrowed)
+        .collect();
+    let host_port = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{}:{port}", percent_encode_host(host))
+    };
+    parts.join(parts.userinfo, &host_port, &query)
+}
+
+/// A host name as an authority holds it: only characters that would end or split it are encoded.
+fn percent_encode_host(host: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(host.len());
+    for c in host.chars() {
+        if matches!(c, '/' | '?' | '#' | '@' | ':' | ',' | '%' | '[' | ']') || c.is_whitespace() {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                let _ = write!(out, "%{b:02X}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `target_session_attrs=` in the URL (libpq's parameter), if present; an unknown value is an
+/// error naming it and the accepted ones.
+pub(crate) fn target_session_attrs_param(url: &str, field: &str) -> Result<Option<crate::config::TargetSessionAttrs>> {
+    match query_params(url).into_iter().rev().find(|(k, _)| k == "target_session_attrs") {
+        None => Ok(None),
+        Some((_, v)) => v.parse().map(Some).map_err(|e: Error| match e {
+            Error::Config { message, .. } => Error::config(field, message),
+            other => other,
+        }),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ pub const ENV_VARS: &[&str] = &[
     "SHUTDOWN_DRAIN_TIMEOUT",
     "DATABASE_PASSWORD_FILE",
     "POSTGRES_PGBOUNCER",
+    "PGTARGETSESSIONATTRS",
     "SSH_HOST",
     "SSH_PORT",
     "SSH_USER",
@@ -87,6 +88,7 @@ impl Config {
     /// | `SHUTDOWN_DRAIN_TIMEOUT` (ms) | 5000 |
     /// | `POSTGRES_PGBOUNCER` (transaction pooler; `pgbouncer=true` in `DATABASE_URL` wins) | false |
     /// | `DATABASE_PASSWORD_FILE` (the password, re-read when the file changes; `DATABASE_URL` then has none) | none |
+    /// | `PGTARGETSESSIONATTRS` (libpq's: which of `DATABASE_URL`'s hosts; `target_session_attrs=` in the URL wins) | any |
     /// | `SSH_HOST` (`host[:port],...`: bastions tried in order, failover to the next) | unset = no tunnel |
     /// | `SSH_PORT` | 22 |
     /// | `SSH_USER` | ssh_config `User`, else `USER` / `LOGNAME` |
@@ -426,6 +428,14 @@ fn read_config(vars: &Vars<'_>) -> Result<Config> {
     }
     if let Some(v) = vars.bool("POSTGRES_PGBOUNCER")? {
         config.pgbouncer = v;
+    }
+    if let Some(v) = vars.parse("PGTARGETSESSIONATTRS", |name, v| {
+        v.parse::<super::TargetSessionAttrs>().map_err(|e| match e {
+            Error::Config { message, .. } => Error::config(name, message),
+            other => other,
+        })
+    })? {
+        config.target_session_attrs = v;
     }
     if let Some(path) = vars.path("DATABASE_PASSWORD_FILE")? {
         config.password_source = Some(super::PasswordSource::file(path));

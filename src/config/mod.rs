@@ -42,6 +42,7 @@ mod env;
 mod password;
 mod pool;
 mod profile;
+mod target;
 mod tunnel;
 mod validate;
 
@@ -52,6 +53,8 @@ pub use env::{ENV_VARS, is_set};
 pub use password::{Credential, CredentialFuture, PasswordProvider, PasswordSource, PasswordSourceKind};
 pub use pool::{HealthConfig, PoolConfig, SessionSettings};
 pub use profile::ProfileDefaults;
+pub use target::TargetSessionAttrs;
+pub(crate) use target::ServerRole;
 pub use tunnel::BastionHost;
 pub use tunnel::{AuthConfig, DEFAULT_CHANNEL_WINDOW, HostKeyPolicy, JumpHost, LocalEndpointConfig, TunnelConfig};
 
@@ -98,6 +101,10 @@ pub struct Config {
     /// pgcat, Supavisor, RDS Proxy). `pgbouncer=true|false` in `DATABASE_URL` wins. See
     /// [`pgbouncer`](Self::pgbouncer). Default false.
     pub pgbouncer: bool,
+    /// `PGTARGETSESSIONATTRS` (libpq's variable): which server of `DATABASE_URL`'s hosts the pool
+    /// uses. `target_session_attrs=` in `DATABASE_URL` wins. See [`TargetSessionAttrs`].
+    /// Default [`TargetSessionAttrs::Any`].
+    pub target_session_attrs: TargetSessionAttrs,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -130,6 +137,7 @@ impl Config {
             shutdown_drain_timeout: profile::SHUTDOWN_DRAIN_TIMEOUT,
             password_source: None,
             pgbouncer: false,
+            target_session_attrs: TargetSessionAttrs::Any,
         }
     }
 
@@ -149,6 +157,36 @@ impl Config {
     pub fn pgbouncer(mut self, enabled: bool) -> Self {
         self.pgbouncer = enabled;
         self
+    }
+
+    /// `PGTARGETSESSIONATTRS`: what a server must be for the pool to use it (libpq's
+    /// `target_session_attrs`; `target_session_attrs=` in `DATABASE_URL` wins over this).
+    ///
+    /// With several hosts in `DATABASE_URL` (`postgres://a:5432,b:5432/db` or `?host=a,b`) they
+    /// are tried in order, through the tunnel (the bastion dials each) or directly, and the first
+    /// that qualifies takes the pool's new connections. Every new connection checks the role of
+    /// its server in the round trip that sets it up, the health check and the idle ping check it
+    /// too; a connection whose server stopped qualifying (a demoted primary) is retired with its
+    /// whole pool generation, and the hosts are tried again. `SSH_REMOTE_HOST` / `SSH_REMOTE_PORT`
+    /// override the list with one host.
+    #[must_use]
+    pub fn target_session_attrs(mut self, attrs: TargetSessionAttrs) -> Self {
+        self.target_session_attrs = attrs;
+        self
+    }
+
+    /// The attribute in force: `target_session_attrs=` in `DATABASE_URL`, else the setting.
+    pub fn resolve_target_session_attrs(&self) -> Result<TargetSessionAttrs> {
+        Ok(
+            crate::url::target_session_attrs_param(self.database_url.expose_secret(), "DATABASE_URL")?
+                .unwrap_or(self.target_session_attrs),
+        )
+    }
+
+    /// The TCP servers `DATABASE_URL` names, in order (one for an ordinary URL, none for a Unix
+    /// socket). An IPv6 host is returned without brackets.
+    pub fn database_hosts(&self) -> Result<Vec<(String, u16)>> {
+        crate::url::url_hosts(self.database_url.expose_secret(), "database_url")
     }
 
     /// Whether PgBouncer mode is on: `pgbouncer=` in `DATABASE_URL`, else [`pgbouncer`](Self::pgbouncer).
@@ -303,8 +341,14 @@ impl Config {
 
     /// `DATABASE_URL` with its password, for the code that connects. Never log this.
     #[allow(dead_code)] // Used by the manager.
-    pub(crate) fn database_url_str(&self) -> &str {
-        self.database_url.expose_secret()
+    /// `DATABASE_URL` naming one server: as written, or for a multi-host URL the first host
+    /// (what sqlx, which reads one host, is given; the manager points it at the others).
+    pub(crate) fn database_url_str(&self) -> std::borrow::Cow<'_, str> {
+        let url = self.database_url.expose_secret();
+        match crate::url::url_hosts(url, "database_url") {
+            Ok(hosts) if hosts.len() > 1 => std::borrow::Cow::Owned(crate::url::with_host(url, &hosts[0].0, hosts[0].1)),
+            _ => std::borrow::Cow::Borrowed(url),
+        }
     }
 
     /// `DATABASE_URL` with the password replaced by `***`; safe to log.

@@ -38,6 +38,13 @@ pub struct TunnelConfig {
     pub remote_host: String,
     /// `SSH_REMOTE_PORT`: default: port of DATABASE_URL. 0 = not set yet.
     pub remote_port: u16,
+    /// More database servers (`host`, `port`, as the bastion sees them), each forwarded from its
+    /// own local endpoint ([`SshTunnel::target_endpoints`](crate::SshTunnel::target_endpoints)),
+    /// with TLS (when the tunnel holds it) checked against its own name. The
+    /// [`ConnectionManager`](crate::ConnectionManager) fills this from a multi-host
+    /// `DATABASE_URL` (the hosts after the first) unless `SSH_REMOTE_HOST` overrides the target.
+    /// Default none.
+    pub alternate_targets: Vec<(String, u16)>,
     /// `SSH_LOCAL_PORT`: where the local endpoint listens.
     pub local: LocalEndpointConfig,
     /// `SSH_MAX_CHANNELS`: forwarded connections per SSH session.
@@ -206,6 +213,7 @@ impl TunnelConfig {
             known_hosts: home_dir().map_or_else(|| PathBuf::from(".ssh/known_hosts"), |h| h.join(".ssh/known_hosts")),
             remote_host: String::new(),
             remote_port: 0,
+            alternate_targets: Vec::new(),
             // An ephemeral loopback port never collides with another process or a second tunnel.
             local: LocalEndpointConfig::Tcp(0),
             max_channels: d.max_channels,
@@ -474,6 +482,7 @@ impl fmt::Debug for TunnelConfig {
             .field("known_hosts", &self.known_hosts)
             .field("remote_host", &self.remote_host)
             .field("remote_port", &self.remote_port)
+            .field("alternate_targets", &self.alternate_targets)
             .field("local", &self.local)
             .field("max_channels", &self.max_channels)
             .field("max_sessions", &self.max_sessions)

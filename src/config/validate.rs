@@ -63,6 +63,7 @@ impl Config {
         if self.resolve_pgbouncer()? {
             validate_pgbouncer(&self.session, n)?;
         }
+        crate::url::target_session_attrs_param(self.database_url.expose_secret(), url_field)?;
         if let Some(source) = &self.password_source {
             let has_password = crate::url::split_password(self.database_url.expose_secret())
                 .1

@@ -208,7 +208,7 @@ impl ConnectionManager {
             Some(tc) => {
                 config.tunnel = Some(crate::tls::resolve_tunnel(&config, tc)?.pgbouncer(pgbouncer || tc.pgbouncer))
             }
-            None => crate::tls::check_direct(config.database_url_str())?,
+            None => crate::tls::check_direct(&config.database_url_str())?,
         }
         let generation = Arc::new(Generation::new());
         let tunnel = match &config.tunnel {

@@ -99,13 +99,13 @@ fn base_options(config: &Config, endpoint: &Endpoint, rotating: Option<SecretStr
     config.database_options()?;
     let url = match endpoint {
         // sqlx's own TLS, untouched (minus the parameters only this crate reads).
-        Endpoint::Direct => without_crate_params(config.database_url_str()),
+        Endpoint::Direct => without_crate_params(&config.database_url_str()),
         // The tunnel holds TLS: plaintext to its private endpoint.
         Endpoint::Tunnel { local, remote_port } if config.tunnel.as_ref().is_some_and(tunnel_holds_tls) => {
-            local_database_url_tls_in_tunnel(config.database_url_str(), local, *remote_port)?
+            local_database_url_tls_in_tunnel(&config.database_url_str(), local, *remote_port)?
         }
         Endpoint::Tunnel { local, remote_port } => {
-            local_database_url(&without_crate_params(config.database_url_str()), local, *remote_port)?
+            local_database_url(&without_crate_params(&config.database_url_str()), local, *remote_port)?
         }
     };
     // The password never travels inside the URL: SeaORM keeps the URL in `ConnectOptions`, whose

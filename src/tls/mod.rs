@@ -426,7 +426,7 @@ impl PostgresTls {
 pub fn resolve_tunnel(config: &Config, tunnel: &TunnelConfig) -> Result<TunnelConfig> {
     let mut tunnel = tunnel.clone();
     if tunnel.postgres_tls.is_none() {
-        let url = config.database_url_str();
+        let url = &*config.database_url_str();
         let tls = PostgresTls::from_database_url(url)?;
         if let Some(addr) = hostaddr(url)? {
             let written = authority_host(url).unwrap_or_default();

@@ -334,7 +334,7 @@ async fn direct_steps<F: FnMut(&Step)>(
         StepKind::Tls,
         &format!(
             "no tunnel: sqlx negotiates TLS itself (sslmode={})",
-            crate::tls::PostgresTls::from_database_url(config.database_url_str())
+            crate::tls::PostgresTls::from_database_url(&config.database_url_str())
                 .map_or_else(|_| "?".to_owned(), |t| t.mode.to_string())
         ),
     );

@@ -31,6 +31,51 @@ pub(crate) enum Listener {
     Unix(tokio::net::UnixListener),
 }
 
+/// A database server the tunnel forwards to: the configured remote target, or one of
+/// [`TunnelConfig::alternate_targets`], each behind its own local endpoint.
+pub(crate) struct Route {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    /// TLS to this server (its own name verified), when the tunnel holds TLS.
+    tls: Option<crate::tls::PostgresTls>,
+}
+
+impl Route {
+    /// The configured target.
+    pub(crate) fn main(config: &TunnelConfig) -> Route {
+        Route {
+            host: config.remote_host.clone(),
+            port: config.remote_port,
+            tls: config.postgres_tls.clone(),
+        }
+    }
+
+    /// Another server, with TLS checked against its own name (unless the certificate name was
+    /// set apart from the host, as `sslservername` does: then that name, for every server).
+    pub(crate) fn alternate(config: &TunnelConfig, host: &str, port: u16) -> Route {
+        let tls = config.postgres_tls.clone().map(|tls| {
+            if tls.server_name == config.remote_host {
+                tls.server_name(host)
+            } else {
+                tls
+            }
+        });
+        Route {
+            host: host.to_owned(),
+            port,
+            tls,
+        }
+    }
+
+    fn target(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// Binds the endpoint: `127.0.0.1:port` (never a wildcard address), or a Unix socket
 /// `.s.PGSQL.<remote_port>` in a fresh 0700 directory under the temp dir.
 pub(crate) async fn bind(config: &TunnelConfig) -> Result<(Listener, LocalEndpoint, Option<PathBuf>)> {
@@ -38,7 +83,27 @@ pub(crate) async fn bind(config: &TunnelConfig) -> Result<(Listener, LocalEndpoi
     if let Some(tls) = config.postgres_tls.as_ref().filter(|t| t.is_enabled()) {
         tls.validate()?;
     }
-    match &config.local {
+    bind_endpoint(&config.local, config.remote_port).await
+}
+
+/// Binds the local endpoint of an alternate target: an ephemeral loopback port when the main
+/// endpoint is TCP, else a Unix socket named after `remote_port` in its own 0700 directory.
+pub(crate) async fn bind_alternate(
+    config: &TunnelConfig,
+    route: &Route,
+) -> Result<(Listener, LocalEndpoint, Option<PathBuf>)> {
+    if let Some(tls) = route.tls.as_ref().filter(|t| t.is_enabled()) {
+        tls.validate()?;
+    }
+    let local = match config.local {
+        LocalEndpointConfig::Tcp(_) => LocalEndpointConfig::Tcp(0),
+        ref other => other.clone(),
+    };
+    bind_endpoint(&local, route.port).await
+}
+
+async fn bind_endpoint(local: &LocalEndpointConfig, remote_port: u16) -> Result<(Listener, LocalEndpoint, Option<PathBuf>)> {
+    match local {
         LocalEndpointConfig::Tcp(port) => {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, *port));
             let listener = TcpListener::bind(addr).await.map_err(|e| Error::Io {
@@ -67,7 +132,7 @@ pub(crate) async fn bind(config: &TunnelConfig) -> Result<(Listener, LocalEndpoi
                     context: format!("creating the tunnel's socket directory {}", dir.display()),
                     source: e.into(),
                 })?;
-            let path = dir.join(format!(".s.PGSQL.{}", config.remote_port));
+            let path = dir.join(format!(".s.PGSQL.{remote_port}"));
             match tokio::net::UnixListener::bind(&path) {
                 Ok(listener) => Ok((Listener::Unix(listener), LocalEndpoint::Unix(path), Some(dir))),
                 Err(e) => {
@@ -88,7 +153,7 @@ pub(crate) async fn bind(config: &TunnelConfig) -> Result<(Listener, LocalEndpoi
 }
 
 /// Accepts local connections until the tunnel shuts down; the listener closes when this ends.
-pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: Listener) {
+pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: Listener, route: Arc<Route>) {
     // `max_local_connections`: one permit per local connection being served.
     let limit = inner
         .config
@@ -113,8 +178,9 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: Listener) {
                     },
                 };
                 let inner = inner.clone();
+                let route = route.clone();
                 inner.tracker.clone().spawn(async move {
-                    serve(inner, stream, origin).await;
+                    serve(inner, stream, origin, route).await;
                     drop(permit);
                 });
             }
@@ -225,8 +291,8 @@ async fn acquire_slot(inner: &Arc<Inner>, deadline: Instant) -> std::result::Res
 
 /// Forwards one local connection: reserve a slot, open the channel, copy both ways (through the
 /// PostgreSQL startup phase first when the tunnel holds TLS).
-async fn serve(inner: Arc<Inner>, local: LocalStream, origin: (String, u32)) {
-    let tls = match inner.config.postgres_tls.as_ref().filter(|t| t.is_enabled()) {
+async fn serve(inner: Arc<Inner>, local: LocalStream, origin: (String, u32), route: Arc<Route>) {
+    let tls = match route.tls.as_ref().filter(|t| t.is_enabled()) {
         // Loaded (and validated) by `bind`: this is a cache hit.
         Some(tls) => match tls.load() {
             Ok(loaded) => Some(loaded),
@@ -241,10 +307,10 @@ async fn serve(inner: Arc<Inner>, local: LocalStream, origin: (String, u32)) {
         None => None,
     };
     match (local, tls) {
-        (local, None) => serve_raw(inner, local, origin).await,
-        (LocalStream::Tcp(s), Some(tls)) => serve_startup(inner, s, origin, tls).await,
+        (local, None) => serve_raw(inner, local, origin, &route).await,
+        (LocalStream::Tcp(s), Some(tls)) => serve_startup(inner, s, origin, tls, &route).await,
         #[cfg(unix)]
-        (LocalStream::Unix(s), Some(tls)) => serve_startup(inner, s, origin, tls).await,
+        (LocalStream::Unix(s), Some(tls)) => serve_startup(inner, s, origin, tls, &route).await,
     }
 }
 
@@ -266,13 +332,14 @@ async fn slot_and_channel(
     inner: &Arc<Inner>,
     origin: &(String, u32),
     deadline: Instant,
+    route: &Route,
 ) -> std::result::Result<(Slot, russh::Channel<russh::client::Msg>), Option<Vec<u8>>> {
     loop {
         let slot = match acquire_slot(inner, deadline).await {
             Ok(slot) => slot,
             Err(refusal) => return Err(refuse(inner, refusal, inner.config.connect_timeout)),
         };
-        match open_channel(inner, &slot.session, origin).await {
+        match open_channel(inner, &slot.session, origin, route).await {
             Ok(channel) => return Ok((slot, channel)),
             Err(OpenError::SessionGone) => {
                 // The session died under us: try another one (or wait for the reconnect).
@@ -291,6 +358,7 @@ async fn serve_startup<S: AsyncRead + AsyncWrite + Unpin>(
     local: S,
     origin: (String, u32),
     tls: Arc<crate::tls::Loaded>,
+    route: &Route,
 ) {
     use tokio::io::AsyncWriteExt as _;
     let timeout = inner.config.connect_timeout;
@@ -317,7 +385,7 @@ async fn serve_startup<S: AsyncRead + AsyncWrite + Unpin>(
         // Nothing in time.
         Err(_) => return,
     };
-    let (slot, channel) = match slot_and_channel(&inner, &origin, deadline).await {
+    let (slot, channel) = match slot_and_channel(&inner, &origin, deadline, route).await {
         Ok(got) => got,
         Err(reply) => {
             if let Some(reply) = reply {
@@ -433,7 +501,7 @@ async fn tls_refused<S: AsyncWrite + Unpin>(inner: &Inner, local: &mut S, error:
 }
 
 /// Forwards one local connection as bytes: reserve a slot, open the channel, copy both ways.
-async fn serve_raw(inner: Arc<Inner>, mut local: LocalStream, origin: (String, u32)) {
+async fn serve_raw(inner: Arc<Inner>, mut local: LocalStream, origin: (String, u32), route: &Route) {
     let timeout = inner.config.connect_timeout;
     let deadline = Instant::now() + timeout;
     let (slot, channel) = loop {
@@ -457,7 +525,7 @@ async fn serve_raw(inner: Arc<Inner>, mut local: LocalStream, origin: (String, u
                 return;
             }
         };
-        match open_channel(&inner, &slot.session, &origin).await {
+        match open_channel(&inner, &slot.session, &origin, route).await {
             Ok(channel) => break (slot, channel),
             Err(OpenError::SessionGone) => {
                 // The session died under us: try another one (or wait for the reconnect).
@@ -520,12 +588,13 @@ async fn open_channel(
     inner: &Arc<Inner>,
     session: &SshSession,
     origin: &(String, u32),
+    route: &Route,
 ) -> std::result::Result<russh::Channel<russh::client::Msg>, OpenError> {
     let config = &inner.config;
-    let target = format!("{}:{}", config.remote_host, config.remote_port);
+    let target = route.target();
     let open = session.handle.channel_open_direct_tcpip(
-        config.remote_host.clone(),
-        u32::from(config.remote_port),
+        route.host.clone(),
+        u32::from(route.port),
         origin.0.clone(),
         origin.1,
     );

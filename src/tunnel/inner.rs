@@ -40,6 +40,9 @@ pub(crate) struct Inner {
     pub(crate) bastions: BastionSet,
     pub(crate) endpoint: LocalEndpoint,
     unix_dir: Option<PathBuf>,
+    /// The local endpoints of `config.alternate_targets`, in order (with their socket
+    /// directories), bound before the tunnel started.
+    pub(crate) alternates: Vec<(LocalEndpoint, Option<PathBuf>)>,
     /// The tunnel's metrics, labelled with its pool label.
     pub(crate) telemetry: TunnelTelemetry,
     pub(crate) state: watch::Sender<TunnelState>,
@@ -73,6 +76,7 @@ impl Inner {
         credentials: auth::Credentials,
         endpoint: LocalEndpoint,
         unix_dir: Option<PathBuf>,
+        alternates: Vec<(LocalEndpoint, Option<PathBuf>)>,
     ) -> Inner {
         let (state, _) = watch::channel(TunnelState::Connecting);
         let (events, _) = broadcast::channel(256);
@@ -93,6 +97,7 @@ impl Inner {
             credentials,
             endpoint,
             unix_dir,
+            alternates,
             telemetry: TunnelTelemetry::new(&pool_label),
             state,
             events,
@@ -180,11 +185,15 @@ impl Inner {
     }
 
     fn remove_unix_dir(&self) {
-        if let Some(dir) = &self.unix_dir {
-            if let LocalEndpoint::Unix(path) = &self.endpoint {
-                let _ = std::fs::remove_file(path);
+        let endpoints = std::iter::once((&self.endpoint, &self.unix_dir))
+            .chain(self.alternates.iter().map(|(endpoint, dir)| (endpoint, dir)));
+        for (endpoint, dir) in endpoints {
+            if let Some(dir) = dir {
+                if let LocalEndpoint::Unix(path) = endpoint {
+                    let _ = std::fs::remove_file(path);
+                }
+                let _ = std::fs::remove_dir(dir);
             }
-            let _ = std::fs::remove_dir(dir);
         }
     }
 }

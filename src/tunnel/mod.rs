@@ -354,6 +354,32 @@ impl SshTunnel {
                 source: std::io::Error::other(e).into(),
             })??;
         let (listener, endpoint, unix_dir) = forward::bind(&config).await?;
+        let main_route = Arc::new(forward::Route::main(&config));
+        // Alternate targets: one endpoint each (a failure here drops what was bound so far,
+        // removing their socket directories).
+        let mut alternates = Vec::with_capacity(config.alternate_targets.len());
+        let mut alternate_listeners = Vec::with_capacity(config.alternate_targets.len());
+        let unbind = |bound: &[(LocalEndpoint, Option<PathBuf>)]| {
+            for (endpoint, dir) in std::iter::once((&endpoint, &unix_dir)).chain(bound.iter().map(|(e, d)| (e, d))) {
+                if let (LocalEndpoint::Unix(path), Some(dir)) = (endpoint, dir) {
+                    let _ = std::fs::remove_file(path);
+                    let _ = std::fs::remove_dir(dir);
+                }
+            }
+        };
+        for (host, port) in &config.alternate_targets {
+            let route = forward::Route::alternate(&config, host, *port);
+            match forward::bind_alternate(&config, &route).await {
+                Ok((listener, endpoint, dir)) => {
+                    alternates.push((endpoint, dir));
+                    alternate_listeners.push((listener, Arc::new(route)));
+                }
+                Err(e) => {
+                    unbind(&alternates);
+                    return Err(e);
+                }
+            }
+        }
         let inner = Arc::new(Inner::new(
             config,
             pool_label.into(),
@@ -361,6 +387,7 @@ impl SshTunnel {
             credentials,
             endpoint,
             unix_dir,
+            alternates,
         ));
         let tunnel = SshTunnel {
             _alive: Arc::new(inner.cancel.clone().drop_guard()),
@@ -377,7 +404,10 @@ impl SshTunnel {
                 return Err(e);
             }
         }
-        inner.tracker.spawn(forward::accept_loop(inner.clone(), listener));
+        inner.tracker.spawn(forward::accept_loop(inner.clone(), listener, main_route));
+        for (listener, route) in alternate_listeners {
+            inner.tracker.spawn(forward::accept_loop(inner.clone(), listener, route));
+        }
         inner.tracker.spawn(supervisor::run(inner.clone()));
         Ok(tunnel)
     }
@@ -385,6 +415,29 @@ impl SshTunnel {
     /// The local endpoint. Stable for the tunnel's whole life: reconnects never move it.
     pub fn local_endpoint(&self) -> &LocalEndpoint {
         &self.inner.endpoint
+    }
+
+    /// Every database server the tunnel forwards to, as `(host:port as the bastion dials it,
+    /// local endpoint)`: the configured remote target first, then each of
+    /// [`TunnelConfig::alternate_targets`], in order. Stable for the tunnel's whole life.
+    pub fn target_endpoints(&self) -> Vec<(String, LocalEndpoint)> {
+        let config = &self.inner.config;
+        let name = |host: &str, port: u16| {
+            if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            }
+        };
+        std::iter::once((name(&config.remote_host, config.remote_port), self.inner.endpoint.clone()))
+            .chain(
+                config
+                    .alternate_targets
+                    .iter()
+                    .zip(&self.inner.alternates)
+                    .map(|((host, port), (endpoint, _))| (name(host, *port), endpoint.clone())),
+            )
+            .collect()
     }
 
     /// True while at least one SSH session is up (`isConnectedToTunnel` in other tunnel libraries).
