@@ -175,6 +175,17 @@ pub enum Error {
         source: sea_orm::DbErr,
     },
 
+    /// No host of a multi-host `DATABASE_URL` (or the one host) satisfied
+    /// `target_session_attrs` just now: each was unreachable or of the wrong kind (during a
+    /// failover, no server is the primary for a while). Transient: the hosts are tried again.
+    #[error("no database host is {target_session_attrs} (target_session_attrs): {}", tried.iter().map(|(h, why)| format!("{h}: {why}")).collect::<Vec<_>>().join("; "))]
+    NoSuitableHost {
+        /// The attribute asked for.
+        target_session_attrs: crate::config::TargetSessionAttrs,
+        /// Each host tried (`host:port`) and what it was or why it failed.
+        tried: Vec<(String, String)>,
+    },
+
     /// The database answered like a transaction pooler (PgBouncer, pgcat, Supavisor, RDS Proxy)
     /// while PgBouncer mode is off: an unsupported startup parameter, or a prepared statement
     /// that already exists (42P05) or does not exist (26000) on the server connection the pooler
@@ -386,7 +397,8 @@ impl Error {
             | Error::TunnelLost { .. }
             | Error::Timeout { .. }
             | Error::Io { .. }
-            | Error::Failover { .. } => true,
+            | Error::Failover { .. }
+            | Error::NoSuitableHost { .. } => true,
             // A renewed certificate on disk heals it: the file is read again on every attempt.
             Error::UserCertificateExpired { .. } => true,
             Error::Database(e) | Error::TransactionPooler { source: e } => db_err_is_transient(e),

@@ -67,14 +67,17 @@ pub(crate) fn parse_database_url(url: &str, field: &str) -> Result<PgConnectOpti
         }
     }
     // Several hosts (`a:5432,b:5433`, `host=a,b`): sqlx reads one, so it is given the first;
-    // the list itself is checked here so a bad entry fails where the URL is read.
+    // the list itself is checked here so a bad entry fails where the URL is read. The crate's
+    // own parameters never reach sqlx, which logs an unknown one with its value (`sslpassword`).
+    let hosts = url_hosts(url, field)?;
+    let stripped = without_crate_params(url);
     let first;
-    let url = match url_hosts(url, field)? {
-        hosts if hosts.len() > 1 => {
-            first = with_host(url, &hosts[0].0, hosts[0].1);
+    let url = match hosts.as_slice() {
+        [first_host, _, ..] => {
+            first = with_host(&stripped, &first_host.0, first_host.1);
             first.as_str()
         }
-        _ => url,
+        _ => stripped.as_str(),
     };
     PgConnectOptions::from_str(url).map_err(|e| {
         // sqlx's messages name the part that failed (port, sslmode, UTF-8), never the password.
@@ -469,22 +472,29 @@ pub(crate) fn pgbouncer_param(url: &str) -> Result<Option<bool>> {
 /// over the authority, as it does for one host) with `port=` giving one port for all or one per
 /// host. A host without a port takes the URL's single port, else 5432.
 ///
-/// Empty when the URL names no TCP host (a Unix socket directory, or no host at all); one entry
-/// for an ordinary URL. Several hosts with a socket directory among them, an empty entry, a bad
-/// port, a `port=` list of the wrong length, or `hostaddr` (libpq's per-host address list is
-/// not supported) are errors naming `field`.
+/// Empty unless the URL lists several hosts (one host is sqlx's to read, as before). Several
+/// hosts with a socket directory among them, an empty entry, a bad port, a `port=` list of the
+/// wrong length, or `hostaddr` (libpq's per-host address list is not supported) are errors
+/// naming `field`; no part of the URL is repeated (it may hold the password).
 pub(crate) fn url_hosts(url: &str, field: &str) -> Result<Vec<(String, u16)>> {
     let Some(parts) = Parts::split(url.trim()) else {
         return Ok(Vec::new());
     };
     let params = query_params(url);
     let last = |name: &str| params.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let listed = match last("host") {
+        Some(hosts) => hosts.contains(','),
+        None => parts.host_port.contains(','),
+    };
+    if !listed {
+        return Ok(Vec::new());
+    }
     let bad = |what: String| Error::config(field, what);
     let parse_port = |p: &str| {
         p.parse::<u16>()
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| bad(format!("port {p:?} is not a port number (1-65535)")))
+            .ok_or_else(|| bad("lists a port that is not a port number (1-65535)".to_owned()))
     };
     let query_ports: Vec<String> = last("port")
         .map(|p| p.split(',').map(|s| s.trim().to_owned()).collect())
@@ -516,7 +526,7 @@ pub(crate) fn url_hosts(url: &str, field: &str) -> Result<Vec<(String, u16)>> {
                     match rest.split_once(']') {
                         Some((h, "")) => (h, None),
                         Some((h, p)) if p.starts_with(':') => (h, Some(&p[1..])),
-                        _ => return Err(bad(format!("host entry {entry:?} is not [address]:port"))),
+                        _ => return Err(bad("lists an IPv6 host that is not [address]:port".to_owned())),
                     }
                 } else {
                     match entry.rsplit_once(':') {
@@ -530,9 +540,6 @@ pub(crate) fn url_hosts(url: &str, field: &str) -> Result<Vec<(String, u16)>> {
                 };
                 out.push((percent_decode(host, false), port));
             }
-            if out.len() == 1 && out[0].0.is_empty() {
-                return Ok(Vec::new());
-            }
             out
         }
     };
@@ -540,26 +547,19 @@ pub(crate) fn url_hosts(url: &str, field: &str) -> Result<Vec<(String, u16)>> {
         [one] if !one.is_empty() => parse_port(one)?,
         _ => 5432,
     };
-    let several = entries.len() > 1;
     let mut hosts = Vec::with_capacity(entries.len());
     for (host, port) in entries {
         if host.is_empty() {
-            if several {
-                return Err(bad("has an empty entry in its host list".to_owned()));
-            }
-            return Ok(Vec::new());
+            return Err(bad("has an empty entry in its host list".to_owned()));
         }
         if host.starts_with('/') {
-            if several {
-                return Err(bad(format!(
-                    "lists the socket directory {host:?} among several hosts (only TCP hosts can be listed)"
-                )));
-            }
-            return Ok(Vec::new());
+            return Err(bad(
+                "lists a socket directory among several hosts (only TCP hosts can be listed)".to_owned(),
+            ));
         }
         hosts.push((host, port.unwrap_or(default_port)));
     }
-    if several && last("hostaddr").is_some() {
+    if last("hostaddr").is_some() {
         return Err(bad(
             "hostaddr with several hosts is not supported (name each host in the host list instead)".to_owned(),
         ));
@@ -607,7 +607,11 @@ fn percent_encode_host(host: &str) -> String {
 /// `target_session_attrs=` in the URL (libpq's parameter), if present; an unknown value is an
 /// error naming it and the accepted ones.
 pub(crate) fn target_session_attrs_param(url: &str, field: &str) -> Result<Option<crate::config::TargetSessionAttrs>> {
-    match query_params(url).into_iter().rev().find(|(k, _)| k == "target_session_attrs") {
+    match query_params(url)
+        .into_iter()
+        .rev()
+        .find(|(k, _)| k == "target_session_attrs")
+    {
         None => Ok(None),
         Some((_, v)) => v.parse().map(Some).map_err(|e: Error| match e {
             Error::Config { message, .. } => Error::config(field, message),
@@ -986,5 +990,57 @@ mod tests {
             assert_eq!(got, expected, "{input}");
             assert!(!got.contains("pw"), "{got}");
         }
+    }
+
+    #[test]
+    fn several_hosts_are_read_as_libpq_reads_them() {
+        let h = |url: &str| url_hosts(url, "database_url").unwrap();
+        let pair = |host: &str, port: u16| (host.to_owned(), port);
+        assert!(h("postgres://u:p@db:5432/app").is_empty(), "one host is sqlx's");
+        assert_eq!(
+            h("postgres://u:p,w@a:5433,b,[::1]:6000/app"),
+            vec![pair("a", 5433), pair("b", 5432), pair("::1", 6000)]
+        );
+        assert_eq!(
+            h("postgres://u@x/app?host=a,b&port=1,2"),
+            vec![pair("a", 1), pair("b", 2)],
+            "host= wins over the authority"
+        );
+        assert_eq!(h("postgres://u@/app?host=a,b&port=7"), vec![pair("a", 7), pair("b", 7)]);
+        for (bad, says) in [
+            ("postgres://u:secret@a:5432,b:nope/app", "not a port number"),
+            ("postgres://u:secret@a,,b/app", "empty entry"),
+            ("postgres://u:secret@x/app?host=a,b&port=1,2,3", "3 ports for 2 hosts"),
+            ("postgres://u:secret@x/app?host=a,/tmp", "socket directory"),
+            ("postgres://u:secret@a,b/app?hostaddr=10.0.0.1", "hostaddr"),
+        ] {
+            let e = url_hosts(bad, "DATABASE_URL").unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("DATABASE_URL"), "{bad}: {e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+    }
+
+    #[test]
+    fn sqlx_is_given_the_first_host_without_the_crates_parameters() {
+        assert_eq!(
+            with_host(
+                &without_crate_params("postgres://u:p@a:1,b:2/app?target_session_attrs=read-write&sslmode=require"),
+                "a",
+                1
+            ),
+            "postgres://u:p@a:1/app?sslmode=require"
+        );
+        assert_eq!(
+            with_host("postgres://u@x/app?host=a,b&port=1,2&application_name=z", "::1", 5),
+            "postgres://u@[::1]:5/app?application_name=z"
+        );
+        let options = parse_database_url("postgres://u:p@a:1,b:2/app", "database_url").unwrap();
+        assert_eq!((options.get_host(), options.get_port()), ("a", 1));
+        assert!(
+            target_session_attrs_param("postgres://a/b?target_session_attrs=writable", "DATABASE_URL")
+                .unwrap_err()
+                .to_string()
+                .contains("read-write")
+        );
     }
 }

@@ -53,8 +53,8 @@ pub use env::{ENV_VARS, is_set};
 pub use password::{Credential, CredentialFuture, PasswordProvider, PasswordSource, PasswordSourceKind};
 pub use pool::{HealthConfig, PoolConfig, SessionSettings};
 pub use profile::ProfileDefaults;
-pub use target::TargetSessionAttrs;
 pub(crate) use target::ServerRole;
+pub use target::TargetSessionAttrs;
 pub use tunnel::BastionHost;
 pub use tunnel::{AuthConfig, DEFAULT_CHANNEL_WINDOW, HostKeyPolicy, JumpHost, LocalEndpointConfig, TunnelConfig};
 
@@ -186,7 +186,11 @@ impl Config {
     /// The TCP servers `DATABASE_URL` names, in order (one for an ordinary URL, none for a Unix
     /// socket). An IPv6 host is returned without brackets.
     pub fn database_hosts(&self) -> Result<Vec<(String, u16)>> {
-        crate::url::url_hosts(self.database_url.expose_secret(), "database_url")
+        let listed = crate::url::url_hosts(self.database_url.expose_secret(), "database_url")?;
+        if !listed.is_empty() {
+            return Ok(listed);
+        }
+        Ok(self.database_target()?.into_iter().collect())
     }
 
     /// Whether PgBouncer mode is on: `pgbouncer=` in `DATABASE_URL`, else [`pgbouncer`](Self::pgbouncer).
@@ -346,7 +350,9 @@ impl Config {
     pub(crate) fn database_url_str(&self) -> std::borrow::Cow<'_, str> {
         let url = self.database_url.expose_secret();
         match crate::url::url_hosts(url, "database_url") {
-            Ok(hosts) if hosts.len() > 1 => std::borrow::Cow::Owned(crate::url::with_host(url, &hosts[0].0, hosts[0].1)),
+            Ok(hosts) if hosts.len() > 1 => {
+                std::borrow::Cow::Owned(crate::url::with_host(url, &hosts[0].0, hosts[0].1))
+            }
             _ => std::borrow::Cow::Borrowed(url),
         }
     }

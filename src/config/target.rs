@@ -117,9 +117,7 @@ impl FromStr for TargetSessionAttrs {
             .ok_or_else(|| {
                 Error::config(
                     "target_session_attrs",
-                    format!(
-                        "{t:?} is not one of any, read-write, read-only, primary, standby, prefer-standby"
-                    ),
+                    format!("{t:?} is not one of any, read-write, read-only, primary, standby, prefer-standby"),
                 )
             })
     }

@@ -365,6 +365,14 @@ fn validate_tunnel(t: &TunnelConfig, n: Naming) -> Result<()> {
              or add the tunnel to a Config with `Config::tunnel` to take it from DATABASE_URL",
         ));
     }
+    for (i, (host, port)) in t.alternate_targets.iter().enumerate() {
+        if host.trim().is_empty() || *port == 0 {
+            return Err(Error::config(
+                format!("tunnel.alternate_targets[{i}]"),
+                "needs a host and a port (1-65535) as seen from the bastion",
+            ));
+        }
+    }
     if t.max_channels == 0 {
         return Err(Error::config(
             n.pick("tunnel.max_channels", "SSH_MAX_CHANNELS"),

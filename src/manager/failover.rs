@@ -45,6 +45,11 @@ pub(crate) struct Failover {
     burst: Mutex<VecDeque<Instant>>,
     /// The health loop waits on this for an immediate check.
     pub(crate) check_now: Notify,
+    /// The host selection (several hosts, `target_session_attrs`) waits on this.
+    pub(crate) moved: Notify,
+    /// Several hosts / `target_session_attrs`: a connection failure asks for a selection (the
+    /// current host may be gone while another serves).
+    hosts: Option<Arc<super::hosts::Hosts>>,
 }
 
 tokio::task_local! {
@@ -52,7 +57,12 @@ tokio::task_local! {
 }
 
 impl Failover {
-    pub(crate) fn new(generation: Arc<Generation>, read_only_session: bool, pool_label: String) -> Failover {
+    pub(crate) fn new(
+        generation: Arc<Generation>,
+        read_only_session: bool,
+        pool_label: String,
+        hosts: Option<Arc<super::hosts::Hosts>>,
+    ) -> Failover {
         Failover {
             generation,
             read_only_session,
@@ -60,13 +70,25 @@ impl Failover {
             last_retired: Mutex::new(None),
             burst: Mutex::new(VecDeque::new()),
             check_now: Notify::new(),
+            moved: Notify::new(),
+            hosts,
         }
     }
 
     /// Looks at `error` for a failover signal; returns the error a caller should act on.
     pub(crate) fn observe(&self, error: Error) -> Error {
         let Error::Database(db) = &error else { return error };
-        let Some(code) = crate::error::sqlstate(db) else {
+        let code = crate::error::sqlstate(db);
+        if let Some(hosts) = &self.hosts
+            && crate::error::db_err_is_transient(db)
+            && code
+                .as_deref()
+                .is_none_or(|c| c.starts_with("08") || c.starts_with("57P0"))
+        {
+            // The server (or the path to it) failed: another host may serve now.
+            hosts.wanted.notify_one();
+        }
+        let Some(code) = code else {
             return error;
         };
         if code == "25006" && !self.read_only_session {
@@ -98,7 +120,7 @@ impl Failover {
     }
 
     /// Retires the generation unless this failover already did.
-    fn signal(&self, why: &str) {
+    pub(crate) fn signal(&self, why: &str) {
         {
             let mut last = lock(&self.last_retired);
             if last.is_some_and(|t| t.elapsed() < DEBOUNCE) {
@@ -109,6 +131,7 @@ impl Failover {
         self.generation.retire_all();
         crate::observe::events::database_failover(&self.pool_label, why);
         self.check_now.notify_one();
+        self.moved.notify_one();
     }
 
     /// Runs `fut` with this detector in scope: a [`DbErr`] converted into [`Error`] inside it is
@@ -142,7 +165,7 @@ mod tests {
     #[test]
     fn a_burst_retires_once_and_other_errors_never() {
         let generation = Arc::new(Generation::new());
-        let f = Failover::new(generation.clone(), false, "default".into());
+        let f = Failover::new(generation.clone(), false, "default".into(), None);
         // Errors without a SQLSTATE are not signals.
         for _ in 0..10 {
             assert!(matches!(f.observe(custom()), Error::Database(_)));

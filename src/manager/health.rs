@@ -159,13 +159,43 @@ impl Inner {
         let mut latency = None;
         let database = if tunnel.is_usable() {
             let probe_started = Instant::now();
-            let probe = self
-                .db
-                .query_one_raw(Statement::from_string(DbBackend::Postgres, "SELECT 1"));
-            match tokio::time::timeout(timeout, probe).await {
-                Ok(Ok(_)) => {
+            // With a target_session_attrs, the probe reads the server's role as well.
+            let role_check = self.hosts.as_ref().filter(|h| h.checks_role());
+            let sql = if role_check.is_some() {
+                crate::config::ServerRole::QUERY
+            } else {
+                "SELECT 1"
+            };
+            let probe = self.db.query_one_raw(Statement::from_string(DbBackend::Postgres, sql));
+            let outcome = tokio::time::timeout(timeout, probe).await;
+            if !matches!(outcome, Ok(Ok(_)))
+                && let Some(hosts) = &self.hosts
+            {
+                // The current host failed: another may serve.
+                hosts.wanted.notify_one();
+            }
+            match outcome {
+                Ok(Ok(row)) => {
                     latency = Some(probe_started.elapsed());
-                    true
+                    let role = row.and_then(|row| {
+                        Some(crate::config::ServerRole {
+                            in_recovery: row.try_get_by_index::<bool>(0).ok()?,
+                            read_only: row.try_get_by_index::<bool>(1).ok()?,
+                        })
+                    });
+                    match (role_check, role) {
+                        (Some(hosts), Some(role)) if !hosts.accepts(role) => {
+                            // A demoted primary (or a promoted standby): its connections go, and
+                            // the hosts are tried again.
+                            error = Some(format!("database: {}", hosts.refusal(role)));
+                            self.failover
+                                .signal("the server no longer satisfies target_session_attrs");
+                            self.generation.retire_all();
+                            hosts.wanted.notify_one();
+                            false
+                        }
+                        _ => true,
+                    }
                 }
                 Ok(Err(e)) => {
                     if invalidates_connections(&e) {

@@ -82,6 +82,9 @@ pub(crate) struct Hooks {
     /// PgBouncer mode: a `SET` would stay on the pooler's server connection; no per-connection id
     /// is set on the server.
     no_server_id: bool,
+    /// Several hosts / `target_session_attrs`: new connections and idle pings check the
+    /// server's role.
+    hosts: Option<Arc<super::hosts::Hosts>>,
     /// Reference instant and seed of the lifetime jitter.
     base: Instant,
     seed: u64,
@@ -113,6 +116,7 @@ impl Hooks {
             generation,
             test_if_idle_for: pool.test_if_idle_for,
             no_server_id: false,
+            hosts: None,
             base: Instant::now(),
             seed: fastrand::u64(..),
             known: Mutex::new(Known::default()),
@@ -126,6 +130,12 @@ impl Hooks {
     /// server connection for its other clients).
     pub(crate) fn without_server_id(mut self, without: bool) -> Hooks {
         self.no_server_id = without;
+        self
+    }
+
+    /// Several hosts / `target_session_attrs`: the role checks of new connections and idle pings.
+    pub(crate) fn with_hosts(mut self, hosts: Option<Arc<super::hosts::Hosts>>) -> Hooks {
+        self.hosts = hosts;
         self
     }
 
@@ -238,13 +248,40 @@ impl Hooks {
         let started = Instant::now();
         let n = self.next_id.fetch_add(1, Ordering::SeqCst) + 1;
         let id: Arc<str> = format!("{}-{n}", self.id_base).into();
-        let sql = format!("SET application_name = {}", quote_literal(&id));
-        if !self.no_server_id
-            && let Err(error) = conn.execute(sqlx::AssertSqlSafe(sql)).await
-        {
-            self.counters.setup_failures.fetch_add(1, Ordering::Relaxed);
-            self.failed(&id, "setup", &error);
-            return Err(error);
+        let role_check = self.hosts.as_ref().filter(|h| h.checks_role());
+        let setup = match (self.no_server_id, role_check) {
+            (true, None) => Ok(None),
+            (false, None) => {
+                let sql = format!("SET application_name = {}", quote_literal(&id));
+                conn.execute(sqlx::AssertSqlSafe(sql)).await.map(|_| None)
+            }
+            // The server's role rides the same round trip.
+            (true, Some(_)) => super::hosts::read(conn).await.map(Some),
+            (false, Some(_)) => {
+                let sql = format!(
+                    "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on', \
+                     set_config('application_name', {}, false)",
+                    quote_literal(&id)
+                );
+                super::hosts::read_from(conn, &sql).await.map(Some)
+            }
+        };
+        match (setup, role_check) {
+            (Err(error), _) => {
+                self.counters.setup_failures.fetch_add(1, Ordering::Relaxed);
+                self.failed(&id, "setup", &error);
+                return Err(error);
+            }
+            (Ok(Some(role)), Some(hosts)) if !hosts.accepts(role) => {
+                // sqlx retries the connect until `acquire_timeout`, reading the connect options
+                // again: the selection this asks for points them at a qualifying host.
+                hosts.wanted.notify_one();
+                let error = sqlx::Error::Configuration(hosts.refusal(role).into());
+                self.counters.setup_failures.fetch_add(1, Ordering::Relaxed);
+                self.failed(&id, "setup", &error);
+                return Err(error);
+            }
+            _ => {}
         }
         // sqlx hands a new connection straight to the acquire that opened it (the manager keeps
         // sqlx's own `min_connections` at 0), so its checkout starts here.
@@ -283,11 +320,26 @@ impl Hooks {
             && meta.idle_for >= idle
         {
             self.counters.idle_pings.fetch_add(1, Ordering::Relaxed);
-            if let Err(error) = sqlx::Connection::ping(&mut *conn).await {
-                self.counters.ping_failures.fetch_add(1, Ordering::Relaxed);
-                self.failed(&id, "ping", &error);
-                self.closed(&id, "ping failed", meta.age);
-                return Err(error);
+            let ping = match self.hosts.as_ref().filter(|h| h.checks_role()) {
+                None => sqlx::Connection::ping(&mut *conn).await.map(|()| None),
+                // The role check rides the ping's round trip.
+                Some(hosts) => super::hosts::read(conn).await.map(|role| Some((hosts, role))),
+            };
+            match ping {
+                Err(error) => {
+                    self.counters.ping_failures.fetch_add(1, Ordering::Relaxed);
+                    self.failed(&id, "ping", &error);
+                    self.closed(&id, "ping failed", meta.age);
+                    return Err(error);
+                }
+                Ok(Some((hosts, role))) if !hosts.accepts(role) => {
+                    // The server stopped qualifying (a demoted primary): every connection to it goes.
+                    self.generation.retire_all();
+                    hosts.wanted.notify_one();
+                    self.closed(&id, "server role changed", meta.age);
+                    return Ok(false);
+                }
+                Ok(_) => {}
             }
         }
         let origin = CheckoutOrigin::capture();

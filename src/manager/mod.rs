@@ -56,6 +56,7 @@
 pub(crate) mod failover;
 mod health;
 mod hooks;
+mod hosts;
 mod password;
 mod pool;
 mod retry;
@@ -165,6 +166,8 @@ pub(crate) struct Inner {
     sink: Option<LogSink>,
     /// Failover signals: retire the generation, ask for a health check.
     failover: Arc<failover::Failover>,
+    /// Several hosts / `target_session_attrs`: which server takes new connections.
+    hosts: Option<Arc<hosts::Hosts>>,
     /// The rotating password, when `config.password_source` is set.
     password: Option<Arc<password::Rotation>>,
     /// The connection log's own one-connection pool (see `pool::sink_connect_options`).
@@ -204,6 +207,16 @@ impl ConnectionManager {
         // TLS to PostgreSQL: held by the tunnel (settings from DATABASE_URL, files read now so a
         // missing one fails here), or left to sqlx for a direct connection.
         let pgbouncer = config.pgbouncer_mode();
+        // A multi-host DATABASE_URL: the tunnel forwards to every host, each from its own
+        // endpoint (unless SSH_REMOTE_HOST / a set remote target overrides the URL's).
+        let hosts = config.database_hosts()?;
+        if let Some(tc) = config.tunnel.as_mut()
+            && hosts.len() > 1
+            && tc.alternate_targets.is_empty()
+            && (tc.remote_host.as_str(), tc.remote_port) == (hosts[0].0.as_str(), hosts[0].1)
+        {
+            tc.alternate_targets = hosts[1..].to_vec();
+        }
         match &config.tunnel {
             Some(tc) => {
                 config.tunnel = Some(crate::tls::resolve_tunnel(&config, tc)?.pgbouncer(pgbouncer || tc.pgbouncer))
@@ -244,8 +257,14 @@ impl ConnectionManager {
             _ => Endpoint::Direct,
         };
         let next_id = Arc::new(AtomicU64::new(0));
+        let hosts = hosts::Hosts::new(
+            config.resolve_target_session_attrs()?,
+            Self::host_list(&config, tunnel.as_ref())?,
+        );
         let hooks = Arc::new(
-            Hooks::new(&config.pool, next_id.clone(), generation.clone()).without_server_id(config.pgbouncer_mode()),
+            Hooks::new(&config.pool, next_id.clone(), generation.clone())
+                .without_server_id(config.pgbouncer_mode())
+                .with_hosts(hosts.clone()),
         );
         let password = match &config.password_source {
             Some(source) => Some(password::Rotation::start(source.clone()).await?),
@@ -278,6 +297,7 @@ impl ConnectionManager {
             generation.clone(),
             config.session.read_only,
             hooks.pool_label().to_owned(),
+            hosts.clone(),
         ));
         let inner = Arc::new(Inner {
             config,
@@ -289,6 +309,7 @@ impl ConnectionManager {
             generation,
             sink,
             failover,
+            hosts,
             password,
             sink_db,
             health,
@@ -301,9 +322,19 @@ impl ConnectionManager {
         metrics::gauge!(m::DB_POOL_CONNECTIONS_MAX, m::POOL_LABEL => inner.hooks.pool_label().to_owned())
             .set(f64::from(inner.config.pool.max_connections));
 
-        let first = inner.check_health().await;
-        if !first.healthy {
-            let error = inner.first_check_error(&first).await;
+        let selected = match &inner.hosts {
+            Some(hosts) => inner.select_host(hosts, true).await,
+            None => Ok(()),
+        };
+        let first = match selected {
+            Ok(()) => inner.check_health().await,
+            Err(_) => HealthStatus::initial(),
+        };
+        if selected.is_err() || !first.healthy {
+            let error = match selected {
+                Err(e) => e,
+                Ok(()) => inner.first_check_error(&first).await,
+            };
             if let Some(sink) = inner.hooks.set_sink(None) {
                 sink.close(Duration::from_millis(500)).await;
             }
@@ -320,6 +351,39 @@ impl ConnectionManager {
         Ok(manager)
     }
 
+    /// Where the pool can dial each host of `DATABASE_URL`: the tunnel's endpoint for it, or the
+    /// host itself.
+    fn host_list(config: &Config, tunnel: Option<&SshTunnel>) -> Result<Vec<hosts::Host>> {
+        use crate::tunnel::LocalEndpoint;
+        let (Some(tunnel), Some(tc)) = (tunnel, &config.tunnel) else {
+            return Ok(config
+                .database_hosts()?
+                .into_iter()
+                .map(|(host, port)| hosts::Host {
+                    name: if host.contains(':') {
+                        format!("[{host}]:{port}")
+                    } else {
+                        format!("{host}:{port}")
+                    },
+                    dial: hosts::Dial::Tcp(host, port),
+                })
+                .collect());
+        };
+        let ports = std::iter::once(tc.remote_port).chain(tc.alternate_targets.iter().map(|(_, p)| *p));
+        Ok(tunnel
+            .target_endpoints()
+            .into_iter()
+            .zip(ports)
+            .filter_map(|((name, endpoint), port)| {
+                let dial = match endpoint {
+                    LocalEndpoint::Tcp(addr) => hosts::Dial::Tcp(addr.ip().to_string(), addr.port()),
+                    LocalEndpoint::Unix(_) => hosts::Dial::Socket(endpoint.unix_dir()?.to_path_buf(), port),
+                };
+                Some(hosts::Host { name, dial })
+            })
+            .collect())
+    }
+
     fn spawn_tasks(&self) {
         let inner = &self.inner;
         let weak = Arc::downgrade(inner);
@@ -331,6 +395,11 @@ impl ConnectionManager {
             inner.config.health.interval,
         ));
         inner.tasks.spawn(maintenance(weak.clone(), inner.cancel.clone()));
+        if let Some(hosts) = &inner.hosts {
+            inner
+                .tasks
+                .spawn(hosts::run(weak.clone(), hosts.clone(), inner.cancel.clone()));
+        }
         if let Some(rotation) = &inner.password {
             inner
                 .tasks

@@ -75,6 +75,10 @@ pub enum EventKind {
     PasswordRotated,
     /// A failover was detected and the pool generation retired (level WARN).
     DatabaseFailover,
+    /// With several hosts or a `target_session_attrs`: the server that takes new connections
+    /// was chosen, at start or because the previous one stopped qualifying (INFO at start,
+    /// WARN on a switch).
+    DatabaseHostSelected,
 }
 
 impl EventKind {
@@ -95,6 +99,7 @@ impl EventKind {
             EventKind::TunnelReconnecting => "tunnel_reconnecting",
             EventKind::PasswordRotated => "password_rotated",
             EventKind::DatabaseFailover => "database_failover",
+            EventKind::DatabaseHostSelected => "database_host_selected",
         }
     }
 }
@@ -312,6 +317,32 @@ pub(crate) fn database_failover(pool: &str, why: &str) {
         signal = why,
         "database failover detected; pooled connections retired, checking health now"
     );
+}
+
+/// New connections go to `host` (a `role` server) from now on; `previous` is where they went
+/// before (`None` at start).
+pub(crate) fn database_host_selected(pool: &str, host: &str, role: &str, previous: Option<&str>, attrs: &str) {
+    match previous {
+        None => tracing::info!(
+            target: TARGET_MANAGER,
+            event = EventKind::DatabaseHostSelected.as_str(),
+            pool,
+            host,
+            role,
+            target_session_attrs = attrs,
+            "database host selected"
+        ),
+        Some(previous) => tracing::warn!(
+            target: TARGET_MANAGER,
+            event = EventKind::DatabaseHostSelected.as_str(),
+            pool,
+            host,
+            role,
+            previous,
+            target_session_attrs = attrs,
+            "database host switched; pooled connections retired"
+        ),
+    }
 }
 
 /// The database password changed at `source`; new connections log in with it.

@@ -203,6 +203,71 @@ impl TempPostgres {
         }
     }
 
+    /// A streaming-replication standby of this server: `pg_basebackup -R -X stream` into a new
+    /// instance (same credentials, its own port and directory), started and replaying. It is
+    /// in recovery (`pg_is_in_recovery()` true, read-only) until [`promote`](Self::promote).
+    pub async fn start_standby(&self) -> Result<TempPostgres> {
+        let dir = tempfile::Builder::new()
+            .prefix("sea-orm-tunnel-pg-standby-")
+            .tempdir()
+            .map_err(|e| TestkitError::io("creating a temp dir for the standby", e))?;
+        if let Some(user) = &self.run_as {
+            util::chown(dir.path(), user)?;
+        }
+        let data_dir = dir.path().join("data");
+        let mut backup = self.command("pg_basebackup");
+        backup
+            .arg("-h")
+            .arg("127.0.0.1")
+            .arg("-p")
+            .arg(self.port().to_string())
+            .arg("-U")
+            .arg(&self.user)
+            .arg("-D")
+            .arg(&data_dir)
+            .args(["-R", "-X", "stream", "--checkpoint=fast", "--no-sync"])
+            .env("PGPASSWORD", &self.password)
+            .env("PGSSLMODE", "disable");
+        util::run(backup, "pg_basebackup").await?;
+        let standby = TempPostgres {
+            child: Mutex::new(None),
+            log_path: dir.path().join("postgres.log"),
+            data_dir,
+            dir,
+            bin_dir: self.bin_dir.clone(),
+            run_as: self.run_as.clone(),
+            port: AtomicU16::new(util::free_port()?),
+            user: self.user.clone(),
+            password: self.password.clone(),
+            settings: self.settings.clone(),
+        };
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match standby.spawn_and_wait().await {
+                Ok(()) => return Ok(standby),
+                Err(e) if attempts < 5 && e.to_string().contains("Address already in use") => {
+                    standby.port.store(util::free_port()?, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Promotes a standby ([`start_standby`](Self::start_standby)) to a primary
+    /// (`pg_ctl promote --wait`): returns once it accepts writes.
+    pub async fn promote(&self) -> Result<()> {
+        let mut promote = self.command("pg_ctl");
+        promote
+            .arg("promote")
+            .arg("-w")
+            .arg("-t")
+            .arg("30")
+            .arg("-D")
+            .arg(&self.data_dir);
+        util::run(promote, "pg_ctl promote").await.map(drop)
+    }
+
     /// `postgres://USER:PASSWORD@127.0.0.1:PORT/postgres`.
     pub fn url(&self) -> String {
         self.url_for(&self.database())

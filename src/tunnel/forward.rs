@@ -102,7 +102,10 @@ pub(crate) async fn bind_alternate(
     bind_endpoint(&local, route.port).await
 }
 
-async fn bind_endpoint(local: &LocalEndpointConfig, remote_port: u16) -> Result<(Listener, LocalEndpoint, Option<PathBuf>)> {
+async fn bind_endpoint(
+    local: &LocalEndpointConfig,
+    remote_port: u16,
+) -> Result<(Listener, LocalEndpoint, Option<PathBuf>)> {
     match local {
         LocalEndpointConfig::Tcp(port) => {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, *port));
@@ -592,12 +595,10 @@ async fn open_channel(
 ) -> std::result::Result<russh::Channel<russh::client::Msg>, OpenError> {
     let config = &inner.config;
     let target = route.target();
-    let open = session.handle.channel_open_direct_tcpip(
-        route.host.clone(),
-        u32::from(route.port),
-        origin.0.clone(),
-        origin.1,
-    );
+    let open =
+        session
+            .handle
+            .channel_open_direct_tcpip(route.host.clone(), u32::from(route.port), origin.0.clone(), origin.1);
     let result = tokio::select! {
         r = tokio::time::timeout(config.connect_timeout, open) => r,
         () = session.kill.cancelled() => return Err(OpenError::SessionGone),

@@ -404,9 +404,13 @@ impl SshTunnel {
                 return Err(e);
             }
         }
-        inner.tracker.spawn(forward::accept_loop(inner.clone(), listener, main_route));
+        inner
+            .tracker
+            .spawn(forward::accept_loop(inner.clone(), listener, main_route));
         for (listener, route) in alternate_listeners {
-            inner.tracker.spawn(forward::accept_loop(inner.clone(), listener, route));
+            inner
+                .tracker
+                .spawn(forward::accept_loop(inner.clone(), listener, route));
         }
         inner.tracker.spawn(supervisor::run(inner.clone()));
         Ok(tunnel)
@@ -429,15 +433,18 @@ impl SshTunnel {
                 format!("{host}:{port}")
             }
         };
-        std::iter::once((name(&config.remote_host, config.remote_port), self.inner.endpoint.clone()))
-            .chain(
-                config
-                    .alternate_targets
-                    .iter()
-                    .zip(&self.inner.alternates)
-                    .map(|((host, port), (endpoint, _))| (name(host, *port), endpoint.clone())),
-            )
-            .collect()
+        std::iter::once((
+            name(&config.remote_host, config.remote_port),
+            self.inner.endpoint.clone(),
+        ))
+        .chain(
+            config
+                .alternate_targets
+                .iter()
+                .zip(&self.inner.alternates)
+                .map(|((host, port), (endpoint, _))| (name(host, *port), endpoint.clone())),
+        )
+        .collect()
     }
 
     /// True while at least one SSH session is up (`isConnectedToTunnel` in other tunnel libraries).

@@ -172,6 +172,7 @@ fn every_variable_is_parsed() {
         ("SSH_KEEPALIVE_INTERVAL", "1500"),
         ("SSH_KEEPALIVE_MAX", "2"),
         ("POSTGRES_PGBOUNCER", "false"),
+        ("PGTARGETSESSIONATTRS", "Read-Write"),
         ("SSH_CHANNEL_WINDOW", "16777216"),
         ("SSH_PROXY_JUMP", "ops@jump.example.com:2200,jump2.example.com"),
         ("SSH_CERTIFICATE_PATH", "~/deploy_key-cert.pub"),
@@ -205,6 +206,10 @@ fn every_variable_is_parsed() {
         "POSTGRES_PGBOUNCER (true excludes POSTGRES_STATEMENT_TIMEOUT)"
     );
     assert_eq!(c.shutdown_drain_timeout, ms(8_000));
+    assert_eq!(
+        c.target_session_attrs,
+        sea_orm_tunnel::config::TargetSessionAttrs::ReadWrite
+    );
     let t = c.tunnel.as_ref().expect("SSH_HOST set");
     assert_eq!(t.host, "bastion.example.com");
     assert_eq!(t.port, 2222);

@@ -21,6 +21,7 @@ mod log_sink;
 mod manager;
 mod manager_tunnel;
 mod migration;
+mod multihost;
 mod password;
 mod pgbouncer;
 mod security;

@@ -100,6 +100,19 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>, flags: SidecarFlags)
     ));
     // TLS to PostgreSQL per DATABASE_URL's sslmode, held by the tunnel; files read now.
     if let Some(config) = &config {
+        // The local endpoint is one server: a client that lists several hosts chooses among
+        // them itself (libpq's target_session_attrs needs each host's own address).
+        if let Ok(hosts) = config.database_hosts()
+            && hosts.len() > 1
+            && (tunnel_config.remote_host.as_str(), tunnel_config.remote_port) == (hosts[0].0.as_str(), hosts[0].1)
+        {
+            log(format_args!(
+                "DATABASE_URL lists {} hosts: forwarding to the first, {}:{} (set SSH_REMOTE_HOST/SSH_REMOTE_PORT to choose another)",
+                hosts.len(),
+                hosts[0].0,
+                hosts[0].1
+            ));
+        }
         tunnel_config = match sea_orm_tunnel::tls::resolve_tunnel(config, &tunnel_config) {
             // PgBouncer mode (`pgbouncer=true` / POSTGRES_PGBOUNCER): named statements rewritten.
             Ok(t) => t.pgbouncer(config.pgbouncer_mode()),
