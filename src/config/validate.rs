@@ -63,7 +63,15 @@ impl Config {
         if self.resolve_pgbouncer()? {
             validate_pgbouncer(&self.session, n)?;
         }
-        crate::url::target_session_attrs_param(self.database_url.expose_secret(), url_field)?;
+        if self.session.read_only
+            && self.resolve_target_session_attrs()? == crate::config::TargetSessionAttrs::ReadWrite
+        {
+            return Err(Error::config(
+                "session.read_only",
+                "makes every session read-only, so no server can satisfy target_session_attrs=read-write \
+                 (use primary to pick the primary for read-only sessions)",
+            ));
+        }
         if let Some(source) = &self.password_source {
             let has_password = crate::url::split_password(self.database_url.expose_secret())
                 .1
