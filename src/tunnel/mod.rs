@@ -72,6 +72,11 @@
 //!   left out for the tunnel's life ([`TunnelEvent::BastionFailed`] with `permanent`); the
 //!   tunnel fails for good only when every bastion has. Session events carry the bastion, and
 //!   [`SshTunnel::bastion`] says where the tunnel is now.
+//! - **Several database servers** ([`TunnelConfig::alternate_targets`], filled by the
+//!   [`ConnectionManager`](crate::ConnectionManager) from a multi-host `DATABASE_URL`). Each
+//!   has its own local endpoint of the same kind ([`SshTunnel::target_endpoints`]; a loopback
+//!   port, or a Unix socket in its own 0700 directory) forwarding over the same sessions, with
+//!   TLS (when the tunnel holds it) verified against that server's own name.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

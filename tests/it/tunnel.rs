@@ -143,7 +143,8 @@ async fn singleton_facade_semantics() {
     assert!(!second.is_connected());
 }
 
-/// DESIGN §7.1: a pool used one query at a time must not hit the ~40 ms delayed-ACK stall.
+/// A pool used one query at a time must not hit the ~40 ms delayed-ACK stall (the SSH socket re-arms
+/// `TCP_QUICKACK`; without it every small request waits for the peer's delayed ACK).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_queries_over_a_pool_of_four_avoid_the_delayed_ack_stall() {
     let (pg, sshd) = servers().await;

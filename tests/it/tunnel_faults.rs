@@ -287,7 +287,7 @@ async fn a_frozen_sshd_session_is_declared_dead_and_replaced() {
     tunnel.disconnect().await;
 }
 
-/// DESIGN §7.7: a connection that arrives while no session is up waits for the reconnect instead
+/// A connection that arrives while no session is up waits for the reconnect instead
 /// of being accepted and dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_arriving_during_an_outage_waits_for_the_reconnect() {
