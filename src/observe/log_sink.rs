@@ -119,14 +119,25 @@ impl ConnectionLogEvent {
         }
         let row = |kind: &str| ConnectionLogEvent::new("tunnel", kind);
         Some(match event {
-            TunnelEvent::Connected { session, reconnect, .. } => row(EventKind::TunnelConnected.as_str())
+            TunnelEvent::Connected {
+                session,
+                reconnect,
+                bastion,
+            } => row(EventKind::TunnelConnected.as_str()).with_metadata(meta([
+                ("session", (*session).into()),
+                ("reconnect", (*reconnect).into()),
+                ("bastion", bastion.clone().into()),
+            ])),
+            TunnelEvent::Disconnected {
+                session,
+                reason,
+                bastion,
+            } => row(EventKind::TunnelDisconnected.as_str())
+                .with_error(reason.clone())
                 .with_metadata(meta([
                     ("session", (*session).into()),
-                    ("reconnect", (*reconnect).into()),
+                    ("bastion", bastion.clone().into()),
                 ])),
-            TunnelEvent::Disconnected { session, reason, .. } => row(EventKind::TunnelDisconnected.as_str())
-                .with_error(reason.clone())
-                .with_metadata(meta([("session", (*session).into())])),
             TunnelEvent::Reconnecting { attempt, delay, error } => row(EventKind::TunnelReconnecting.as_str())
                 .with_error(error.clone())
                 .with_metadata(meta([
@@ -690,6 +701,25 @@ mod tests {
 
     fn at(secs: u64, micros: u32) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros.into())
+    }
+
+    #[test]
+    fn tunnel_rows_name_the_bastion() {
+        let connected = ConnectionLogEvent::from_tunnel_event(&TunnelEvent::Connected {
+            session: 3,
+            reconnect: true,
+            bastion: "b2.internal:2222".into(),
+        })
+        .unwrap();
+        assert_eq!(connected.metadata["bastion"], "b2.internal:2222");
+        let lost = ConnectionLogEvent::from_tunnel_event(&TunnelEvent::Disconnected {
+            session: 3,
+            reason: "keepalive unanswered".into(),
+            bastion: "b2.internal:2222".into(),
+        })
+        .unwrap();
+        assert_eq!(lost.metadata["bastion"], "b2.internal:2222");
+        assert_eq!(lost.error_message.as_deref(), Some("keepalive unanswered"));
     }
 
     #[test]
