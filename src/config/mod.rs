@@ -393,6 +393,7 @@ impl fmt::Debug for Config {
             .field("shutdown_drain_timeout", &self.shutdown_drain_timeout)
             .field("password_source", &self.password_source)
             .field("pgbouncer", &self.pgbouncer)
+            .field("target_session_attrs", &self.target_session_attrs)
             .finish()
     }
 }

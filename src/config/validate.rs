@@ -63,9 +63,9 @@ impl Config {
         if self.resolve_pgbouncer()? {
             validate_pgbouncer(&self.session, n)?;
         }
-        if self.session.read_only
-            && self.resolve_target_session_attrs()? == crate::config::TargetSessionAttrs::ReadWrite
-        {
+        let attrs = crate::url::target_session_attrs_param(self.database_url.expose_secret(), url_field)?
+            .unwrap_or(self.target_session_attrs);
+        if self.session.read_only && attrs == crate::config::TargetSessionAttrs::ReadWrite {
             return Err(Error::config(
                 "session.read_only",
                 "makes every session read-only, so no server can satisfy target_session_attrs=read-write \

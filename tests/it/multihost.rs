@@ -284,3 +284,51 @@ async fn a_primary_demoted_in_place_is_left_by_the_health_check_and_new_connecti
     .await;
     manager.shutdown(Duration::from_secs(1)).await;
 }
+
+#[test]
+fn unusable_attributes_and_host_lists_are_clear_errors_without_the_password() {
+    use sea_orm_tunnel::config::Config;
+    let env = |pairs: &[(&str, &str)]| {
+        let map: std::collections::HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_env_with(move |name| map.get(name).cloned())
+    };
+    let e = env(&[
+        ("DATABASE_URL", "postgres://app:pw-Secret1@a:5432,b:5432/app"),
+        ("PGTARGETSESSIONATTRS", "writable"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("PGTARGETSESSIONATTRS") && e.contains("read-write"), "{e}");
+    let e = env(&[(
+        "DATABASE_URL",
+        "postgres://app:pw-Secret1@a:5432,b:x/app?target_session_attrs=primary",
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("DATABASE_URL") && e.contains("port"), "{e}");
+    assert!(!e.contains("pw-Secret1"), "{e}");
+    let e = env(&[(
+        "DATABASE_URL",
+        "postgres://app@a,b/app?target_session_attrs=primary-ish",
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("DATABASE_URL") && e.contains("prefer-standby"), "{e}");
+    let e = Config::new("postgres://app@a,b/app?target_session_attrs=read-write")
+        .map_session(|s| s.read_only(true))
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("session.read_only") && e.contains("read-write"), "{e}");
+    let ok = env(&[(
+        "DATABASE_URL",
+        "postgres://app@a:5433,[::1]/app?target_session_attrs=standby",
+    )])
+    .unwrap();
+    assert_eq!(
+        ok.database_hosts().unwrap(),
+        vec![("a".to_owned(), 5433), ("::1".to_owned(), 5432)]
+    );
+    assert_eq!(ok.resolve_target_session_attrs().unwrap(), TargetSessionAttrs::Standby);
+}
