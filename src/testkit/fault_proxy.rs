@@ -218,10 +218,13 @@ async fn connection(
         let (mut server_read, mut server_write) = server.split();
         let up = pump(&mut client_read, &mut server_write, shared.forwarding.subscribe());
         let down = pump(&mut server_read, &mut client_write, shared.forwarding.subscribe());
+        // A reset or error in either direction resets both at once, as a peer's RST does on a
+        // direct path: waiting for the other direction too would leave a client that is only
+        // reading (waiting for an answer) hanging forever.
         tokio::select! {
             _ = cut.cancelled() => true,
             _ = shutdown.cancelled() => true,
-            (a, b) = async { tokio::join!(up, down) } => a.is_err() || b.is_err(),
+            r = async { tokio::try_join!(up, down) } => r.is_err(),
         }
     };
     if reset_both {

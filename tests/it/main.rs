@@ -10,6 +10,7 @@ mod bastion;
 mod bastions;
 mod certificates;
 mod chaos;
+mod chaos_failover;
 mod cli;
 mod config;
 mod failover;

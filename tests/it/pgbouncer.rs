@@ -23,7 +23,9 @@ fn config(bouncer: &PgBouncer, sshd: &OpenSshd, prefix: &str, flag: bool) -> sea
         bouncer.url()
     };
     fast_config(url, prefix)
-        .map_pool(|p| p.max_connections(20))
+        // Up to 20 first logins at once per manager (an SSH channel and a SCRAM login each) can
+        // take longer than fast_config's 3 s on a loaded 2-core machine: a liveness bound here.
+        .map_pool(|p| p.max_connections(20).acquire_timeout(LIVENESS))
         .recovery(
             BackoffPolicy::new(Duration::from_millis(50))
                 .max_delay(Duration::from_millis(500))
@@ -190,4 +192,213 @@ fn session_settings_are_refused_in_pgbouncer_mode_naming_each() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("pgbouncer=\"maybe\""), "{e}");
+}
+
+/// The axum layers over a PgBouncer-mode manager, through the tunnel to PgBouncer in transaction
+/// mode with a pool of 3: concurrent prepared reads and writes, some in `manager.begin()`
+/// transactions, each answer exactly what its request asked, and every write is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_layers_through_transaction_pgbouncer_answer_concurrent_reads_and_writes_correctly() {
+    use axum::extract::Path;
+    use axum::routing::{get, post};
+    use sea_orm_tunnel::layer::{Db, InjectDatabaseLayer, RecoveryLayer};
+
+    const BOUNCER_POOL: i64 = 3;
+    const REQUESTS: i64 = 60;
+    const SEEDED: i64 = 20;
+
+    let (pg, sshd) = servers().await;
+    let admin = checker(&format!("{}?application_name=checker", pg.url())).await;
+    admin
+        .execute_unprepared(
+            "CREATE TABLE notes (id bigserial PRIMARY KEY, n bigint NOT NULL UNIQUE, body text NOT NULL); \
+             CREATE TABLE audit (note_id bigint NOT NULL REFERENCES notes (id), n bigint NOT NULL UNIQUE)",
+        )
+        .await
+        .unwrap();
+    // Rows for the reads to find, written outside the code under test.
+    admin
+        .execute_unprepared(&format!(
+            "INSERT INTO notes (n, body) SELECT 1000 + g, 'seed-' || (1000 + g) FROM generate_series(0, {}) g",
+            SEEDED - 1
+        ))
+        .await
+        .unwrap();
+    let bouncer = PgBouncer::builder()
+        .mode(PoolMode::Transaction)
+        .default_pool_size(BOUNCER_POOL as u32)
+        .start(&pg)
+        .await
+        .unwrap();
+    let manager = ConnectionManager::new(config(&bouncer, &sshd, "pgbaxum", true))
+        .await
+        .unwrap();
+
+    /// `POST /notes/{n}`: one prepared INSERT ... RETURNING.
+    async fn create(Db(db): Db, Path(n): Path<i64>) -> Result<String, Error> {
+        let row = db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "INSERT INTO notes (n, body) VALUES ($1, 'note-' || $1::text) RETURNING id, n * 10 AS tenfold",
+                [n.into()],
+            ))
+            .await?
+            .expect("RETURNING gives a row");
+        let id: i64 = row.try_get("", "id")?;
+        let tenfold: i64 = row.try_get("", "tenfold")?;
+        Ok(format!("{id} {tenfold}"))
+    }
+    /// `POST /audited/{n}`: a note and its audit row in one `manager.begin()` transaction.
+    async fn audited(manager: ConnectionManager, Path(n): Path<i64>) -> Result<String, Error> {
+        let txn = manager.begin().await?;
+        let row = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "INSERT INTO notes (n, body) VALUES ($1, 'audited-' || $1::text) RETURNING id",
+                [n.into()],
+            ))
+            .await?
+            .expect("RETURNING gives a row");
+        let id: i64 = row.try_get("", "id")?;
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "INSERT INTO audit (note_id, n) VALUES ($1, $2)",
+            [id.into(), n.into()],
+        ))
+        .await?;
+        // Inside the transaction, on the same server connection: the row just written.
+        let seen: i64 = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT count(*) AS c FROM audit WHERE note_id = $1",
+                [id.into()],
+            ))
+            .await?
+            .expect("a count")
+            .try_get("", "c")?;
+        txn.commit().await?;
+        Ok(format!("{id} {seen}"))
+    }
+    /// `GET /notes/{n}`: a prepared parameterised read.
+    async fn read(Db(db): Db, Path(n): Path<i64>) -> Result<String, Error> {
+        let row = db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT body FROM notes WHERE n = $1",
+                [n.into()],
+            ))
+            .await?;
+        Ok(match row {
+            Some(row) => row.try_get("", "body")?,
+            None => "missing".to_owned(),
+        })
+    }
+    /// `GET /square/{n}`: a prepared read that touches no table.
+    async fn square(Db(db): Db, Path(n): Path<i64>) -> Result<String, Error> {
+        let row = db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT $1::int8 * $1::int8 AS sq, pg_backend_pid() AS pid",
+                [n.into()],
+            ))
+            .await?
+            .expect("one row");
+        Ok(row.try_get::<i64>("", "sq")?.to_string())
+    }
+
+    let app = axum::Router::new()
+        .route("/notes/{n}", post(create).get(read))
+        .route("/audited/{n}", post(audited))
+        .route("/square/{n}", get(square))
+        .layer(RecoveryLayer::new(manager.clone()))
+        .layer(InjectDatabaseLayer::new(manager.clone()));
+    let served = serve(app).await;
+    let addr = served.addr;
+
+    let peak = Arc::new(AtomicI64::new(0));
+    let sampler = {
+        let (peak, url) = (peak.clone(), format!("{}?application_name=checker", pg.url()));
+        tokio::spawn(async move {
+            let admin = checker(&url).await;
+            loop {
+                peak.fetch_max(server_backends(&admin).await, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    // All at once: writes, transactional writes, reads of seeded rows, table-less reads.
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..REQUESTS {
+        requests.spawn(async move {
+            let (method, path) = match i % 4 {
+                0 => ("POST", format!("/notes/{i}")),
+                1 => ("POST", format!("/audited/{i}")),
+                2 => ("GET", format!("/notes/{}", 1000 + i % SEEDED)),
+                _ => ("GET", format!("/square/{i}")),
+            };
+            let response = tokio::time::timeout(LIVENESS, http(addr, method, &path, &[], ""))
+                .await
+                .unwrap_or_else(|_| panic!("{method} {path} hung"));
+            (i, method, path, response)
+        });
+    }
+    let mut created: Vec<(i64, i64)> = Vec::new();
+    let mut audited_ids: Vec<(i64, i64)> = Vec::new();
+    let mut answered = 0;
+    while let Some(joined) = requests.join_next().await {
+        let (i, method, path, response) = joined.unwrap();
+        assert_eq!(response.status, 200, "{method} {path}: {response:?}");
+        let body = response.body.trim();
+        match i % 4 {
+            0 => {
+                let (id, tenfold) = body.split_once(' ').expect("id and n*10");
+                assert_eq!(tenfold, (i * 10).to_string(), "{path}");
+                created.push((id.parse().unwrap(), i));
+            }
+            1 => {
+                let (id, seen) = body.split_once(' ').expect("id and the audit count");
+                assert_eq!(seen, "1", "{path}: the transaction saw its own audit row");
+                audited_ids.push((id.parse().unwrap(), i));
+            }
+            2 => assert_eq!(body, format!("seed-{}", 1000 + i % SEEDED), "{path}"),
+            _ => assert_eq!(body, (i * i).to_string(), "{path}"),
+        }
+        answered += 1;
+    }
+    sampler.abort();
+    assert_eq!(answered, REQUESTS);
+
+    // Every write stored once, under the id its response named.
+    let writes = REQUESTS / 2;
+    assert_eq!(created.len() + audited_ids.len(), writes as usize);
+    let rows: i64 = scalar(&admin, "SELECT count(*) FROM notes WHERE n < 1000").await;
+    assert_eq!(rows, writes, "every write stored once");
+    for (id, n) in &created {
+        let body: String = scalar(&admin, &format!("SELECT body FROM notes WHERE id = {id} AND n = {n}")).await;
+        assert_eq!(body, format!("note-{n}"));
+    }
+    for (id, n) in &audited_ids {
+        let body: String = scalar(
+            &admin,
+            &format!(
+                "SELECT body FROM notes JOIN audit ON audit.note_id = notes.id WHERE notes.id = {id} AND audit.n = {n}"
+            ),
+        )
+        .await;
+        assert_eq!(body, format!("audited-{n}"));
+    }
+    let audit_rows: i64 = scalar(&admin, "SELECT count(*) FROM audit").await;
+    assert_eq!(audit_rows, audited_ids.len() as i64);
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(
+        peak <= BOUNCER_POOL,
+        "PostgreSQL saw {peak} backends, more than the pooler's pool of {BOUNCER_POOL}"
+    );
+    eprintln!(
+        "{REQUESTS} concurrent requests through the layers and PgBouncer (pool {BOUNCER_POOL}): all 200, \
+         {writes} writes stored once, peak {peak} PostgreSQL backends, manager pool {:?}",
+        manager.stats()
+    );
+    manager.shutdown(Duration::from_secs(2)).await;
 }
