@@ -507,6 +507,9 @@ async fn tls_refused<S: AsyncWrite + Unpin>(inner: &Inner, local: &mut S, error:
 async fn serve_raw(inner: Arc<Inner>, mut local: LocalStream, origin: (String, u32), route: &Route) {
     let timeout = inner.config.connect_timeout;
     let deadline = Instant::now() + timeout;
+    let Some(first) = answer_encryption_locally(&inner, &mut local, deadline).await else {
+        return;
+    };
     let (slot, channel) = loop {
         let slot = match acquire_slot(&inner, deadline).await {
             Ok(slot) => slot,
@@ -515,9 +518,9 @@ async fn serve_raw(inner: Arc<Inner>, mut local: LocalStream, origin: (String, u
                     // Nothing was forwarded yet: a PostgreSQL client can be told why.
                     let tell = async {
                         match &mut local {
-                            LocalStream::Tcp(s) => tell_refused(s, &reply).await,
+                            LocalStream::Tcp(s) => tell_refused(&mut Prefixed::new(s, first), &reply).await,
                             #[cfg(unix)]
-                            LocalStream::Unix(s) => tell_refused(s, &reply).await,
+                            LocalStream::Unix(s) => tell_refused(&mut Prefixed::new(s, first), &reply).await,
                         }
                     };
                     tokio::select! {
@@ -542,14 +545,43 @@ async fn serve_raw(inner: Arc<Inner>, mut local: LocalStream, origin: (String, u
     let (to_remote, from_remote) = inner.telemetry.byte_counters();
     let copy = async {
         match local {
-            LocalStream::Tcp(s) => copy(&inner, s, &mut remote, to_remote, from_remote).await,
+            LocalStream::Tcp(s) => copy(&inner, Prefixed::new(s, first), &mut remote, to_remote, from_remote).await,
             #[cfg(unix)]
-            LocalStream::Unix(s) => copy(&inner, s, &mut remote, to_remote, from_remote).await,
+            LocalStream::Unix(s) => copy(&inner, Prefixed::new(s, first), &mut remote, to_remote, from_remote).await,
         }
     };
     until_the_session_ends(&inner, &slot.session, copy).await;
     drop(remote);
     drop(slot);
+}
+
+/// With `sslmode=disable` and no TLS held by the tunnel the answer to a client's `SSLRequest` /
+/// `GSSENCRequest` is known (`N`: the operator ruled TLS to PostgreSQL out), so it is given here
+/// instead of after a round trip to the server. Returns the client's first bytes that are not such
+/// a request, to be forwarded first (always empty, nothing read, with any other sslmode: then the
+/// client's own sslmode decides with the server); `None` when the client left.
+async fn answer_encryption_locally(inner: &Inner, local: &mut LocalStream, deadline: Instant) -> Option<Vec<u8>> {
+    if inner.config.postgres_tls.as_ref().is_none_or(|t| t.is_enabled()) {
+        return Some(Vec::new());
+    }
+    let answer = async {
+        match local {
+            LocalStream::Tcp(s) => pgwire::answer_encryption_requests(s, deadline).await,
+            #[cfg(unix)]
+            LocalStream::Unix(s) => pgwire::answer_encryption_requests(s, deadline).await,
+        }
+    };
+    let answered = tokio::select! {
+        r = answer => r,
+        () = inner.cancel.cancelled() => return None,
+    };
+    match answered {
+        Ok(first) => first,
+        Err(e) => {
+            tracing::trace!(target: LOG_TARGET, error = %e, "local client left during its encryption request");
+            None
+        }
+    }
 }
 
 /// Runs a forwarded connection's copy until it ends, its SSH session dies (the local side is then
@@ -766,6 +798,51 @@ async fn refuse_over_limit(inner: Arc<Inner>, local: LocalStream) {
     tokio::select! {
         () = serve => {}
         () = inner.cancel.cancelled() => {}
+    }
+}
+
+/// A local stream whose first bytes were already read (by [`answer_encryption_locally`]): they
+/// are read again first.
+struct Prefixed<S> {
+    inner: S,
+    first: Vec<u8>,
+    at: usize,
+}
+
+impl<S> Prefixed<S> {
+    fn new(inner: S, first: Vec<u8>) -> Self {
+        Prefixed { inner, first, at: 0 }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.first.len() {
+            let n = (this.first.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.first[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.first.len() {
+                this.first = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -152,6 +152,42 @@ where
     ))
 }
 
+/// The raw path's only look at the protocol, when the answer is known (`sslmode=disable` and no
+/// TLS held by the tunnel): each `SSLRequest` or `GSSENCRequest` the client opens with is answered
+/// `N` here, saving a round trip to the server. Returns the first bytes that are not such a
+/// request (up to 8; fewer when the client went quiet until `deadline`), to be forwarded first;
+/// `None` when the client closed before sending anything else.
+pub(crate) async fn answer_encryption_requests<S>(
+    client: &mut S,
+    deadline: tokio::time::Instant,
+) -> io::Result<Option<Vec<u8>>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut answered = 0;
+    loop {
+        let mut head = Vec::with_capacity(8);
+        while head.len() < 8 {
+            // `read_buf` keeps what it read when the timeout cancels it.
+            match tokio::time::timeout_at(deadline, client.read_buf(&mut head)).await {
+                Ok(Ok(0)) if head.is_empty() => return Ok(None),
+                Ok(Ok(0)) | Err(_) => return Ok(Some(head)),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let code = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        let request = len == 8 && matches!(code, SSL_REQUEST_CODE | GSSENC_REQUEST_CODE);
+        if !request || answered == MAX_NEGOTIATIONS {
+            return Ok(Some(head));
+        }
+        client.write_all(b"N").await?;
+        client.flush().await?;
+        answered += 1;
+    }
+}
+
 /// A protocol 3.0 `StartupMessage` with these parameters.
 pub(crate) fn startup_message(params: &[(&str, &str)]) -> Vec<u8> {
     let mut body = 196_608u32.to_be_bytes().to_vec();

@@ -198,10 +198,25 @@ fn parse(
     })
 }
 
+/// One thread by default: a forwarded query crosses the local socket, a channel task, the SSH
+/// session task and the SSH socket, and on one thread each hand-off is a push onto the local run
+/// queue instead of a wake-up of another worker (a futex and a context switch). The tunnel's
+/// work is I/O, not CPU: one thread serves more transactions per CPU second (like `ssh -L`,
+/// which is one thread too). `TOKIO_WORKER_THREADS=N` asks for tokio's multi-thread runtime
+/// with N workers instead.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+        // tokio reads the variable itself.
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    }
+}
+
 fn main() -> ExitCode {
     // clap prints help and version on stdout (exit 0) and usage errors on stderr (exit 2).
     let command = parse(Cli::command(), std::env::args_os()).unwrap_or_else(|e| e.exit());
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
