@@ -463,11 +463,23 @@ impl OpenSshd {
     /// [`known_hosts_path`](Self::known_hosts_path). Append the remote command, or `-N` and
     /// forwards.
     pub fn ssh_command(&self, identity: &Path) -> Command {
+        self.ssh_command_to(identity, self.addr())
+    }
+
+    /// [`ssh_command`](Self::ssh_command) connecting to `addr` instead of this server's address
+    /// (a proxy in front of it); [`known_hosts_path`](Self::known_hosts_path) must then list the
+    /// host key for `[IP]:PORT` of `addr` too.
+    fn ssh_command_to(&self, identity: &Path, addr: SocketAddr) -> Command {
         let mut cmd = Command::new(&self.ssh_bin);
+        let host = if addr == self.addr() {
+            self.host.clone()
+        } else {
+            addr.ip().to_string()
+        };
         cmd.arg("-F")
             .arg("/dev/null")
             .arg("-p")
-            .arg(self.port().to_string())
+            .arg(addr.port().to_string())
             .arg("-i")
             .arg(identity)
             .args([
@@ -486,7 +498,7 @@ impl OpenSshd {
             ])
             .arg("-o")
             .arg(format!("UserKnownHostsFile={}", self.known_hosts_path().display()))
-            .args(["-o", "ConnectTimeout=20", "-l", &self.user, &self.host])
+            .args(["-o", "ConnectTimeout=20", "-l", &self.user, &host])
             .stdin(Stdio::null());
         cmd
     }
@@ -505,10 +517,26 @@ impl OpenSshd {
         remote_port: u16,
         extra_args: &[&str],
     ) -> Result<SshForward> {
+        self.ssh_forward_via(self.addr(), remote_host, remote_port, extra_args)
+            .await
+    }
+
+    /// [`ssh_forward_with`](Self::ssh_forward_with), the `ssh` process connecting to `via`
+    /// instead of this server's address: a proxy in front of it, such as a
+    /// [`DelayProxy`](super::DelayProxy). [`known_hosts_path`](Self::known_hosts_path) must also
+    /// list the host key as `[IP]:PORT` of `via` (append a line; `trust_host_key` rewrites the
+    /// file with this server's own line only).
+    pub async fn ssh_forward_via(
+        &self,
+        via: SocketAddr,
+        remote_host: &str,
+        remote_port: u16,
+        extra_args: &[&str],
+    ) -> Result<SshForward> {
         let mut last_error = None;
         // The free port can be taken between probing and ssh binding it: try a few.
         for _ in 0..3 {
-            match self.try_forward(remote_host, remote_port, extra_args).await {
+            match self.try_forward(via, remote_host, remote_port, extra_args).await {
                 Ok(f) => return Ok(f),
                 Err(e @ TestkitError::Process { .. }) if e.to_string().contains("Address already in use") => {
                     last_error = Some(e)
@@ -519,13 +547,19 @@ impl OpenSshd {
         Err(last_error.unwrap_or_else(|| TestkitError::Unsupported("ssh forward failed".into())))
     }
 
-    async fn try_forward(&self, remote_host: &str, remote_port: u16, extra_args: &[&str]) -> Result<SshForward> {
+    async fn try_forward(
+        &self,
+        via: SocketAddr,
+        remote_host: &str,
+        remote_port: u16,
+        extra_args: &[&str],
+    ) -> Result<SshForward> {
         let local_port = util::free_port()?;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let log_path = self.dir.path().join(format!("ssh-forward-{n}.log"));
         let log = std::fs::File::create(&log_path)
             .map_err(|e| TestkitError::io(format!("creating {}", log_path.display()), e))?;
-        let mut cmd = self.ssh_command(&self.client_key_path());
+        let mut cmd = self.ssh_command_to(&self.client_key_path(), via);
         cmd.args(["-N", "-v", "-o", "ExitOnForwardFailure=yes"])
             .args(["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"])
             .arg("-L")
