@@ -14,9 +14,10 @@
 //! - 57P01–57P03 / class 08 three times within two seconds: a signal (the errors are transient
 //!   already).
 //!
-//! A signal retires the whole pool generation once (later signals within [`DEBOUNCE`] are the
-//! same failover), counts `db_failovers_total`, logs a `database_failover` event and asks the
-//! health loop for a check at once.
+//! A signal retires the whole pool generation (every signal: a connection opened in the moment
+//! between a retirement and the name moving must go too), and once per failover (later signals
+//! within [`DEBOUNCE`] are the same one) counts `db_failovers_total`, logs a `database_failover`
+//! event and asks the health loop for a check at once.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -119,8 +120,11 @@ impl Failover {
         error
     }
 
-    /// Retires the generation unless this failover already did.
+    /// Retires the generation (every time: a connection opened just after the last retirement,
+    /// while the name still pointed at the old primary, must go too); counts, logs and asks for
+    /// a check unless this failover already did.
     pub(crate) fn signal(&self, why: &str) {
+        self.generation.retire_all();
         {
             let mut last = lock(&self.last_retired);
             if last.is_some_and(|t| t.elapsed() < DEBOUNCE) {
@@ -128,7 +132,6 @@ impl Failover {
             }
             *last = Some(Instant::now());
         }
-        self.generation.retire_all();
         crate::observe::events::database_failover(&self.pool_label, why);
         self.check_now.notify_one();
         self.moved.notify_one();
@@ -171,8 +174,23 @@ mod tests {
             assert!(matches!(f.observe(custom()), Error::Database(_)));
         }
         assert_eq!(generation.bumps(), 0);
-        f.signal("test");
-        f.signal("test again, same failover");
-        assert_eq!(generation.bumps(), 1, "one retirement per failover");
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            f.signal("test");
+            f.signal("test again, same failover");
+        });
+        assert_eq!(generation.bumps(), 2, "every signal retires what was opened before it");
+        let counted: u64 = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| key.key().name() == crate::observe::metrics::DB_FAILOVERS_TOTAL)
+            .map(|(.., value)| match value {
+                metrics_util::debugging::DebugValue::Counter(n) => n,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(counted, 1, "one failover counted");
     }
 }
