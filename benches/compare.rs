@@ -1330,9 +1330,16 @@ async fn rss_100(pid: u32, url: &str) -> (f64, f64) {
         .connect_timeout(Duration::from_secs(60))
         .idle_timeout(Duration::from_secs(600));
     let db = Database::connect(o).await.expect("pool of 100");
-    hold_connections(&db, 100, "SELECT pg_sleep(0.5)").await;
+    // Each sleep outlasts opening all 100 (at a long round trip the extra SSH sessions take a
+    // while), so no connection is reused before the last one opened.
+    hold_connections(&db, 100, "SELECT pg_sleep(3)").await;
     let open = db.get_postgres_connection_pool().size();
-    assert_eq!(open, 100, "100 connections open through {url}");
+    assert_eq!(
+        open,
+        100,
+        "100 connections open through {}",
+        sea_orm_tunnel::config::redact_url(url)
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let loaded = rss_kib(pid);
     db.close().await.expect("closing the pool of 100");

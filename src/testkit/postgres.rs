@@ -180,25 +180,30 @@ impl TempPostgres {
             password: template.password.clone(),
             settings,
         };
-        // The free port may be taken between probing and binding it: then try another.
+        match pg.spawn_on_a_free_port().await {
+            Ok(()) => Ok(pg),
+            Err(TestkitError::Process { what, message }) => Err(TestkitError::Process {
+                what,
+                message: format!(
+                    "{message}\n(if this persists, delete the template cache {})",
+                    template.data_dir.parent().unwrap_or(&template.data_dir).display()
+                ),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts the server; the free port may be taken between probing and binding it: then
+    /// another is tried (5 attempts).
+    async fn spawn_on_a_free_port(&self) -> Result<()> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match pg.spawn_and_wait().await {
-                Ok(()) => return Ok(pg),
+            match self.spawn_and_wait().await {
                 Err(e) if attempts < 5 && e.to_string().contains("Address already in use") => {
-                    pg.port.store(util::free_port()?, Ordering::Relaxed);
+                    self.port.store(util::free_port()?, Ordering::Relaxed);
                 }
-                Err(TestkitError::Process { what, message }) => {
-                    return Err(TestkitError::Process {
-                        what,
-                        message: format!(
-                            "{message}\n(if this persists, delete the template cache {})",
-                            template.data_dir.parent().unwrap_or(&template.data_dir).display()
-                        ),
-                    });
-                }
-                Err(e) => return Err(e),
+                other => return other,
             }
         }
     }
@@ -241,17 +246,8 @@ impl TempPostgres {
             password: self.password.clone(),
             settings: self.settings.clone(),
         };
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            match standby.spawn_and_wait().await {
-                Ok(()) => return Ok(standby),
-                Err(e) if attempts < 5 && e.to_string().contains("Address already in use") => {
-                    standby.port.store(util::free_port()?, Ordering::Relaxed);
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        standby.spawn_on_a_free_port().await?;
+        Ok(standby)
     }
 
     /// Promotes a standby ([`start_standby`](Self::start_standby)) to a primary

@@ -59,7 +59,7 @@ struct Outcome {
 ///
 /// The advisory lock makes the check and the insert one step even when an earlier attempt's
 /// transaction is still finishing on the server (its connection died on our side first).
-async fn write_row(db: &DatabaseConnection, id: i64, via: &str) -> Result<(), DbErr> {
+pub(super) async fn write_row(db: &DatabaseConnection, id: i64, via: &str) -> Result<(), DbErr> {
     let txn = db.begin().await?;
     txn.execute_unprepared("SET LOCAL lock_timeout = '3s'").await?;
     txn.query_one_raw(Statement::from_sql_and_values(

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::support::*;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
 use sea_orm_tunnel::ConnectionManager;
 use sea_orm_tunnel::config::BackoffPolicy;
 use sea_orm_tunnel::testkit::{FaultProxy, OpenSshd, PgBouncer, PoolMode, TempPostgres, fast_config};
@@ -144,36 +144,9 @@ async fn set_read_only(admin: &DatabaseConnection, read_only: bool) {
     .await;
 }
 
-/// Inserts row `id` unless it is already there, so a retry after an ambiguous failure (the COMMIT
-/// reached PostgreSQL but its answer was lost) never inserts it twice. The table has no unique
-/// constraint on `id`: a duplicate stays visible. The advisory lock makes the check and the insert
-/// one step even while an earlier attempt's transaction is still finishing on the server.
+/// Inserts row `id` unless it is already there (the chaos suite's idempotent write).
 async fn write_row(db: &DatabaseConnection, id: i64) -> Result<(), DbErr> {
-    let txn = db.begin().await?;
-    txn.execute_unprepared("SET LOCAL lock_timeout = '3s'").await?;
-    txn.query_one_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "SELECT pg_advisory_xact_lock($1)::text",
-        [id.into()],
-    ))
-    .await?;
-    let exists = txn
-        .query_one_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT 1 FROM chaos_rows WHERE id = $1",
-            [id.into()],
-        ))
-        .await?
-        .is_some();
-    if !exists {
-        txn.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "INSERT INTO chaos_rows (id, via) VALUES ($1, 'retry')",
-            [id.into()],
-        ))
-        .await?;
-    }
-    txn.commit().await
+    super::chaos::write_row(db, id, "retry").await
 }
 
 impl Lab {
@@ -306,12 +279,13 @@ impl Lab {
             Fault::Failover => {
                 let from = self.primary.load(Ordering::SeqCst);
                 let to = 1 - from;
+                // Before the demotion: its read-only errors retire the pool at once.
+                let stale_before = self.manager.stats().rejected_stale;
                 // The other server was demoted by an earlier failover: it is the primary again.
                 set_read_only(&self.sides[to].admin, false).await;
                 set_read_only(&self.sides[from].admin, true).await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let before = self.sides[to].rows().await;
-                let stale_before = self.manager.stats().rejected_stale;
                 self.switch.retarget(self.sides[to].addr());
                 self.primary.store(to, Ordering::SeqCst);
                 let switched = Instant::now();

@@ -114,38 +114,18 @@ async fn a_demoted_primary_and_a_moved_name_lose_no_acknowledged_write() {
         select_one(&db).await.unwrap();
     }
 
-    let writer = {
-        let manager = manager.clone();
-        tokio::spawn(async move {
-            let mut acked = Vec::new();
-            let mut acked_at = Vec::new();
-            let mut errors = Vec::new();
-            for id in 0..400i64 {
-                let result = manager
-                    .retry(|db| async move {
-                        db.execute_unprepared(&format!("INSERT INTO writes VALUES ({id}) ON CONFLICT DO NOTHING"))
-                            .await
-                    })
-                    .await;
-                match result {
-                    Ok(_) => {
-                        acked.push(id);
-                        acked_at.push(Instant::now());
-                    }
-                    Err(e) => errors.push(e.to_string()),
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            (acked, acked_at, errors)
-        })
-    };
+    let writer = spawn_retrying_writer(&manager, "writes", 400);
     tokio::time::sleep(Duration::from_millis(1000)).await;
 
     // The failover: A is demoted (every session becomes read-only), the name moves to B.
     fail_over(&admin_a, &switch, &b).await;
     let switched = Instant::now();
 
-    let (acked, acked_at, errors) = writer.await.unwrap();
+    let WriterOutcome {
+        acked,
+        acked_at,
+        errors,
+    } = writer.await.unwrap();
     assert!(
         errors.is_empty(),
         "every write succeeded through manager.retry: {errors:?}"

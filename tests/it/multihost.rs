@@ -88,29 +88,7 @@ async fn a_read_write_pool_follows_the_promoted_standby_through_the_bastion() {
         select_one(&db).await.unwrap();
     }
 
-    let writer = {
-        let manager = manager.clone();
-        tokio::spawn(async move {
-            let (mut acked, mut acked_at, mut errors) = (Vec::new(), Vec::new(), Vec::new());
-            for id in 0..500i64 {
-                let result = manager
-                    .retry(|db| async move {
-                        db.execute_unprepared(&format!("INSERT INTO writes VALUES ({id}) ON CONFLICT DO NOTHING"))
-                            .await
-                    })
-                    .await;
-                match result {
-                    Ok(_) => {
-                        acked.push(id);
-                        acked_at.push(Instant::now());
-                    }
-                    Err(e) => errors.push(format!("{id}: {e}")),
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            (acked, acked_at, errors)
-        })
-    };
+    let writer = spawn_retrying_writer(&manager, "writes", 500);
     tokio::time::sleep(Duration::from_millis(800)).await;
     // The failover: the primary goes (a fast shutdown sends its WAL to the standby first), the
     // standby is promoted.
@@ -119,7 +97,11 @@ async fn a_read_write_pool_follows_the_promoted_standby_through_the_bastion() {
     standby.promote().await.unwrap();
     let promoted = stopped.elapsed();
 
-    let (acked, acked_at, errors) = writer.await.unwrap();
+    let WriterOutcome {
+        acked,
+        acked_at,
+        errors,
+    } = writer.await.unwrap();
     assert!(
         errors.is_empty(),
         "every write succeeded through manager.retry: {errors:?}"

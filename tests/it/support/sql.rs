@@ -60,3 +60,44 @@ pub async fn backends(checker: &DatabaseConnection, prefix: &str) -> Vec<String>
         .map(|r| r.try_get_by_index(0).unwrap())
         .collect()
 }
+
+/// What [`spawn_retrying_writer`] saw: the ids acknowledged (with when), and the errors.
+pub struct WriterOutcome {
+    pub acked: Vec<i64>,
+    pub acked_at: Vec<std::time::Instant>,
+    pub errors: Vec<String>,
+}
+
+/// Inserts ids `0..n` into `table (id bigint PRIMARY KEY)` one at a time through
+/// `manager.retry` (idempotent: `ON CONFLICT DO NOTHING`), 10 ms apart.
+pub fn spawn_retrying_writer(
+    manager: &sea_orm_tunnel::manager::ConnectionManager,
+    table: &'static str,
+    n: i64,
+) -> tokio::task::JoinHandle<WriterOutcome> {
+    let manager = manager.clone();
+    tokio::spawn(async move {
+        let mut out = WriterOutcome {
+            acked: Vec::new(),
+            acked_at: Vec::new(),
+            errors: Vec::new(),
+        };
+        for id in 0..n {
+            let result = manager
+                .retry(|db| async move {
+                    db.execute_unprepared(&format!("INSERT INTO {table} VALUES ({id}) ON CONFLICT DO NOTHING"))
+                        .await
+                })
+                .await;
+            match result {
+                Ok(_) => {
+                    out.acked.push(id);
+                    out.acked_at.push(std::time::Instant::now());
+                }
+                Err(e) => out.errors.push(format!("{id}: {e}")),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        out
+    })
+}
