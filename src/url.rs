@@ -1012,7 +1012,7 @@ mod tests {
             ("postgres://u:secret@a,,b/app", "empty entry"),
             ("postgres://u:secret@x/app?host=a,b&port=1,2,3", "3 ports for 2 hosts"),
             ("postgres://u:secret@x/app?host=a,/tmp", "socket directory"),
-            ("postgres://u:secret@a,b/app?hostaddr=10.0.0.1", "hostaddr"),
+            ("postgres://u:secret@a,b/app?hostaddr=127.0.0.9", "hostaddr"),
         ] {
             let e = url_hosts(bad, "DATABASE_URL").unwrap_err().to_string();
             assert!(e.contains(says) && e.contains("DATABASE_URL"), "{bad}: {e}");
