@@ -592,6 +592,13 @@ impl SshTunnel {
         self.inner.current_bastion()
     }
 
+    /// The SSH cipher negotiated with the bastion on the current session, e.g.
+    /// `aes256-gcm@openssh.com` (AES-GCM is preferred where the CPU has AES instructions, else
+    /// chacha20-poly1305; the bastion's `Ciphers` may narrow it). `None` while no session is up.
+    pub fn cipher(&self) -> Option<String> {
+        self.inner.current_cipher()
+    }
+
     /// The configuration this tunnel was created with.
     pub fn config(&self) -> &TunnelConfig {
         &self.inner.config

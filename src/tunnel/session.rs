@@ -142,6 +142,8 @@ pub(crate) struct ClientHandler {
     verdict: Arc<Mutex<Option<Error>>>,
     /// Why the session ended, when russh tells us.
     end_reason: Arc<Mutex<Option<String>>>,
+    /// The cipher the key exchange chose (the latest, after a re-key).
+    cipher: Arc<Mutex<Option<String>>>,
     /// Cancelled when this handler is dropped, i.e. when russh's session task has ended.
     /// `Handler::disconnected` is skipped on some error paths (a write-shutdown error); drop is not.
     ended: CancellationToken,
@@ -172,6 +174,16 @@ impl Handler for ClientHandler {
         }
     }
 
+    async fn kex_done(
+        &mut self,
+        _shared_secret: Option<&[u8]>,
+        names: &russh::Names,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        *lock(&self.cipher) = Some(names.cipher.as_ref().to_owned());
+        Ok(())
+    }
+
     async fn disconnected(&mut self, reason: DisconnectReason<Self::Error>) -> Result<(), Self::Error> {
         let text = match &reason {
             DisconnectReason::ReceivedDisconnect(info) => {
@@ -196,6 +208,7 @@ pub(crate) struct JumpHop {
     /// Cancelled when this hop's russh task has ended.
     ended: CancellationToken,
     end_reason: Arc<Mutex<Option<String>>>,
+    cipher: Arc<Mutex<Option<String>>>,
 }
 
 /// A live SSH session of the tunnel.
@@ -222,9 +235,16 @@ pub(crate) struct SshSession {
     /// Cancelled when russh's session task (of the bastion hop) has ended.
     pub(crate) ended: CancellationToken,
     end_reason: Arc<Mutex<Option<String>>>,
+    /// The cipher negotiated with the bastion.
+    cipher: Arc<Mutex<Option<String>>>,
 }
 
 impl SshSession {
+    /// The SSH cipher negotiated with the bastion, e.g. `aes256-gcm@openssh.com`.
+    pub(crate) fn cipher(&self) -> Option<String> {
+        lock(&self.cipher).clone()
+    }
+
     pub(crate) fn kill(&self) {
         self.kill.cancel();
     }
@@ -394,6 +414,7 @@ pub(crate) async fn establish_on(
         for (i, hop) in hops.iter().enumerate() {
             let ended = CancellationToken::new();
             let end_reason = Arc::new(Mutex::new(None));
+            let cipher = Arc::new(Mutex::new(None));
             let verifier = if i + 1 == count {
                 inner.verifier.clone()
             } else {
@@ -413,7 +434,7 @@ pub(crate) async fn establish_on(
                             })?;
                         // The real socket: quick-ack re-arming and the kill switch apply here.
                         let stream = socket::transport(tcp, &kill);
-                        handshake(inner, stream, hop, verifier, &ended, &end_reason).await?
+                        handshake(inner, stream, hop, verifier, &ended, &end_reason, &cipher).await?
                     }
                     Some(through) => {
                         let channel = through
@@ -421,7 +442,16 @@ pub(crate) async fn establish_on(
                             .channel_open_direct_tcpip(hop.host, u32::from(hop.port), "127.0.0.1", 0)
                             .await
                             .map_err(|e| forward_error(&hops[i - 1], hop, e))?;
-                        handshake(inner, channel.into_stream(), hop, verifier, &ended, &end_reason).await?
+                        handshake(
+                            inner,
+                            channel.into_stream(),
+                            hop,
+                            verifier,
+                            &ended,
+                            &end_reason,
+                            &cipher,
+                        )
+                        .await?
                     }
                 };
                 Ok(handle)
@@ -443,6 +473,7 @@ pub(crate) async fn establish_on(
                         handle,
                         ended,
                         end_reason,
+                        cipher,
                     });
                 }
                 Err(e) if count == 1 => return Err(e),
@@ -458,14 +489,14 @@ pub(crate) async fn establish_on(
             }
         }
         let last = previous.expect("a chain has at least the bastion");
-        Ok((last.handle, last.ended, last.end_reason, jumps))
+        Ok((last.handle, last.ended, last.end_reason, last.cipher, jumps))
     };
     let result = tokio::select! {
         r = connect => r,
         () = inner.cancel.cancelled() => Err(Error::ShutDown("SshTunnel")),
     };
     match result {
-        Ok((handle, ended, end_reason, jumps)) => Ok(Arc::new(SshSession {
+        Ok((handle, ended, end_reason, cipher, jumps)) => Ok(Arc::new(SshSession {
             id: inner.next_session_id(),
             bastion,
             bastion_name: address.to_string().into(),
@@ -477,6 +508,7 @@ pub(crate) async fn establish_on(
             kill,
             ended,
             end_reason,
+            cipher,
         })),
         Err(e) => {
             // Make sure russh's tasks (if any) end now rather than on a TCP timeout: killing the
@@ -495,6 +527,7 @@ async fn handshake<S>(
     verifier: HostKeyVerifier,
     ended: &CancellationToken,
     end_reason: &Arc<Mutex<Option<String>>>,
+    cipher: &Arc<Mutex<Option<String>>>,
 ) -> Result<Handle<ClientHandler>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -508,6 +541,7 @@ where
         verifier,
         verdict: verdict.clone(),
         end_reason: end_reason.clone(),
+        cipher: cipher.clone(),
         ended: ended.clone(),
     };
     let mut handle = russh::client::connect_stream(inner.ssh_config.clone(), stream, handler)

@@ -223,6 +223,11 @@ impl Inner {
         lock(&self.sessions.list).first().map(|s| s.bastion_name.to_string())
     }
 
+    /// The cipher of the oldest live session (the one new channels go to first).
+    pub(crate) fn current_cipher(&self) -> Option<String> {
+        lock(&self.sessions.list).first().and_then(|s| s.cipher())
+    }
+
     pub(crate) fn live_sessions(&self) -> usize {
         self.sessions.len()
     }

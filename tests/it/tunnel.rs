@@ -517,3 +517,26 @@ fn idle_extra_sessions_are_closed_but_busy_ones_and_the_last_one_are_kept() {
         tunnel.disconnect().await;
     });
 }
+
+/// The tunnel reports the cipher it negotiated, and a bastion's `Ciphers` narrows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_negotiated_cipher_is_reported_and_follows_the_bastions_ciphers() {
+    let (pg, sshd) = servers().await;
+    let tunnel = SshTunnel::connect(config(&sshd, &pg)).await.unwrap();
+    let cipher = tunnel.cipher().expect("a session is up");
+    assert!(
+        ["aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"].contains(&cipher.as_str()),
+        "the tunnel's first choice: {cipher}"
+    );
+    tunnel.disconnect().await;
+    assert_eq!(tunnel.cipher(), None, "no session, no cipher");
+
+    let chacha_only = sea_orm_tunnel::testkit::OpenSshd::builder()
+        .config_line("Ciphers chacha20-poly1305@openssh.com")
+        .start()
+        .await
+        .unwrap();
+    let tunnel = SshTunnel::connect(config(&chacha_only, &pg)).await.unwrap();
+    assert_eq!(tunnel.cipher().as_deref(), Some("chacha20-poly1305@openssh.com"));
+    tunnel.disconnect().await;
+}
