@@ -467,6 +467,15 @@ pub(crate) fn pgbouncer_param(url: &str) -> Result<Option<bool>> {
 // Several hosts
 // ---------------------------------------------------------------------------------------------
 
+/// `host:port` for logs and errors, an IPv6 host in brackets (`[::1]:5432`).
+pub(crate) fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// The TCP servers a URL names, in order, as libpq reads them: the authority's comma-separated
 /// list (`a:5432,b:5433`, `[::1]:5432,b`), or the `host=` query list (`host=a,b`, which wins
 /// over the authority, as it does for one host) with `port=` giving one port for all or one per

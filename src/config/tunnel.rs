@@ -463,11 +463,7 @@ impl TunnelConfig {
 
     /// The remote target as `host:port` (IPv6 hosts in brackets), for logs and errors.
     pub fn remote_target(&self) -> String {
-        if self.remote_host.contains(':') {
-            format!("[{}]:{}", self.remote_host, self.remote_port)
-        } else {
-            format!("{}:{}", self.remote_host, self.remote_port)
-        }
+        crate::url::host_port(&self.remote_host, self.remote_port)
     }
 }
 
@@ -853,11 +849,7 @@ impl BastionHost {
 impl fmt::Display for BastionHost {
     /// `host:port`, IPv6 hosts in brackets.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
+        f.write_str(&crate::url::host_port(&self.host, self.port))
     }
 }
 

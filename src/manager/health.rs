@@ -188,9 +188,11 @@ impl Inner {
                             // A demoted primary (or a promoted standby): its connections go, and
                             // the hosts are tried again.
                             error = Some(format!("database: {}", hosts.refusal(role)));
+                            // Retires the generation (the signal does, every time); the
+                            // selection is asked directly, as the signal wakes it only once
+                            // per failover.
                             self.failover
                                 .signal("the server no longer satisfies target_session_attrs");
-                            self.generation.retire_all();
                             hosts.wanted.notify_one();
                             false
                         }

@@ -204,8 +204,6 @@ impl Inner {
         if first {
             events::database_host_selected(label, &hosts.hosts[found].name, role, None, hosts.attrs.as_str());
         } else if found != previous {
-            // Connections to the previous host go: the whole generation.
-            self.generation.retire_all();
             events::database_host_selected(
                 label,
                 &hosts.hosts[found].name,
@@ -213,6 +211,7 @@ impl Inner {
                 Some(&hosts.hosts[previous].name),
                 hosts.attrs.as_str(),
             );
+            // Connections to the previous host go: the whole generation.
             self.failover.signal("the database host changed (target_session_attrs)");
         }
         Ok(())

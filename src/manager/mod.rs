@@ -360,11 +360,7 @@ impl ConnectionManager {
                 .database_hosts()?
                 .into_iter()
                 .map(|(host, port)| hosts::Host {
-                    name: if host.contains(':') {
-                        format!("[{host}]:{port}")
-                    } else {
-                        format!("{host}:{port}")
-                    },
+                    name: crate::url::host_port(&host, port),
                     dial: hosts::Dial::Tcp(host, port),
                 })
                 .collect());

@@ -915,14 +915,7 @@ fn describe_chain(config: &TunnelConfig) -> String {
     )
 }
 
-/// `host:port`, IPv6 hosts in brackets.
-fn show_host_port(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
+use crate::url::host_port as show_host_port;
 
 /// What decides the failed step: the error inside the tunnel's context, and the hop (n of m) it
 /// happened on. Of several bastions' errors, the first that got furthest (a host key or an

@@ -68,11 +68,7 @@ impl Route {
     }
 
     fn target(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        crate::url::host_port(&self.host, self.port)
     }
 }
 

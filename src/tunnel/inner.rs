@@ -185,16 +185,9 @@ impl Inner {
     }
 
     fn remove_unix_dir(&self) {
-        let endpoints = std::iter::once((&self.endpoint, &self.unix_dir))
-            .chain(self.alternates.iter().map(|(endpoint, dir)| (endpoint, dir)));
-        for (endpoint, dir) in endpoints {
-            if let Some(dir) = dir {
-                if let LocalEndpoint::Unix(path) = endpoint {
-                    let _ = std::fs::remove_file(path);
-                }
-                let _ = std::fs::remove_dir(dir);
-            }
-        }
+        remove_socket_dirs(
+            std::iter::once((&self.endpoint, &self.unix_dir)).chain(self.alternates.iter().map(|(e, d)| (e, d))),
+        );
     }
 }
 
@@ -203,6 +196,19 @@ impl Drop for Inner {
         // Last reference gone (every task ended): never leave the socket directory behind.
         self.remove_unix_dir();
         self.sessions.kill_all();
+    }
+}
+
+/// Removes the socket file and the private directory of each Unix endpoint (TCP endpoints have
+/// no directory).
+pub(crate) fn remove_socket_dirs<'a>(endpoints: impl Iterator<Item = (&'a LocalEndpoint, &'a Option<PathBuf>)>) {
+    for (endpoint, dir) in endpoints {
+        if let Some(dir) = dir {
+            if let LocalEndpoint::Unix(path) = endpoint {
+                let _ = std::fs::remove_file(path);
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 

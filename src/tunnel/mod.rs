@@ -364,14 +364,6 @@ impl SshTunnel {
         // removing their socket directories).
         let mut alternates = Vec::with_capacity(config.alternate_targets.len());
         let mut alternate_listeners = Vec::with_capacity(config.alternate_targets.len());
-        let unbind = |bound: &[(LocalEndpoint, Option<PathBuf>)]| {
-            for (endpoint, dir) in std::iter::once((&endpoint, &unix_dir)).chain(bound.iter().map(|(e, d)| (e, d))) {
-                if let (LocalEndpoint::Unix(path), Some(dir)) = (endpoint, dir) {
-                    let _ = std::fs::remove_file(path);
-                    let _ = std::fs::remove_dir(dir);
-                }
-            }
-        };
         for (host, port) in &config.alternate_targets {
             let route = forward::Route::alternate(&config, host, *port);
             match forward::bind_alternate(&config, &route).await {
@@ -380,7 +372,9 @@ impl SshTunnel {
                     alternate_listeners.push((listener, Arc::new(route)));
                 }
                 Err(e) => {
-                    unbind(&alternates);
+                    inner::remove_socket_dirs(
+                        std::iter::once((&endpoint, &unix_dir)).chain(alternates.iter().map(|(e, d)| (e, d))),
+                    );
                     return Err(e);
                 }
             }
@@ -431,13 +425,7 @@ impl SshTunnel {
     /// [`TunnelConfig::alternate_targets`], in order. Stable for the tunnel's whole life.
     pub fn target_endpoints(&self) -> Vec<(String, LocalEndpoint)> {
         let config = &self.inner.config;
-        let name = |host: &str, port: u16| {
-            if host.contains(':') {
-                format!("[{host}]:{port}")
-            } else {
-                format!("{host}:{port}")
-            }
-        };
+        let name = crate::url::host_port;
         std::iter::once((
             name(&config.remote_host, config.remote_port),
             self.inner.endpoint.clone(),
