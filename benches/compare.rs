@@ -1036,17 +1036,8 @@ impl<'a> Reach<'a> {
             };
         };
         let proxy = DelayProxy::start(sshd.addr(), rtt).await.expect("delay proxy");
-        let line = format!(
-            "[{}]:{} {}\n",
-            proxy.addr().ip(),
-            proxy.addr().port(),
-            sshd.host_public_key()
-        );
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(sshd.known_hosts_path())
-            .expect("known_hosts");
-        std::io::Write::write_all(&mut file, line.as_bytes()).expect("append to known_hosts");
+        sshd.trust_host_key_at(proxy.addr())
+            .expect("known_hosts line for the proxy");
         Reach {
             sshd,
             addr: proxy.addr(),

@@ -164,38 +164,6 @@ fn connect_time(pg: &TempPostgres, port: u16, runs: usize) -> Duration {
     times[times.len() / 2]
 }
 
-/// `ssh -N -L` through `port` (sshd itself or a proxy in front of it).
-fn ssh_forward(sshd: &OpenSshd, ssh_port: u16, pg_port: u16) -> (Child, u16) {
-    let local = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let local_port = local.local_addr().unwrap().port();
-    drop(local);
-    let child = Command::new("ssh")
-        .args(["-F", "/dev/null", "-p", &ssh_port.to_string(), "-i"])
-        .arg(sshd.client_key_path())
-        .args([
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "IdentityAgent=none",
-            "-o",
-            "BatchMode=yes",
-        ])
-        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-        .args(["-o", "LogLevel=ERROR", "-N", "-o", "ExitOnForwardFailure=yes"])
-        .arg("-L")
-        .arg(format!("127.0.0.1:{local_port}:127.0.0.1:{pg_port}"))
-        .args(["-l", sshd.user(), sshd.host()])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start ssh");
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", local_port)).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(20), "ssh -L did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (child, local_port)
-}
-
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -229,13 +197,14 @@ async fn main() {
 
     if std::env::var_os("BENCH_CONNECT_ONLY").is_none() {
         let forward = start_forward(&sshd, sshd.port(), &url);
-        let (mut ssh, ssh_port) = ssh_forward(&sshd, sshd.port(), pg.port());
+        let ssh = sshd.ssh_forward("127.0.0.1", pg.port()).await.expect("ssh -N -L");
+        let ssh_port = ssh.local_port();
         if hold {
             println!(
                 "forward pid {} port {}; ssh pid {} port {ssh_port}; pg port {} user {} db {} password {}",
                 forward.child.id(),
                 forward.port,
-                ssh.id(),
+                ssh.pid(),
                 pg.port(),
                 pg.user(),
                 pg.database(),
@@ -251,7 +220,7 @@ async fn main() {
         for round in 0..rounds {
             for (i, (name, pid, port)) in [
                 ("forward", forward.child.id(), forward.port),
-                ("ssh -L", ssh.id(), ssh_port),
+                ("ssh -L", ssh.pid(), ssh_port),
             ]
             .into_iter()
             .enumerate()
@@ -272,14 +241,19 @@ async fn main() {
         let (st, sc) = (sum[1].0 / n, sum[1].1 / n);
         println!("mean forward tps {ft:.1} cpu/1000 {fc:.2} ms | ssh -L tps {st:.1} cpu/1000 {sc:.2} ms");
         println!("ratios: tps forward/ssh {:.3}, cpu forward/ssh {:.3}", ft / st, fc / sc);
-        let _ = ssh.kill();
-        let _ = ssh.wait();
+        drop(ssh);
     }
 
     if std::env::var_os("BENCH_PGBENCH_ONLY").is_none() {
         let far = DelayProxy::start(sshd.addr(), Duration::from_millis(50)).await.unwrap();
         let forward = start_forward(&sshd, far.addr().port(), &url);
-        let (mut ssh, ssh_port) = ssh_forward(&sshd, far.addr().port(), pg.port());
+        sshd.trust_host_key_at(far.addr())
+            .expect("known_hosts line for the proxy");
+        let ssh = sshd
+            .ssh_forward_via(far.addr(), "127.0.0.1", pg.port(), &[])
+            .await
+            .expect("ssh -N -L through the proxy");
+        let ssh_port = ssh.local_port();
         // The first connection opens forward's session (already up) and warms both.
         connect_time(&pg, forward.port, 1);
         connect_time(&pg, ssh_port, 1);
@@ -291,7 +265,6 @@ async fn main() {
             s.as_secs_f64() * 1000.0,
             f.as_secs_f64() / s.as_secs_f64()
         );
-        let _ = ssh.kill();
-        let _ = ssh.wait();
+        drop(ssh);
     }
 }

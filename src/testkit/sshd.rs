@@ -336,6 +336,19 @@ impl OpenSshd {
             .map_err(|e| TestkitError::io(format!("writing {}", path.display()), e))
     }
 
+    /// Also trusts this server's host key as `[IP]:PORT` of `addr`, a proxy in front of it such
+    /// as a [`DelayProxy`](super::DelayProxy), so clients connecting there verify it strictly
+    /// (appends to [`known_hosts_path`](Self::known_hosts_path)).
+    pub fn trust_host_key_at(&self, addr: SocketAddr) -> Result<()> {
+        let path = self.known_hosts_path();
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| TestkitError::io(format!("opening {}", path.display()), e))?;
+        writeln!(file, "[{}]:{} {}", addr.ip(), addr.port(), self.host_public_key())
+            .map_err(|e| TestkitError::io(format!("writing {}", path.display()), e))
+    }
+
     /// Appends a public key to `authorized_keys` (sshd reads it at each login; no restart).
     ///
     /// `key` is the `.pub` file, or the private key when its `.pub` sits next to it.
@@ -523,9 +536,8 @@ impl OpenSshd {
 
     /// [`ssh_forward_with`](Self::ssh_forward_with), the `ssh` process connecting to `via`
     /// instead of this server's address: a proxy in front of it, such as a
-    /// [`DelayProxy`](super::DelayProxy). [`known_hosts_path`](Self::known_hosts_path) must also
-    /// list the host key as `[IP]:PORT` of `via` (append a line; `trust_host_key` rewrites the
-    /// file with this server's own line only).
+    /// [`DelayProxy`](super::DelayProxy). Call [`trust_host_key_at`](Self::trust_host_key_at)`(via)`
+    /// first: `ssh` checks the host key strictly under `via`'s `[IP]:PORT`.
     pub async fn ssh_forward_via(
         &self,
         via: SocketAddr,
