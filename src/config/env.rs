@@ -61,6 +61,8 @@ pub const ENV_VARS: &[&str] = &[
     "SSH_KEEPALIVE_MAX",
     "SSH_PROXY_JUMP",
     "SSH_CERTIFICATE_PATH",
+    "SSH_CHANNEL_WINDOW",
+    "SSH_SPARE_CHANNEL",
     "SSH_CONFIG",
 ];
 
@@ -105,6 +107,7 @@ impl Config {
     /// | `SSH_PROXY_JUMP` (`[user@]host[:port],...`, OpenSSH `ProxyJump`) | none |
     /// | `SSH_CERTIFICATE_PATH` (OpenSSH user certificate) | `<key>-cert.pub` when present |
     /// | `SSH_CHANNEL_WINDOW` (bytes, 64 KiB to 1 GiB) | 8 MiB |
+    /// | `SSH_SPARE_CHANNEL` (ms a ready spare channel is kept, 0 = none, up to 600000) | 0 |
     /// | `SSH_CONFIG` (ssh_config file for `SSH_HOST`, replacing both defaults; `none` = off) | `~/.ssh/config`, then `/etc/ssh/ssh_config` |
     ///
     /// Booleans accept `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off` (any case). `~` in paths
@@ -573,6 +576,9 @@ fn read_tunnel(
     }
     if let Some(v) = vars.count("SSH_CHANNEL_WINDOW", u32::MAX)? {
         t.channel_window = v;
+    }
+    if let Some(v) = vars.millis("SSH_SPARE_CHANNEL")? {
+        t.spare_channel = (!v.is_zero()).then_some(v);
     }
     if let Some(path) = vars.path("SSH_CERTIFICATE_PATH")? {
         t.auth.certificate_path = Some(path);

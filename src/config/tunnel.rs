@@ -102,6 +102,19 @@ pub struct TunnelConfig {
     /// window up when half of it is used, so about 0.4 × window moves per round trip (measured:
     /// 8 MiB → 68 MB/s at +50 ms). Default 8 MiB; between 64 KiB and 1 GiB.
     pub channel_window: u32,
+    /// `SSH_SPARE_CHANNEL` (ms): after a local connection gets its channel, open one more to the
+    /// same database server and keep it ready for up to this long, so that the next local
+    /// connection skips the channel-open round trip to the bastion (50 ms with the bastion 50 ms
+    /// away). The bastion connects a spare to the server at once: PostgreSQL forks a backend that
+    /// waits for a startup message (up to its `authentication_timeout`, 60 s by default, so keep
+    /// this below that; PgBouncer's limit is `client_login_timeout`) and logs nothing when the
+    /// spare is closed unused, unless `log_connections` is on. Only a served connection asks for a
+    /// spare, so an idle tunnel holds none once this has passed; a spare is checked before use,
+    /// and spares are discarded when the tunnel reconnects or shuts down and, with the
+    /// [`ConnectionManager`](crate::ConnectionManager), on every failover signal
+    /// ([`SshTunnel::discard_spares`](crate::SshTunnel::discard_spares)). `None` (the default):
+    /// no spares. At most 600 s.
+    pub spare_channel: Option<Duration>,
     /// Local connections served at once; one more is answered with a PostgreSQL
     /// `ErrorResponse` (SQLSTATE 53300, too many connections) and closed. `None` = no limit
     /// (the default; `sea-orm-tunnel forward --max-connections` sets it).
@@ -232,6 +245,7 @@ impl TunnelConfig {
             postgres_tls: None,
             pgbouncer: false,
             channel_window: DEFAULT_CHANNEL_WINDOW,
+            spare_channel: None,
             max_local_connections: None,
         }
     }
@@ -437,6 +451,15 @@ impl TunnelConfig {
         self
     }
 
+    /// `SSH_SPARE_CHANNEL`: keep one channel ready for up to `ttl` after each forwarded
+    /// connection (see [`spare_channel`](Self::spare_channel)); `None` turns spares off (the
+    /// default).
+    #[must_use]
+    pub fn spare_channel(mut self, ttl: Option<Duration>) -> Self {
+        self.spare_channel = ttl;
+        self
+    }
+
     /// PgBouncer (transaction pooling) compatibility in the forward path (see
     /// [`pgbouncer`](Self::pgbouncer)). Default false.
     #[must_use]
@@ -496,6 +519,7 @@ impl fmt::Debug for TunnelConfig {
             .field("postgres_tls", &self.postgres_tls)
             .field("pgbouncer", &self.pgbouncer)
             .field("channel_window", &self.channel_window)
+            .field("spare_channel", &self.spare_channel)
             .field("max_local_connections", &self.max_local_connections)
             .finish()
     }

@@ -336,6 +336,18 @@ fn validate_tunnel(t: &TunnelConfig, n: Naming) -> Result<()> {
             ),
         ));
     }
+    if let Some(ttl) = t.spare_channel
+        && (ttl.is_zero() || ttl > Duration::from_secs(600))
+    {
+        return Err(Error::config(
+            n.pick("tunnel.spare_channel", "SSH_SPARE_CHANNEL"),
+            format!(
+                "{} ms is outside 1 ms to 600000 ms (600 s){}",
+                ttl.as_millis(),
+                if ttl.is_zero() { "; use None for no spare" } else { "" }
+            ),
+        ));
+    }
     for b in &t.fallback_hosts {
         if b.host.trim().is_empty() || b.port == 0 {
             return Err(Error::config(

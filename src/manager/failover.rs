@@ -51,6 +51,8 @@ pub(crate) struct Failover {
     /// Several hosts / `target_session_attrs`: a connection failure asks for a selection (the
     /// current host may be gone while another serves).
     hosts: Option<Arc<super::hosts::Hosts>>,
+    /// Its spare channels were connected where the name pointed before: discarded on a signal.
+    tunnel: Option<crate::SshTunnel>,
 }
 
 tokio::task_local! {
@@ -63,6 +65,7 @@ impl Failover {
         read_only_session: bool,
         pool_label: String,
         hosts: Option<Arc<super::hosts::Hosts>>,
+        tunnel: Option<crate::SshTunnel>,
     ) -> Failover {
         Failover {
             generation,
@@ -73,6 +76,7 @@ impl Failover {
             check_now: Notify::new(),
             moved: Notify::new(),
             hosts,
+            tunnel,
         }
     }
 
@@ -125,6 +129,9 @@ impl Failover {
     /// a check unless this failover already did.
     pub(crate) fn signal(&self, why: &str) {
         self.generation.retire_all();
+        if let Some(tunnel) = &self.tunnel {
+            tunnel.discard_spares();
+        }
         {
             let mut last = lock(&self.last_retired);
             if last.is_some_and(|t| t.elapsed() < DEBOUNCE) {
@@ -168,7 +175,7 @@ mod tests {
     #[test]
     fn a_burst_retires_once_and_other_errors_never() {
         let generation = Arc::new(Generation::new());
-        let f = Failover::new(generation.clone(), false, "default".into(), None);
+        let f = Failover::new(generation.clone(), false, "default".into(), None, None);
         // Errors without a SQLSTATE are not signals.
         for _ in 0..10 {
             assert!(matches!(f.observe(custom()), Error::Database(_)));

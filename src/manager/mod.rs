@@ -298,6 +298,7 @@ impl ConnectionManager {
             config.session.read_only,
             hooks.pool_label().to_owned(),
             hosts.clone(),
+            tunnel.clone(),
         ));
         let inner = Arc::new(Inner {
             config,

@@ -38,6 +38,8 @@ pub(crate) struct Route {
     pub(crate) port: u16,
     /// TLS to this server (its own name verified), when the tunnel holds TLS.
     tls: Option<crate::tls::PostgresTls>,
+    /// The spare channel to this server (see [`super::spare`]).
+    spares: Arc<super::spare::Spares>,
 }
 
 impl Route {
@@ -47,6 +49,7 @@ impl Route {
             host: config.remote_host.clone(),
             port: config.remote_port,
             tls: config.postgres_tls.clone(),
+            spares: Arc::default(),
         }
     }
 
@@ -64,6 +67,7 @@ impl Route {
             host: host.to_owned(),
             port,
             tls,
+            spares: Arc::default(),
         }
     }
 
@@ -325,9 +329,27 @@ fn plaintext_startup() -> Arc<crate::tls::Loaded> {
         .clone()
 }
 
-/// Reserves a slot and opens a channel, waiting (until `deadline`) for a session; `None` when
-/// the connection was refused (already counted and logged).
+/// Takes the route's spare channel when one is ready and good, else reserves a slot and opens a
+/// channel, waiting (until `deadline`) for a session; then asks for the next spare (when spares
+/// are on). `Err(None)` when the connection was refused (already counted and logged), with the
+/// reply for the client when it can be told why.
 async fn slot_and_channel(
+    inner: &Arc<Inner>,
+    origin: &(String, u32),
+    deadline: Instant,
+    route: &Route,
+) -> std::result::Result<(Slot, russh::Channel<russh::client::Msg>), Option<Vec<u8>>> {
+    let got = match route.spares.take(inner) {
+        Some((session, channel)) => Ok((Slot::new(inner, session), channel)),
+        None => open_slot_and_channel(inner, origin, deadline, route).await,
+    };
+    if got.is_ok() {
+        super::spare::refill(inner, &route.spares, &route.host, route.port);
+    }
+    got
+}
+
+async fn open_slot_and_channel(
     inner: &Arc<Inner>,
     origin: &(String, u32),
     deadline: Instant,
@@ -506,36 +528,24 @@ async fn serve_raw(inner: Arc<Inner>, mut local: LocalStream, origin: (String, u
     let Some(first) = answer_encryption_locally(&inner, &mut local, deadline).await else {
         return;
     };
-    let (slot, channel) = loop {
-        let slot = match acquire_slot(&inner, deadline).await {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                if let Some(reply) = refuse(&inner, refusal, timeout) {
-                    // Nothing was forwarded yet: a PostgreSQL client can be told why.
-                    let tell = async {
-                        match &mut local {
-                            LocalStream::Tcp(s) => tell_refused(&mut Prefixed::new(s, first), &reply).await,
-                            #[cfg(unix)]
-                            LocalStream::Unix(s) => tell_refused(&mut Prefixed::new(s, first), &reply).await,
-                        }
-                    };
-                    tokio::select! {
-                        () = tell => {}
-                        () = inner.cancel.cancelled() => {}
-                    }
+    let (slot, channel) = match slot_and_channel(&inner, &origin, deadline, route).await {
+        Ok(got) => got,
+        Err(Some(reply)) => {
+            // Nothing was forwarded yet: a PostgreSQL client can be told why.
+            let tell = async {
+                match &mut local {
+                    LocalStream::Tcp(s) => tell_refused(&mut Prefixed::new(s, first), &reply).await,
+                    #[cfg(unix)]
+                    LocalStream::Unix(s) => tell_refused(&mut Prefixed::new(s, first), &reply).await,
                 }
-                return;
+            };
+            tokio::select! {
+                () = tell => {}
+                () = inner.cancel.cancelled() => {}
             }
-        };
-        match open_channel(&inner, &slot.session, &origin, route).await {
-            Ok(channel) => break (slot, channel),
-            Err(OpenError::SessionGone) => {
-                // The session died under us: try another one (or wait for the reconnect).
-                drop(slot);
-                continue;
-            }
-            Err(OpenError::Refused) => return,
+            return;
         }
+        Err(None) => return,
     };
     let mut remote = channel.into_stream();
     let (to_remote, from_remote) = inner.telemetry.byte_counters();

@@ -25,6 +25,9 @@ pub(crate) struct Counters {
     pub(crate) bytes_to_remote: AtomicU64,
     pub(crate) bytes_from_remote: AtomicU64,
     pub(crate) channels_active: AtomicUsize,
+    pub(crate) spares_opened: AtomicU64,
+    pub(crate) spares_used: AtomicU64,
+    pub(crate) spares_discarded: AtomicU64,
 }
 
 /// Shared state of one tunnel. Background tasks hold an `Arc` and end when `cancel` fires.
@@ -64,6 +67,10 @@ pub(crate) struct Inner {
     /// channel opens.
     channel_refusal: Mutex<Option<Arc<Error>>>,
     pub(crate) counters: Counters,
+    /// Spares opened before the last [`Inner::discard_spares`] are not used.
+    pub(crate) spare_epoch: AtomicU64,
+    /// Wakes the tasks holding spares when they are discarded.
+    pub(crate) spares_discard: Notify,
     shutting_down: AtomicBool,
     pub(crate) shutdown_done: tokio::sync::OnceCell<()>,
 }
@@ -111,6 +118,8 @@ impl Inner {
             last_error: Mutex::new(None),
             channel_refusal: Mutex::new(None),
             counters: Counters::default(),
+            spare_epoch: AtomicU64::new(0),
+            spares_discard: Notify::new(),
             shutting_down: AtomicBool::new(false),
             shutdown_done: tokio::sync::OnceCell::new(),
             config,
@@ -145,6 +154,13 @@ impl Inner {
 
     pub(crate) fn last_error(&self) -> Option<Arc<Error>> {
         lock(&self.last_error).clone()
+    }
+
+    /// Spare channels ready now are not used (they are closed when next looked at or when their
+    /// time is up): they were connected where the target's name pointed before.
+    pub(crate) fn discard_spares(&self) {
+        self.spare_epoch.fetch_add(1, Ordering::AcqRel);
+        self.spares_discard.notify_waiters();
     }
 
     pub(crate) fn record_error(&self, error: Arc<Error>) {

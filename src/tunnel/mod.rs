@@ -102,6 +102,7 @@ pub(crate) mod pgwire;
 mod session;
 mod sessions;
 mod socket;
+mod spare;
 mod supervisor;
 
 use inner::Inner;
@@ -282,6 +283,12 @@ pub struct TunnelStats {
     pub bytes_to_remote: u64,
     /// Bytes forwarded from the remote side to local clients.
     pub bytes_from_remote: u64,
+    /// Spare channels opened ([`TunnelConfig::spare_channel`]).
+    pub spare_channels_opened: u64,
+    /// Local connections served on a spare channel (no channel-open round trip).
+    pub spare_channels_used: u64,
+    /// Spare channels closed unused: past their time, discarded, or found closed.
+    pub spare_channels_discarded: u64,
 }
 
 /// A handle to an SSH tunnel. Cheap to clone; all clones share one tunnel.
@@ -570,7 +577,18 @@ impl SshTunnel {
             channel_open_failures: c.open_failures.load(Ordering::Relaxed),
             bytes_to_remote: c.bytes_to_remote.load(Ordering::Relaxed),
             bytes_from_remote: c.bytes_from_remote.load(Ordering::Relaxed),
+            spare_channels_opened: c.spares_opened.load(Ordering::Relaxed),
+            spare_channels_used: c.spares_used.load(Ordering::Relaxed),
+            spare_channels_discarded: c.spares_discarded.load(Ordering::Relaxed),
         }
+    }
+
+    /// Closes the spare channels ready now ([`TunnelConfig::spare_channel`]) instead of handing
+    /// them to the next connections: they were connected to wherever the database's name pointed
+    /// when they were opened. The [`ConnectionManager`](crate::ConnectionManager) calls this on
+    /// every failover signal; call it when you know the server behind the name changed.
+    pub fn discard_spares(&self) {
+        self.inner.discard_spares();
     }
 
     /// The bastion (`host:port`) the oldest live session runs on, which takes new channels

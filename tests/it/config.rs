@@ -174,6 +174,7 @@ fn every_variable_is_parsed() {
         ("POSTGRES_PGBOUNCER", "false"),
         ("PGTARGETSESSIONATTRS", "Read-Write"),
         ("SSH_CHANNEL_WINDOW", "16777216"),
+        ("SSH_SPARE_CHANNEL", "20000"),
         ("SSH_PROXY_JUMP", "ops@jump.example.com:2200,jump2.example.com"),
         ("SSH_CERTIFICATE_PATH", "~/deploy_key-cert.pub"),
         ("SSH_CONFIG", "none"),
@@ -231,6 +232,8 @@ fn every_variable_is_parsed() {
     assert_eq!(t.reconnect.initial_delay, ms(750));
     assert_eq!(t.keepalive_interval, ms(1_500));
     assert_eq!(t.keepalive_max, 2);
+    assert_eq!(t.channel_window, 16 * 1024 * 1024);
+    assert_eq!(t.spare_channel, Some(ms(20_000)));
     assert_eq!(t.connect_timeout, ms(2_500), "the tunnel waits as long as the pool");
     assert_eq!(
         t.proxy_jump,
@@ -1004,6 +1007,22 @@ fn pool_label_is_one_validated_pool_setting() {
     for label in ["primary", "billing_db", "eu.west:2/a"] {
         let c = Config::new(url()).map_pool(|p| p.pool_label(label));
         c.validate().unwrap_or_else(|e| panic!("{label}: {e}"));
+    }
+}
+
+#[test]
+fn ssh_spare_channel_is_off_by_default_and_checked() {
+    let home = Home::new().with_default_key();
+    let v = tunnel_vars(&home);
+    assert_eq!(load(&v).unwrap().tunnel.unwrap().spare_channel, None);
+    let mut v = tunnel_vars(&home);
+    v.insert("SSH_SPARE_CHANNEL".into(), "0".into());
+    assert_eq!(load(&v).unwrap().tunnel.unwrap().spare_channel, None, "0 = no spare");
+    for bad in ["600001", "soon", "-5"] {
+        let mut v = tunnel_vars(&home);
+        v.insert("SSH_SPARE_CHANNEL".into(), bad.into());
+        let (field, message) = config_error(load(&v));
+        assert_eq!(field, "SSH_SPARE_CHANNEL", "{bad}: {message}");
     }
 }
 

@@ -29,6 +29,7 @@ mod pgbouncer;
 mod security;
 mod sidecar;
 mod soak;
+mod spare;
 mod ssh_config;
 mod testkit;
 mod tls;

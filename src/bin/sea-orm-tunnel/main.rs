@@ -42,7 +42,7 @@ Configuration (environment, then .env.local, then .env):
   DATABASE_URL        postgres://user:password@host:port/db; host:port as seen from the bastion;
                       libpq's sslmode/sslrootcert/sslcert/sslkey (TLS held by the tunnel), pgbouncer=true
   SSH_HOST (a host, an ssh_config alias, or a list a,b:2222), SSH_CONFIG (path | none),
-  SSH_PROXY_JUMP (user@host:port,...), SSH_CERTIFICATE_PATH, SSH_CHANNEL_WINDOW,
+  SSH_PROXY_JUMP (user@host:port,...), SSH_CERTIFICATE_PATH, SSH_CHANNEL_WINDOW, SSH_SPARE_CHANNEL (ms),
   SSH_PORT (22), SSH_USER, SSH_KEY_PATH (~/.ssh/id_ed25519), SSH_KEY_PASSPHRASE,
   SSH_USE_AGENT, SSH_KNOWN_HOSTS (~/.ssh/known_hosts),
   SSH_HOST_KEY_POLICY (strict | accept-new | SHA256:<fingerprint>), SSH_REMOTE_HOST/PORT,
