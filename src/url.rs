@@ -665,10 +665,20 @@ pub fn redact_url(url: &str) -> String {
             Some(colon) => {
                 out.push_str(&userinfo[..colon]);
                 out.push_str(":***");
+                // The password repeated after the user info (a mangled or doubled URL) is hidden
+                // there too.
+                let password = &userinfo[colon + 1..];
+                if !password.is_empty() {
+                    out.push_str(&rest[at..].replace(password, "***"));
+                } else {
+                    out.push_str(&rest[at..]);
+                }
             }
-            None => out.push_str(userinfo),
+            None => {
+                out.push_str(userinfo);
+                out.push_str(&rest[at..]);
+            }
         }
-        out.push_str(&rest[at..]);
     } else {
         // No '@': `user:password` without a host looks like `host:port`. Keep a numeric port (or
         // an IPv6 literal); otherwise hide everything after the colon, since the password may
@@ -982,6 +992,11 @@ mod tests {
                 "postgres://h:5432/db?sslmode=disable",
             ),
             ("postgres://u:p@ss/w#rd@h/db", "postgres://u:***@h/db"),
+            // The password repeated after the host (a mangled URL) is hidden there too.
+            (
+                "postgres://app:Secret9@db.intestgres://app:Secret9:5432/app",
+                "postgres://app:***@db.intestgres://app:***:5432/app",
+            ),
             ("postgres://u:pw", "postgres://u:***"),
             ("postgres://[::1]:5432/db", "postgres://[::1]:5432/db"),
             (
