@@ -38,7 +38,13 @@
 //! `[127.0.0.1]:PORT` is added to the sshd's known_hosts, so host keys are verified strictly);
 //! measures sequential `SELECT 1` (÷ RTT), the bulk query (÷ channel window ÷ RTT), and a new
 //! connection + first query, then the outside clients through the proxy, and writes
-//! `target/compare-rtt<ms>.json`. The loopback sections are skipped in this mode.
+//! `target/compare-rtt<ms>.json`. The loopback sections are skipped in this mode. New connections
+//! are also measured with the optimisations that are off by default: `tunnel_fast` (the manager
+//! with `spare_channel` and `connection_ids(false)`) and `forward_fast` (`forward` with `SSH_SPARE_CHANNEL` and
+//! `sslmode=disable` in its `DATABASE_URL`, so it answers the client's `SSLRequest` itself; the
+//! client keeps sqlx's default `prefer`, as through `ssh -L`).
+//!
+//! `COMPARE_WINDOW=<bytes>` sets the channel window of the tunnel paths and of `forward`.
 //!
 //! The paths alternate within each workload (never one path's whole run after another's), so a
 //! busy machine slows all of them alike; compare the ratios. Prints the tables and writes
@@ -983,6 +989,14 @@ fn print_table(results: &Results) {
 /// `FORWARD`: `sea-orm-tunnel forward` (this workspace's binary, built by `cargo bench` in the
 /// bench profile) as a child process, clients connecting to its local port.
 const FORWARD: &str = "forward";
+/// Long round trip mode, new connections only: the manager with `spare_channel` on and
+/// `connection_ids(false)` (no `SET application_name` round trip).
+const TUNNEL_FAST: &str = "tunnel_fast";
+/// Long round trip mode, new connections only: `forward` with `SSH_SPARE_CHANNEL` on and
+/// `sslmode=disable` in its `DATABASE_URL` (it answers the client's `SSLRequest` itself).
+const FORWARD_FAST: &str = "forward_fast";
+/// How long a spare channel waits in those two paths.
+const SPARE_TTL: Duration = Duration::from_secs(30);
 
 /// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`; 100 if that fails, which is
 /// what Linux uses on every common architecture).
@@ -1046,10 +1060,15 @@ impl<'a> Reach<'a> {
     }
 
     fn tunnel_config(&self, remote_port: u16) -> sea_orm_tunnel::config::TunnelConfig {
-        self.sshd
+        let config = self
+            .sshd
             .tunnel_config("127.0.0.1", remote_port)
             .host(self.addr.ip().to_string())
-            .port(self.addr.port())
+            .port(self.addr.port());
+        match window_from_env() {
+            Some(bytes) => config.channel_window(bytes),
+            None => config,
+        }
     }
 
     async fn ssh_forward(&self, remote_port: u16) -> SshForward {
@@ -1061,7 +1080,12 @@ impl<'a> Reach<'a> {
 
     /// Starts `sea-orm-tunnel forward` for `database_url` (its host:port is the remote side).
     async fn forward(&self, database_url: &str) -> ForwardProcess {
-        ForwardProcess::start(self, database_url).await
+        ForwardProcess::start(self, database_url, &[]).await
+    }
+
+    /// [`forward`](Self::forward) with more environment (e.g. `SSH_SPARE_CHANNEL`).
+    async fn forward_with(&self, database_url: &str, env: &[(&str, String)]) -> ForwardProcess {
+        ForwardProcess::start(self, database_url, env).await
     }
 }
 
@@ -1072,7 +1096,7 @@ struct ForwardProcess {
 }
 
 impl ForwardProcess {
-    async fn start(reach: &Reach<'_>, database_url: &str) -> ForwardProcess {
+    async fn start(reach: &Reach<'_>, database_url: &str, env: &[(&str, String)]) -> ForwardProcess {
         let sshd = reach.sshd;
         let n = FORWARDS_STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log_path = sshd.dir().join(format!("forward-{n}.log"));
@@ -1092,6 +1116,8 @@ impl ForwardProcess {
             .env("SSH_CONFIG", "none")
             .env("SSH_KNOWN_HOSTS", sshd.known_hosts_path())
             .env("SSH_HOST_KEY_POLICY", "strict")
+            .envs(window_from_env().map(|w| ("SSH_CHANNEL_WINDOW", w.to_string())))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .arg("forward")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -1624,6 +1650,17 @@ fn no_ping(url: &str, max: u32) -> ConnectOptions {
     o
 }
 
+/// `COMPARE_WINDOW=<bytes>`: the channel window of every tunnel path and of `forward` (default:
+/// the crate's).
+fn window_from_env() -> Option<u32> {
+    let v = std::env::var("COMPARE_WINDOW").ok()?;
+    Some(
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("COMPARE_WINDOW={v:?} is not a number of bytes")),
+    )
+}
+
 /// `COMPARE_RTT_MS`: the round-trip time a [`DelayProxy`] adds between the client side and sshd.
 fn rtt_from_env() -> Option<Duration> {
     let v = std::env::var("COMPARE_RTT_MS").ok()?;
@@ -1662,6 +1699,21 @@ async fn rtt_mode(pg: &TempPostgres, sshd: &OpenSshd, rtt: Duration, quick: bool
     let fwd = reach.forward(&pg.url()).await;
     let openssh_url = url_at(ssh.local_addr());
     let forward_url = url_at(fwd.addr);
+    // The new-connection optimisations that are off by default, for that workload only.
+    let manager_fast = ConnectionManager::new(
+        Config::new(pg.url())
+            .tunnel(reach.tunnel_config(pg.port()).spare_channel(Some(SPARE_TTL)))
+            .map_pool(|p| p.max_connections(16).connection_ids(false)),
+    )
+    .await
+    .expect("manager with spare channels through the delay proxy");
+    let fwd_fast = reach
+        .forward_with(
+            &format!("{}?sslmode=disable", pg.url()),
+            &[("SSH_SPARE_CHANNEL", SPARE_TTL.as_millis().to_string())],
+        )
+        .await;
+    let forward_fast_url = url_at(fwd_fast.addr);
     let paths: Vec<(&'static str, DatabaseConnection)> = vec![
         (OPENSSH, Database::connect(no_ping(&openssh_url, 16)).await.unwrap()),
         (TUNNEL, manager.connection().clone()),
@@ -1691,17 +1743,20 @@ async fn rtt_mode(pg: &TempPostgres, sshd: &OpenSshd, rtt: Duration, quick: bool
 
     eprintln!("compare: new connection + first query x {connect_rounds}");
     let mut connect: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let connect_paths = [OPENSSH, TUNNEL, TUNNEL_DEFAULTS, FORWARD, TUNNEL_FAST, FORWARD_FAST];
     for round in 0..connect_rounds {
-        for i in 0..paths.len() {
-            let path = paths[(i + round) % paths.len()].0;
+        for i in 0..connect_paths.len() {
+            let path = connect_paths[(i + round) % connect_paths.len()];
             let options = match path {
                 OPENSSH => no_ping(&openssh_url, 1),
-                TUNNEL => {
-                    let mut o = manager.connect_options();
+                TUNNEL | TUNNEL_FAST => {
+                    let m = if path == TUNNEL { &manager } else { &manager_fast };
+                    let mut o = m.connect_options();
                     o.max_connections(1);
                     o
                 }
                 TUNNEL_DEFAULTS => no_ping(&standalone_url, 1),
+                FORWARD_FAST => no_ping(&forward_fast_url, 1),
                 _ => no_ping(&forward_url, 1),
             };
             // sqlx opens the first connection inside `connect`: TCP connect to the local
@@ -1714,13 +1769,14 @@ async fn rtt_mode(pg: &TempPostgres, sshd: &OpenSshd, rtt: Duration, quick: bool
             connect.entry(path).or_default().push(ms);
         }
     }
-    for (path, _) in &paths {
+    for path in connect_paths {
         results.set(
             path,
             "new_connection_first_query_ms",
             median(connect.remove(path).unwrap()),
         );
     }
+    let spares_used = manager_fast.tunnel().map_or(0, |t| t.stats().spare_channels_used);
 
     // --- report -------------------------------------------------------------------------------
     let window_per_rtt = window as f64 / 1e6 / rtt.as_secs_f64();
@@ -1796,6 +1852,18 @@ async fn rtt_mode(pg: &TempPostgres, sshd: &OpenSshd, rtt: Duration, quick: bool
     }
     println!();
     println!();
+    let connect_ms = |p: &str| results.get(p, "new_connection_first_query_ms");
+    println!(
+        "new connection + 1st query with spare channels ({} s): tunnel with connection_ids(false) {} ms ({} of \
+         ssh -L; {spares_used} of {connect_rounds} on a spare), forward with sslmode=disable in its DATABASE_URL (answers the SSLRequest \
+         itself) {} ms ({} of ssh -L)",
+        SPARE_TTL.as_secs(),
+        connect_ms(TUNNEL_FAST).map_or("-".to_owned(), |v| format!("{v:.0}")),
+        fmt_ratio(connect_ms(TUNNEL_FAST), connect_ms(OPENSSH)),
+        connect_ms(FORWARD_FAST).map_or("-".to_owned(), |v| format!("{v:.0}")),
+        fmt_ratio(connect_ms(FORWARD_FAST), connect_ms(OPENSSH)),
+    );
+    println!();
     let r = |p: &str, key: &str| ratio(&results, key, p, OPENSSH).map_or("-".to_owned(), |r| format!("{r:.2}x"));
     for p in [TUNNEL, FORWARD] {
         println!(
@@ -1817,8 +1885,10 @@ async fn rtt_mode(pg: &TempPostgres, sshd: &OpenSshd, rtt: Duration, quick: bool
         }
     }
     manager.shutdown(Duration::from_secs(2)).await;
+    manager_fast.shutdown(Duration::from_secs(2)).await;
     standalone.disconnect().await;
     drop(fwd);
+    drop(fwd_fast);
     drop(ssh);
     drop(reach);
 

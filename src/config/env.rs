@@ -36,6 +36,7 @@ pub const ENV_VARS: &[&str] = &[
     "POSTGRES_HEALTH_CHECK_INTERVAL",
     "POSTGRES_STATEMENT_TIMEOUT",
     "POSTGRES_APPLICATION_NAME",
+    "POSTGRES_CONNECTION_IDS",
     "POSTGRES_LEAK_DETECTION_THRESHOLD",
     "CONNECTION_LOG_TO_DB",
     "SHUTDOWN_DRAIN_TIMEOUT",
@@ -85,6 +86,7 @@ impl Config {
     /// | `POSTGRES_HEALTH_CHECK_INTERVAL` (ms) | profile |
     /// | `POSTGRES_STATEMENT_TIMEOUT` (ms, 0 = none) | none |
     /// | `POSTGRES_APPLICATION_NAME` | `sea-orm-tunnel` |
+    /// | `POSTGRES_CONNECTION_IDS` (a per-connection `application_name`: one `SET` per new connection) | true |
     /// | `POSTGRES_LEAK_DETECTION_THRESHOLD` (ms, 0 = off) | off |
     /// | `CONNECTION_LOG_TO_DB` | false |
     /// | `SHUTDOWN_DRAIN_TIMEOUT` (ms) | 5000 |
@@ -412,6 +414,9 @@ fn read_config(vars: &Vars<'_>) -> Result<Config> {
     }
     if let Some(v) = vars.get("POSTGRES_APPLICATION_NAME")? {
         pool.application_name = v;
+    }
+    if let Some(v) = vars.bool("POSTGRES_CONNECTION_IDS")? {
+        pool.connection_ids = v;
     }
     // 0 = off, like PostgreSQL's own timeouts.
     if let Some(v) = vars.millis("POSTGRES_LEAK_DETECTION_THRESHOLD")? {

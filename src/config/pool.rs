@@ -26,6 +26,9 @@ pub struct PoolConfig {
     pub test_if_idle_for: Duration,
     /// `POSTGRES_APPLICATION_NAME`: prefix of each connection id. Default `sea-orm-tunnel`.
     pub application_name: String,
+    /// `POSTGRES_CONNECTION_IDS`: give each server connection its own id as `application_name`
+    /// (one `SET` round trip per new connection). Default true.
+    pub connection_ids: bool,
     /// `POSTGRES_LEAK_DETECTION_THRESHOLD`: report connections checked out longer. Default off.
     pub leak_detection_threshold: Option<Duration>,
     /// The `pool` label on every metric of this pool and its tunnel. Default `default`.
@@ -71,6 +74,7 @@ impl PoolConfig {
             max_lifetime: profile::MAX_LIFETIME,
             test_if_idle_for: profile::TEST_IF_IDLE_FOR,
             application_name: profile::APPLICATION_NAME.to_owned(),
+            connection_ids: true,
             pool_label: crate::observe::metrics::DEFAULT_POOL.to_owned(),
             leak_detection_threshold: None,
         }
@@ -143,6 +147,22 @@ impl PoolConfig {
     #[must_use]
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
         self.application_name = name.into();
+        self
+    }
+
+    /// `POSTGRES_CONNECTION_IDS`: whether each new server connection is given its own id,
+    /// `<application_name>-<tag>-<n>`, as its `application_name` (a `SET` right after it is
+    /// established: one round trip more per new connection, which through a far bastion is
+    /// one more RTT). Default true, so `pg_stat_activity` rows match the ids in events and logs.
+    ///
+    /// `false` saves that round trip: every connection of this manager then starts with
+    /// `<application_name>-<tag>` in its startup message, so `pg_stat_activity` still tells this
+    /// manager's connections from another replica's (and a forced shutdown still ends only its
+    /// own), but not from each other. Events, metrics and `connection_logs` keep per-connection
+    /// ids. In PgBouncer mode no `SET` is sent either way.
+    #[must_use]
+    pub fn connection_ids(mut self, enabled: bool) -> Self {
+        self.connection_ids = enabled;
         self
     }
 

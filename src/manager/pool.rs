@@ -60,12 +60,19 @@ pub(crate) fn connect_options(
 ) -> Result<ConnectOptions> {
     let pool = &config.pool;
     let mut options = base_options(config, endpoint, password)?;
+    // Without per-connection ids the manager's tag goes into the startup message instead, so
+    // its connections stay recognisable (and a forced shutdown finds them) at no round trip.
+    let startup_name = if pool.connection_ids || config.pgbouncer_mode() {
+        pool.application_name.clone()
+    } else {
+        hooks.id_base().to_owned()
+    };
     options
         .max_connections(pool.max_connections)
         .min_connections(pool.min_connections)
         .max_lifetime(pool.max_lifetime)
         .test_before_acquire(false)
-        .set_application_name(pool.application_name.clone());
+        .set_application_name(startup_name);
     options.map_sqlx_postgres_pool_opts(move |o| hooks::install(&hooks, o));
     Ok(options)
 }

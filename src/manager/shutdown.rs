@@ -101,8 +101,8 @@ impl Inner {
             forced = pool.size().saturating_sub(pool.num_idle() as u32);
             // 4. Force: end the server side of every connection of ours, idle ones included
             //    (the pool only closes idle connections once all checked-out ones are back).
-            let pattern = like_prefix(self.hooks.id_base());
-            match tokio::time::timeout(FORCE_BUDGET, terminate_backends(&pool, &pattern)).await {
+            let base = self.hooks.id_base();
+            match tokio::time::timeout(FORCE_BUDGET, terminate_backends(&pool, base, &like_prefix(base))).await {
                 Ok(Ok(n)) => events::manager_lifecycle(
                     "forced connections",
                     &format_args!("{forced} checked out, {n} backends terminated"),
@@ -151,10 +151,11 @@ fn like_prefix(base: &str) -> String {
     pattern
 }
 
-/// Ends the server processes whose `application_name` is `LIKE pattern` over one fresh
+/// Ends the server processes whose `application_name` is `base` (the startup name without
+/// per-connection ids) or `LIKE pattern` over one fresh
 /// connection made with the pool's own connect options (so it goes the same way: through the
 /// tunnel when there is one) but without the pool's hooks. Returns how many were terminated.
-async fn terminate_backends(pool: &sqlx::PgPool, pattern: &str) -> Result<i64, sqlx::Error> {
+async fn terminate_backends(pool: &sqlx::PgPool, base: &str, pattern: &str) -> Result<i64, sqlx::Error> {
     use sqlx::{ConnectOptions as _, Connection as _};
 
     // As the login user, not the configured role: only a member of the role that logged in may
@@ -163,9 +164,10 @@ async fn terminate_backends(pool: &sqlx::PgPool, pattern: &str) -> Result<i64, s
     let mut conn = options.connect().await?;
     let terminated: i64 = sqlx::query_scalar(
         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 2000)) FROM pg_stat_activity \
-         WHERE application_name LIKE $1 AND pid <> pg_backend_pid()",
+         WHERE (application_name LIKE $1 OR application_name = $2) AND pid <> pg_backend_pid()",
     )
     .bind(pattern)
+    .bind(base)
     .fetch_one(&mut conn)
     .await?;
     let _ = conn.close().await;

@@ -116,6 +116,7 @@ fn profiles_carry_the_spec_numbers() {
             assert_eq!(c.pool.max_lifetime, Duration::from_secs(30 * 60));
             assert_eq!(c.pool.test_if_idle_for, Duration::from_secs(10));
             assert_eq!(c.pool.application_name, "sea-orm-tunnel");
+            assert!(c.pool.connection_ids);
             assert_eq!(c.pool.pool_label, "default");
             assert_eq!(c.pool.leak_detection_threshold, None);
             assert_eq!(c.shutdown_drain_timeout, ms(5_000));
@@ -151,6 +152,7 @@ fn every_variable_is_parsed() {
         ("POSTGRES_HEALTH_CHECK_INTERVAL", "15000"),
         ("POSTGRES_STATEMENT_TIMEOUT", "7000"),
         ("POSTGRES_APPLICATION_NAME", "billing"),
+        ("POSTGRES_CONNECTION_IDS", "off"),
         ("POSTGRES_LEAK_DETECTION_THRESHOLD", "20000"),
         ("CONNECTION_LOG_TO_DB", "YES"),
         ("SHUTDOWN_DRAIN_TIMEOUT", "8000"),
@@ -200,6 +202,7 @@ fn every_variable_is_parsed() {
     assert_eq!(c.health.interval, ms(15_000));
     assert_eq!(c.session.statement_timeout, Some(ms(7_000)));
     assert_eq!(c.pool.application_name, "billing");
+    assert!(!c.pool.connection_ids);
     assert_eq!(c.pool.leak_detection_threshold, Some(ms(20_000)));
     assert!(c.log_to_db);
     assert!(

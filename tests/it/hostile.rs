@@ -52,6 +52,7 @@ impl Env {
             ("POSTGRES_HEALTH_CHECK_INTERVAL", "60000".to_owned()),
             ("POSTGRES_STATEMENT_TIMEOUT", "5000".to_owned()),
             ("POSTGRES_APPLICATION_NAME", "svc".to_owned()),
+            ("POSTGRES_CONNECTION_IDS", "true".to_owned()),
             ("POSTGRES_LEAK_DETECTION_THRESHOLD", "10000".to_owned()),
             ("CONNECTION_LOG_TO_DB", "false".to_owned()),
             ("SHUTDOWN_DRAIN_TIMEOUT", "5000".to_owned()),
@@ -119,7 +120,7 @@ fn accepts(var: &str, value: &str) -> Option<bool> {
         | "SSH_KEEPALIVE_INTERVAL" => v.parse::<u64>().is_ok(),
         "SSH_PORT" | "SSH_REMOTE_PORT" => v.parse::<u16>().is_ok_and(|p| p > 0),
         "SSH_LOCAL_PORT" => lower == "unix" || v.parse::<u16>().is_ok(),
-        "CONNECTION_LOG_TO_DB" | "SSH_USE_AGENT" => {
+        "CONNECTION_LOG_TO_DB" | "SSH_USE_AGENT" | "POSTGRES_CONNECTION_IDS" => {
             matches!(
                 lower.as_str(),
                 "true" | "1" | "yes" | "on" | "false" | "0" | "no" | "off"

@@ -652,6 +652,65 @@ async fn the_pool_is_brought_back_to_min_connections_after_a_connection_dies() {
     manager.shutdown(Duration::from_secs(5)).await;
 }
 
+/// `connection_ids(false)`: no `SET` after connecting (the server says the name came from the
+/// client's startup message), every connection of the manager is `<prefix>-<tag>`, and a forced
+/// shutdown still ends exactly its backends, sparing a manager with ids and the same prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_connection_ids_the_tag_rides_the_startup_and_a_forced_shutdown_still_finds_it() {
+    let pg = TempPostgres::start().await.unwrap();
+    let check = checker(&pg.url()).await;
+    let plain = ConnectionManager::new(config(&pg, "noid").map_pool(|p| p.connection_ids(false)))
+        .await
+        .unwrap();
+    let with_ids = ConnectionManager::new(config(&pg, "noid")).await.unwrap();
+    let source = "SELECT source || ' ' || setting FROM pg_settings WHERE name = 'application_name'";
+
+    let held = futures_join(plain.connection(), 2).await;
+    let mut names = Vec::new();
+    for txn in &held {
+        let seen: String = scalar(txn, source).await;
+        let name = seen
+            .strip_prefix("client ")
+            .unwrap_or_else(|| panic!("set by SET, not at startup: {seen}"));
+        names.push(name.to_owned());
+    }
+    assert_eq!(names[0], names[1], "one name for all of the manager's connections");
+    let tag = names[0].strip_prefix("noid-").expect(&names[0]);
+    assert!(
+        tag.len() == 6 && tag.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        "{names:?}"
+    );
+    // Events and stats still count each connection.
+    assert!(plain.stats().connections_opened >= 2, "{:?}", plain.stats());
+
+    let kept = futures_join(with_ids.connection(), 1).await;
+    let kept_seen: String = scalar(&kept[0], source).await;
+    let kept_id = kept_seen.strip_prefix("session ").expect(&kept_seen).to_owned();
+    assert!(
+        kept_id.starts_with("noid-") && kept_id.matches('-').count() == 2,
+        "{kept_id}"
+    );
+
+    let report = plain.shutdown(Duration::from_millis(300)).await;
+    assert!(report.forced >= 2, "{report:?}");
+    eventually("the forced backends gone", || async {
+        !backends(&check, "noid").await.contains(&names[0])
+    })
+    .await;
+    for txn in &held {
+        assert!(txn.execute_unprepared("SELECT 1").await.is_err(), "cut off");
+    }
+    select_one(&kept[0])
+        .await
+        .expect("the manager with ids keeps its connection");
+    assert!(backends(&check, "noid").await.contains(&kept_id));
+    drop(held);
+    for txn in kept {
+        txn.commit().await.unwrap();
+    }
+    with_ids.shutdown(Duration::from_secs(2)).await;
+}
+
 /// Two replicas with the same `application_name` prefix: forcing one's shutdown ends only its
 /// own backends (found by its tag), never the other's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
