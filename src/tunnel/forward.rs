@@ -625,6 +625,41 @@ enum OpenError {
     Refused,
 }
 
+/// How one `direct-tcpip` open on a session ended.
+pub(super) enum RawOpen {
+    /// Answered, or timed out after the connect timeout (`Err`).
+    Done(
+        std::result::Result<
+            std::result::Result<russh::Channel<russh::client::Msg>, russh::Error>,
+            tokio::time::error::Elapsed,
+        >,
+    ),
+    /// The session was killed while waiting.
+    Killed,
+    /// The tunnel is shutting down.
+    Cancelled,
+}
+
+/// Opens a `direct-tcpip` channel to `host:port` on `session`, bounded by the connect timeout and
+/// abandoned when the session is killed or the tunnel cancelled. The callers decide what a
+/// failure means (an error for the connection that asked, nothing for a spare).
+pub(super) async fn raw_open(
+    inner: &Inner,
+    session: &SshSession,
+    host: String,
+    port: u16,
+    origin: (String, u32),
+) -> RawOpen {
+    let open = session
+        .handle
+        .channel_open_direct_tcpip(host, u32::from(port), origin.0, origin.1);
+    tokio::select! {
+        r = tokio::time::timeout(inner.config.connect_timeout, open) => RawOpen::Done(r),
+        () = session.kill.cancelled() => RawOpen::Killed,
+        () = inner.cancel.cancelled() => RawOpen::Cancelled,
+    }
+}
+
 async fn open_channel(
     inner: &Arc<Inner>,
     session: &SshSession,
@@ -633,14 +668,18 @@ async fn open_channel(
 ) -> std::result::Result<russh::Channel<russh::client::Msg>, OpenError> {
     let config = &inner.config;
     let target = route.target();
-    let open =
-        session
-            .handle
-            .channel_open_direct_tcpip(route.host.clone(), u32::from(route.port), origin.0.clone(), origin.1);
-    let result = tokio::select! {
-        r = tokio::time::timeout(config.connect_timeout, open) => r,
-        () = session.kill.cancelled() => return Err(OpenError::SessionGone),
-        () = inner.cancel.cancelled() => return Err(OpenError::Refused),
+    let result = match raw_open(
+        inner,
+        session,
+        route.host.clone(),
+        route.port,
+        (origin.0.clone(), origin.1),
+    )
+    .await
+    {
+        RawOpen::Done(result) => result,
+        RawOpen::Killed => return Err(OpenError::SessionGone),
+        RawOpen::Cancelled => return Err(OpenError::Refused),
     };
     let (error, permanent) = match result {
         Ok(Ok(channel)) => {

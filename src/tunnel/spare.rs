@@ -183,13 +183,9 @@ async fn open(inner: &Arc<Inner>, spares: &Spares, host: String, port: u16) -> O
         session: Some(session.clone()),
     };
     let epoch = inner.spare_epoch.load(Ordering::Acquire);
-    let open = session
-        .handle
-        .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0);
-    let result = tokio::select! {
-        r = tokio::time::timeout(inner.config.connect_timeout, open) => r,
-        () = session.kill.cancelled() => return None,
-        () = inner.cancel.cancelled() => return None,
+    let result = match super::forward::raw_open(inner, &session, host, port, ("127.0.0.1".to_owned(), 0)).await {
+        super::forward::RawOpen::Done(result) => result,
+        super::forward::RawOpen::Killed | super::forward::RawOpen::Cancelled => return None,
     };
     match result {
         Ok(Ok(channel)) => Some(Spare {
