@@ -1079,12 +1079,8 @@ impl<'a> Reach<'a> {
     }
 
     /// Starts `sea-orm-tunnel forward` for `database_url` (its host:port is the remote side).
-    async fn forward(&self, database_url: &str) -> ForwardProcess {
-        ForwardProcess::start(self, database_url, &[]).await
-    }
-
-    /// [`forward`](Self::forward) with more environment (e.g. `SSH_SPARE_CHANNEL`).
-    async fn forward_with(&self, database_url: &str, env: &[(&str, String)]) -> ForwardProcess {
+    /// `env`: more environment for it (e.g. `SSH_SPARE_CHANNEL`).
+    async fn forward(&self, database_url: &str, env: &[(&str, String)]) -> ForwardProcess {
         ForwardProcess::start(self, database_url, env).await
     }
 }
@@ -1450,7 +1446,7 @@ async fn outside_clients(sshd: &OpenSshd, pg: &TempPostgres, rtt: Option<Duratio
 
     let reach = Reach::new(sshd, rtt).await;
     let url = |addr: SocketAddr| format!("postgres://{}:{}@{addr}/{}", pg.user(), pg.password(), pg.database());
-    let fwd = reach.forward(&pg.url()).await;
+    let fwd = reach.forward(&pg.url(), &[]).await;
     let ssh = reach.ssh_forward(pg.port()).await;
 
     // RSS first, on fresh processes.
@@ -1541,7 +1537,7 @@ async fn outside_clients(sshd: &OpenSshd, pg: &TempPostgres, rtt: Option<Duratio
             .await
             .expect("sshd with one cipher");
         let forced = Reach::new(&forced_sshd, rtt).await;
-        let fwd = forced.forward(&pg.url()).await;
+        let fwd = forced.forward(&pg.url(), &[]).await;
         let ssh = forced.ssh_forward(pg.port()).await;
         let paths = [
             BenchPath {
@@ -1575,7 +1571,7 @@ async fn outside_clients(sshd: &OpenSshd, pg: &TempPostgres, rtt: Option<Duratio
         .start(pg)
         .await
         .expect("PgBouncer");
-    let fwd = reach.forward(&format!("{}?pgbouncer=true", bouncer.url())).await;
+    let fwd = reach.forward(&format!("{}?pgbouncer=true", bouncer.url()), &[]).await;
     let ssh = reach.ssh_forward(bouncer.port()).await;
     let mut paths = vec![
         BenchPath {
@@ -1696,7 +1692,7 @@ async fn rtt_mode(pg: &TempPostgres, sshd: &OpenSshd, rtt: Duration, quick: bool
         .await
         .expect("tunnel through the delay proxy");
     let standalone_url = url_at(standalone.local_endpoint().tcp_addr().expect("TCP endpoint"));
-    let fwd = reach.forward(&pg.url()).await;
+    let fwd = reach.forward(&pg.url(), &[]).await;
     let openssh_url = url_at(ssh.local_addr());
     let forward_url = url_at(fwd.addr);
     // The new-connection optimisations that are off by default, for that workload only.
@@ -1708,7 +1704,7 @@ async fn rtt_mode(pg: &TempPostgres, sshd: &OpenSshd, rtt: Duration, quick: bool
     .await
     .expect("manager with spare channels through the delay proxy");
     let fwd_fast = reach
-        .forward_with(
+        .forward(
             &format!("{}?sslmode=disable", pg.url()),
             &[("SSH_SPARE_CHANNEL", SPARE_TTL.as_millis().to_string())],
         )

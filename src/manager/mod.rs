@@ -263,7 +263,7 @@ impl ConnectionManager {
         );
         let hooks = Arc::new(
             Hooks::new(&config.pool, next_id.clone(), generation.clone())
-                .without_server_id(config.pgbouncer_mode() || !config.pool.connection_ids)
+                .without_server_id(!pool::sets_connection_ids(&config))
                 .with_hosts(hosts.clone()),
         );
         let password = match &config.password_source {
@@ -435,7 +435,7 @@ impl ConnectionManager {
         let inner = &self.inner;
         let hooks = Arc::new(
             Hooks::new(&inner.config.pool, inner.next_id.clone(), inner.generation.clone())
-                .without_server_id(inner.config.pgbouncer_mode() || !inner.config.pool.connection_ids),
+                .without_server_id(!pool::sets_connection_ids(&inner.config)),
         );
         pool::connect_options(
             &inner.config,

@@ -48,6 +48,13 @@ impl Endpoint {
     }
 }
 
+/// Whether the hooks give each new connection its id with a `SET` after connecting: not with
+/// `connection_ids` off, nor in PgBouncer mode (the setting would stay on the pooler's server
+/// connection for its other clients).
+pub(crate) fn sets_connection_ids(config: &Config) -> bool {
+    config.pool.connection_ids && !config.pgbouncer_mode()
+}
+
 /// Builds the options; `hooks` are installed on the sqlx pool options.
 ///
 /// `password`, when set (a rotating [`PasswordSource`](crate::config::PasswordSource)), is the one

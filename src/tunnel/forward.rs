@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use super::pgwire;
 use super::session::SshSession;
+use super::sessions::Reservation;
 use super::{Inner, LOG_TARGET, LocalEndpoint, TunnelEvent, TunnelState};
 use crate::config::{LocalEndpointConfig, TunnelConfig};
 use crate::error::TimeoutKind;
@@ -233,26 +234,30 @@ enum Refusal {
     Capacity,
 }
 
-/// A reserved channel slot on a session; released on drop.
+/// A reserved channel on a session that serves a local connection (counted as active); the
+/// reservation is released on drop.
 struct Slot {
     inner: Arc<Inner>,
-    session: Arc<SshSession>,
+    reservation: Reservation,
 }
 
 impl Slot {
-    fn new(inner: &Arc<Inner>, session: Arc<SshSession>) -> Self {
+    fn new(inner: &Arc<Inner>, reservation: Reservation) -> Self {
         inner.counters.channels_active.fetch_add(1, Ordering::Relaxed);
         inner.channels_changed();
         Slot {
             inner: inner.clone(),
-            session,
+            reservation,
         }
+    }
+
+    fn session(&self) -> &Arc<SshSession> {
+        self.reservation.session()
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.session.release_channel();
         // disconnect() resets the counter to 0 after the tasks ended; never wrap below it.
         let _ = self
             .inner
@@ -260,7 +265,7 @@ impl Drop for Slot {
             .channels_active
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
         self.inner.channels_changed();
-        self.inner.changed.notify_waiters();
+        // Then `reservation` drops: the channel is released and waiters are woken.
     }
 }
 
@@ -274,8 +279,8 @@ async fn acquire_slot(inner: &Arc<Inner>, deadline: Instant) -> std::result::Res
         if inner.is_shutting_down() {
             return Err(Refusal::ShutDown);
         }
-        if let Some(session) = inner.try_reserve() {
-            return Ok(Slot::new(inner, session));
+        if let Some(reservation) = inner.try_reserve() {
+            return Ok(Slot::new(inner, reservation));
         }
         if let TunnelState::Failed { error } = &*inner.state.borrow() {
             return Err(Refusal::Failed(error.clone()));
@@ -340,7 +345,7 @@ async fn slot_and_channel(
     route: &Route,
 ) -> std::result::Result<(Slot, russh::Channel<russh::client::Msg>), Option<Vec<u8>>> {
     let got = match route.spares.take(inner) {
-        Some((session, channel)) => Ok((Slot::new(inner, session), channel)),
+        Some((reservation, channel)) => Ok((Slot::new(inner, reservation), channel)),
         None => open_slot_and_channel(inner, origin, deadline, route).await,
     };
     if got.is_ok() {
@@ -360,7 +365,7 @@ async fn open_slot_and_channel(
             Ok(slot) => slot,
             Err(refusal) => return Err(refuse(inner, refusal, inner.config.connect_timeout)),
         };
-        match open_channel(inner, &slot.session, origin, route).await {
+        match open_channel(inner, slot.session(), origin, route).await {
             Ok(channel) => return Ok((slot, channel)),
             Err(OpenError::SessionGone) => {
                 // The session died under us: try another one (or wait for the reconnect).
@@ -418,7 +423,7 @@ async fn serve_startup<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let negotiated = tokio::select! {
         r = tokio::time::timeout_at(deadline, pgwire::negotiate(channel.into_stream(), &tls)) => r,
-        () = slot.session.kill.cancelled() => return,
+        () = slot.session().kill.cancelled() => return,
         () = inner.cancel.cancelled() => return,
     };
     let mut upstream = match negotiated {
@@ -468,7 +473,7 @@ async fn serve_startup<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let first = tokio::select! {
         r = first => r,
-        () = slot.session.kill.cancelled() => return,
+        () = slot.session().kill.cancelled() => return,
         () = inner.cancel.cancelled() => return,
     };
     match first {
@@ -497,7 +502,7 @@ async fn serve_startup<S: AsyncRead + AsyncWrite + Unpin>(
                 .map(drop)
         }
     };
-    until_the_session_ends(&inner, &slot.session, copy).await;
+    until_the_session_ends(&inner, slot.session(), copy).await;
     drop(upstream);
     drop(slot);
 }
@@ -556,7 +561,7 @@ async fn serve_raw(inner: Arc<Inner>, mut local: LocalStream, origin: (String, u
             LocalStream::Unix(s) => copy(&inner, Prefixed::new(s, first), &mut remote, to_remote, from_remote).await,
         }
     };
-    until_the_session_ends(&inner, &slot.session, copy).await;
+    until_the_session_ends(&inner, slot.session(), copy).await;
     drop(remote);
     drop(slot);
 }

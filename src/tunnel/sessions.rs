@@ -157,6 +157,26 @@ impl BastionSet {
     }
 }
 
+/// A channel reserved on a session by [`Inner::try_reserve`] (so `max_channels` counts it):
+/// released, and waiters for a free channel woken, on drop.
+pub(crate) struct Reservation {
+    inner: Arc<Inner>,
+    session: Arc<SshSession>,
+}
+
+impl Reservation {
+    pub(crate) fn session(&self) -> &Arc<SshSession> {
+        &self.session
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.session.release_channel();
+        self.inner.changed.notify_waiters();
+    }
+}
+
 impl Inner {
     /// Opens a session on the first bastion that works, in [`BastionSet`] order. With one
     /// bastion its error is returned as it is; with several, [`Error::AllBastionsFailed`].
@@ -233,7 +253,7 @@ impl Inner {
     }
 
     /// Reserves a channel slot on the oldest session with room.
-    pub(crate) fn try_reserve(&self) -> Option<Arc<SshSession>> {
+    pub(crate) fn try_reserve(self: &Arc<Self>) -> Option<Reservation> {
         let sessions = lock(&self.sessions.list);
         let max = self.config.max_channels;
         // Reservations happen under the lock, so check-then-increment cannot overshoot.
@@ -241,7 +261,10 @@ impl Inner {
             .iter()
             .find(|s| s.channels.load(Ordering::Acquire) < max && !s.is_dead())?;
         s.channels.fetch_add(1, Ordering::AcqRel);
-        Some(s.clone())
+        Some(Reservation {
+            inner: self.clone(),
+            session: s.clone(),
+        })
     }
 
     /// Every one of the `live` open sessions is full: opens one more in the background if

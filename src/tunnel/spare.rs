@@ -20,7 +20,7 @@ use russh::ChannelMsg;
 
 use super::LOG_TARGET;
 use super::inner::{Inner, lock};
-use super::session::SshSession;
+use super::sessions::Reservation;
 
 type Channel = russh::Channel<russh::client::Msg>;
 
@@ -37,7 +37,8 @@ struct Spare {
     epoch: u64,
     born: Instant,
     channel: Option<Channel>,
-    reservation: Reservation,
+    /// `None` once handed on with the channel.
+    reservation: Option<Reservation>,
 }
 
 impl Drop for Spare {
@@ -52,32 +53,17 @@ impl Drop for Spare {
     }
 }
 
-/// A channel reserved on a session, released on drop unless it was handed on.
-struct Reservation {
-    inner: Arc<Inner>,
-    session: Option<Arc<SshSession>>,
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if let Some(session) = self.session.take() {
-            session.release_channel();
-            self.inner.changed.notify_waiters();
-        }
-    }
-}
-
 impl Spares {
-    /// The ready spare, if it is still good: its session (with the channel reserved on it, to
-    /// become the connection's slot) and its channel. A spare that is not good is closed.
-    pub(crate) fn take(&self, inner: &Inner) -> Option<(Arc<SshSession>, Channel)> {
+    /// The ready spare, if it is still good: the channel's reservation on its session (to become
+    /// the connection's slot) and the channel. A spare that is not good is closed.
+    pub(crate) fn take(&self, inner: &Inner) -> Option<(Reservation, Channel)> {
         let ttl = inner.config.spare_channel?;
         let mut spare = lock(&self.ready).take()?;
         let why = if spare.epoch != inner.spare_epoch.load(Ordering::Acquire) {
             Some("discarded")
         } else if spare.born.elapsed() >= ttl {
             Some("expired")
-        } else if spare.reservation.session.as_ref().is_none_or(|s| s.is_dead()) {
+        } else if spare.reservation.as_ref().is_none_or(|r| r.session().is_dead()) {
             Some("its session ended")
         } else if spare.channel.as_mut().is_none_or(|c| !still_open(c)) {
             Some("closed by the bastion or the server")
@@ -89,10 +75,10 @@ impl Spares {
             inner.counters.spares_discarded.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let session = spare.reservation.session.take()?;
+        let reservation = spare.reservation.take()?;
         let channel = spare.channel.take()?;
         inner.counters.spares_used.fetch_add(1, Ordering::Relaxed);
-        Some((session, channel))
+        Some((reservation, channel))
     }
 
     fn remove(&self, id: u64) -> Option<Spare> {
@@ -145,7 +131,7 @@ pub(crate) fn refill(inner: &Arc<Inner>, spares: &Arc<Spares>, host: &str, port:
             return;
         };
         let (id, born) = (spare.id, spare.born);
-        let kill = spare.reservation.session.as_ref().map(|s| s.kill.clone());
+        let kill = spare.reservation.as_ref().map(|r| r.session().kill.clone());
         let discarded = inner.spares_discard.notified();
         tokio::pin!(discarded);
         discarded.as_mut().enable();
@@ -177,23 +163,20 @@ pub(crate) fn refill(inner: &Arc<Inner>, spares: &Arc<Spares>, host: &str, port:
 }
 
 async fn open(inner: &Arc<Inner>, spares: &Spares, host: String, port: u16) -> Option<Spare> {
-    let session = inner.try_reserve()?;
-    let reservation = Reservation {
-        inner: inner.clone(),
-        session: Some(session.clone()),
-    };
+    let reservation = inner.try_reserve()?;
     let epoch = inner.spare_epoch.load(Ordering::Acquire);
-    let result = match super::forward::raw_open(inner, &session, host, port, ("127.0.0.1".to_owned(), 0)).await {
-        super::forward::RawOpen::Done(result) => result,
-        super::forward::RawOpen::Killed | super::forward::RawOpen::Cancelled => return None,
-    };
+    let result =
+        match super::forward::raw_open(inner, reservation.session(), host, port, ("127.0.0.1".to_owned(), 0)).await {
+            super::forward::RawOpen::Done(result) => result,
+            super::forward::RawOpen::Killed | super::forward::RawOpen::Cancelled => return None,
+        };
     match result {
         Ok(Ok(channel)) => Some(Spare {
             id: spares.next_id.fetch_add(1, Ordering::Relaxed),
             epoch,
             born: Instant::now(),
             channel: Some(channel),
-            reservation,
+            reservation: Some(reservation),
         }),
         // The connection that asked for it got its channel: a failure here is not the tunnel's
         // state, and the next connection opens its own channel (and reports what fails then).
