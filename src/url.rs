@@ -26,6 +26,7 @@ use std::str::FromStr;
 use sea_orm::sqlx::postgres::PgConnectOptions;
 use secrecy::SecretString;
 
+use crate::config::TargetSessionAttrs;
 use crate::tunnel::LocalEndpoint;
 use crate::{Error, Result};
 
@@ -167,16 +168,56 @@ fn is_encryption_param(name: &str) -> bool {
     name.starts_with("ssl") || matches!(name, "gssencmode" | "requiressl")
 }
 
-fn local_url(database_url: &str, endpoint: &LocalEndpoint, remote_port: u16, tunnel_tls: bool) -> Result<String> {
-    parse_database_url(database_url, "database_url")?;
-    let url = database_url.trim();
-    // Validation above accepted the URL, so it has a scheme and an authority.
-    let parts = Parts::split(url).ok_or_else(|| {
-        Error::config(
-            "database_url",
-            "expected postgres://[user[:password]@]host[:port]/database",
-        )
-    })?;
+/// The URL of [`local_database_url`] for a tunnel that forwards to several database servers
+/// (a multi-host `DATABASE_URL`, [`SshTunnel::target_endpoints`](crate::SshTunnel::target_endpoints)),
+/// in libpq's multi-host syntax: every `(endpoint, remote port)` in order, so that a libpq
+/// client (psql, pgbench, psycopg, JDBC's own list) tries them as it would have tried the
+/// servers, and `target_session_attrs` (the attribute in force, e.g.
+/// [`Config::resolve_target_session_attrs`](crate::config::Config::resolve_target_session_attrs),
+/// written into the URL unless it is `any`) chooses among them.
+///
+/// - TCP endpoints: the authority lists them, `127.0.0.1:40001,127.0.0.1:40002`.
+/// - Unix sockets: the authority is `localhost`; `host=` lists the socket directories and
+///   `port=` the remote ports that name the socket files, in the same order.
+///
+/// `tls_in_tunnel` drops the TLS parameters and adds `sslmode=disable`, as
+/// [`local_database_url_tls_in_tunnel`] does. With one endpoint this is exactly
+/// [`local_database_url`] or [`local_database_url_tls_in_tunnel`] (no `target_session_attrs`:
+/// the one server is the choice). sqlx reads one host only:
+/// this URL is for libpq clients, a SeaORM pool uses the manager, which fails over by itself.
+///
+/// ```
+/// use sea_orm_tunnel::LocalEndpoint;
+/// use sea_orm_tunnel::config::TargetSessionAttrs;
+/// use sea_orm_tunnel::url::local_database_url_hosts;
+///
+/// let a = LocalEndpoint::Tcp(([127, 0, 0, 1], 40001).into());
+/// let b = LocalEndpoint::Tcp(([127, 0, 0, 1], 40002).into());
+/// let url = local_database_url_hosts(
+///     "postgres://app@db1:5432,db2:5432/app?target_session_attrs=read-write",
+///     &[(a, 5432), (b, 5432)],
+///     false,
+///     TargetSessionAttrs::ReadWrite,
+/// )?;
+/// assert_eq!(url, "postgres://app@127.0.0.1:40001,127.0.0.1:40002/app?target_session_attrs=read-write");
+/// # Ok::<(), sea_orm_tunnel::Error>(())
+/// ```
+pub fn local_database_url_hosts(
+    database_url: &str,
+    endpoints: &[(LocalEndpoint, u16)],
+    tls_in_tunnel: bool,
+    target_session_attrs: TargetSessionAttrs,
+) -> Result<String> {
+    match endpoints {
+        [] => Err(Error::config("local endpoint", "no local endpoint to point the URL at")),
+        [(endpoint, remote_port)] => local_url(database_url, endpoint, *remote_port, tls_in_tunnel),
+        _ => local_url_hosts(database_url, endpoints, tls_in_tunnel, target_session_attrs),
+    }
+}
+
+/// The query of the local URL: the original's, less what chooses the server, the crate's own
+/// parameters and, when the tunnel holds TLS, the encryption ones.
+fn local_query<'a>(parts: &Parts<'a>, tunnel_tls: bool) -> Vec<Cow<'a, str>> {
     let mut query: Vec<Cow<'_, str>> = parts
         .query_pairs()
         .filter(|pair| {
@@ -191,35 +232,109 @@ fn local_url(database_url: &str, endpoint: &LocalEndpoint, remote_port: u16, tun
     if tunnel_tls {
         query.push(Cow::Borrowed("sslmode=disable"));
     }
+    query
+}
+
+/// The URL's parts, once [`parse_database_url`] accepted it.
+fn checked_parts(database_url: &str) -> Result<Parts<'_>> {
+    parse_database_url(database_url, "database_url")?;
+    // Validation above accepted the URL, so it has a scheme and an authority.
+    Parts::split(database_url.trim()).ok_or_else(|| {
+        Error::config(
+            "database_url",
+            "expected postgres://[user[:password]@]host[:port]/database",
+        )
+    })
+}
+
+/// A Unix endpoint's socket directory, as a URL names it, after checking that `remote_port`
+/// names its socket file.
+fn socket_dir(endpoint: &LocalEndpoint, path: &std::path::Path, remote_port: u16) -> Result<String> {
+    let socket_port = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix(".s.PGSQL."))
+        .and_then(|p| p.parse::<u16>().ok());
+    if socket_port.is_some_and(|p| p != remote_port) {
+        return Err(Error::config(
+            "remote_port",
+            format!(
+                "{remote_port} does not name the socket {} (the port is part of its file name)",
+                path.display()
+            ),
+        ));
+    }
+    endpoint
+        .unix_dir()
+        .filter(|d| !d.as_os_str().is_empty())
+        .and_then(|d| d.to_str())
+        .map(percent_encode)
+        .ok_or_else(|| {
+            Error::config(
+                "local endpoint",
+                format!("{} has no UTF-8 directory to name in a URL", path.display()),
+            )
+        })
+}
+
+fn local_url(database_url: &str, endpoint: &LocalEndpoint, remote_port: u16, tunnel_tls: bool) -> Result<String> {
+    let parts = checked_parts(database_url)?;
+    let mut query = local_query(&parts, tunnel_tls);
     let host_port = match endpoint {
         LocalEndpoint::Tcp(addr) => addr.to_string(),
         LocalEndpoint::Unix(path) => {
-            let socket_port = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_prefix(".s.PGSQL."))
-                .and_then(|p| p.parse::<u16>().ok());
-            if socket_port.is_some_and(|p| p != remote_port) {
-                return Err(Error::config(
-                    "remote_port",
-                    format!(
-                        "{remote_port} does not name the socket {} (the port is part of its file name)",
-                        path.display()
-                    ),
-                ));
-            }
-            let dir = endpoint
-                .unix_dir()
-                .filter(|d| !d.as_os_str().is_empty())
-                .and_then(|d| d.to_str())
-                .ok_or_else(|| {
-                    Error::config(
-                        "local endpoint",
-                        format!("{} has no UTF-8 directory to name in a URL", path.display()),
-                    )
-                })?;
-            query.push(Cow::Owned(format!("host={}", percent_encode(dir))));
+            query.push(Cow::Owned(format!("host={}", socket_dir(endpoint, path, remote_port)?)));
             format!("localhost:{remote_port}")
+        }
+    };
+    Ok(parts.join(parts.userinfo, &host_port, &query))
+}
+
+fn local_url_hosts(
+    database_url: &str,
+    endpoints: &[(LocalEndpoint, u16)],
+    tunnel_tls: bool,
+    attrs: TargetSessionAttrs,
+) -> Result<String> {
+    let parts = checked_parts(database_url)?;
+    let mut query = local_query(&parts, tunnel_tls);
+    if attrs != TargetSessionAttrs::Any {
+        query.push(Cow::Owned(format!("target_session_attrs={attrs}")));
+    }
+    let mut tcp = Vec::new();
+    let (mut dirs, mut ports) = (Vec::new(), Vec::new());
+    for (endpoint, remote_port) in endpoints {
+        match endpoint {
+            LocalEndpoint::Tcp(addr) => tcp.push(addr.to_string()),
+            LocalEndpoint::Unix(path) => {
+                let dir = socket_dir(endpoint, path, *remote_port)?;
+                // libpq splits the list at commas after percent-decoding.
+                if dir.contains("%2C") {
+                    return Err(Error::config(
+                        "local endpoint",
+                        format!(
+                            "{} has a comma in its directory, which a host list cannot hold",
+                            path.display()
+                        ),
+                    ));
+                }
+                dirs.push(dir);
+                ports.push(remote_port.to_string());
+            }
+        }
+    }
+    let host_port = match (tcp.is_empty(), dirs.is_empty()) {
+        (false, true) => tcp.join(","),
+        (true, false) => {
+            query.push(Cow::Owned(format!("host={}", dirs.join(","))));
+            query.push(Cow::Owned(format!("port={}", ports.join(","))));
+            "localhost".to_owned()
+        }
+        _ => {
+            return Err(Error::config(
+                "local endpoint",
+                "mixes TCP ports and Unix sockets, which one URL cannot list",
+            ));
         }
     };
     Ok(parts.join(parts.userinfo, &host_port, &query))
@@ -783,6 +898,72 @@ mod tests {
             without_crate_params("postgres://u@h/db?sslmode=require&sslpassword=s&sslservername=n"),
             "postgres://u@h/db?sslmode=require"
         );
+    }
+
+    #[test]
+    fn several_endpoints_make_a_libpq_host_list_with_the_attribute_in_force() {
+        use crate::config::TargetSessionAttrs::{Any, ReadWrite, Standby};
+        let url = "postgres://app:pw@db1:5432,db2:5433/app?target_session_attrs=read-write\
+                   &application_name=x&sslmode=require&pgbouncer=false#f";
+        let two = [(tcp(40001), 5432), (tcp(40002), 5433)];
+        assert_eq!(
+            local_database_url_hosts(url, &two, false, ReadWrite).unwrap(),
+            "postgres://app:pw@127.0.0.1:40001,127.0.0.1:40002/app?application_name=x&sslmode=require\
+             &target_session_attrs=read-write#f"
+        );
+        // The attribute in force is written (here from PGTARGETSESSIONATTRS); `any` is libpq's default.
+        assert_eq!(
+            local_database_url_hosts("postgres://app@db1,db2/app", &two, true, Standby).unwrap(),
+            "postgres://app@127.0.0.1:40001,127.0.0.1:40002/app?sslmode=disable&target_session_attrs=standby"
+        );
+        assert_eq!(
+            local_database_url_hosts("postgres://app@db1,db2/app?target_session_attrs=any", &two, false, Any).unwrap(),
+            "postgres://app@127.0.0.1:40001,127.0.0.1:40002/app"
+        );
+        let v6 = [
+            (LocalEndpoint::Tcp("[::1]:40001".parse().unwrap()), 5432),
+            (tcp(40002), 5432),
+        ];
+        assert_eq!(
+            local_database_url_hosts("postgres://app@db1,db2/app", &v6, false, Any).unwrap(),
+            "postgres://app@[::1]:40001,127.0.0.1:40002/app"
+        );
+        // Unix sockets: directories and the ports that name their socket files, in order.
+        let socks = [(unix("/run/a b", 5432), 5432), (unix("/run/c", 5433), 5433)];
+        assert_eq!(
+            local_database_url_hosts("postgres://app@db1,db2:5433/app", &socks, false, ReadWrite).unwrap(),
+            "postgres://app@localhost/app?target_session_attrs=read-write&host=%2Frun%2Fa%20b,%2Frun%2Fc&port=5432,5433"
+        );
+        // One endpoint: exactly the single-server URL, whatever the attribute.
+        assert_eq!(
+            local_database_url_hosts(url, &two[..1], false, ReadWrite).unwrap(),
+            local_database_url(url, &tcp(40001), 5432).unwrap()
+        );
+        assert_eq!(
+            local_database_url_hosts(url, &socks[..1], true, ReadWrite).unwrap(),
+            local_database_url_tls_in_tunnel(url, &unix("/run/a b", 5432), 5432).unwrap()
+        );
+        // What a list cannot say is an error naming the endpoint, never the password.
+        let comma = [(unix("/run/a,b", 5432), 5432), (unix("/run/c", 5432), 5432)];
+        let e = local_database_url_hosts(url, &comma, false, Any)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/run/a,b") && e.contains("comma") && !e.contains("pw"),
+            "{e}"
+        );
+        let mixed = [(tcp(40001), 5432), (unix("/run/c", 5432), 5432)];
+        let e = local_database_url_hosts(url, &mixed, false, Any)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mixes TCP ports and Unix sockets"), "{e}");
+        let e = local_database_url_hosts(url, &[], false, Any).unwrap_err().to_string();
+        assert!(e.contains("no local endpoint"), "{e}");
+        let wrong_port = [(unix("/run/a", 5432), 5433), (unix("/run/c", 5432), 5432)];
+        let e = local_database_url_hosts(url, &wrong_port, false, Any)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("5433 does not name the socket"), "{e}");
     }
 
     fn tcp(port: u16) -> LocalEndpoint {

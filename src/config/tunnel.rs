@@ -45,6 +45,18 @@ pub struct TunnelConfig {
     /// `DATABASE_URL` (the hosts after the first) unless `SSH_REMOTE_HOST` overrides the target.
     /// Default none.
     pub alternate_targets: Vec<(String, u16)>,
+    /// With [`alternate_targets`](Self::alternate_targets): a connection to a server's endpoint
+    /// whose server refuses TCP (the bastion answers `connect failed`: the server is down or not
+    /// listening) is forwarded to the next server in the list instead (after the last, the
+    /// first), TLS checked against that server's name. For libpq clients given every endpoint
+    /// as a host list (`forward` turns it on): libpq tries the next host only when its own TCP
+    /// connect fails, and a local endpoint always accepts, so without this a dead server would
+    /// end the client's attempt instead of being skipped. With the hosts in the printed order
+    /// the result is the server libpq would have picked directly (the first reachable one that
+    /// passes its `target_session_attrs`); in any order it is a reachable server, whose role
+    /// libpq then checks. Default off: the
+    /// [`ConnectionManager`](crate::ConnectionManager) chooses among the servers itself.
+    pub alternate_fallthrough: bool,
     /// `SSH_LOCAL_PORT`: where the local endpoint listens.
     pub local: LocalEndpointConfig,
     /// `SSH_MAX_CHANNELS`: forwarded connections per SSH session.
@@ -115,8 +127,8 @@ pub struct TunnelConfig {
     /// ([`SshTunnel::discard_spares`](crate::SshTunnel::discard_spares)). `None` (the default):
     /// no spares. At most 600 s.
     pub spare_channel: Option<Duration>,
-    /// Local connections served at once; one more is answered with a PostgreSQL
-    /// `ErrorResponse` (SQLSTATE 53300, too many connections) and closed. `None` = no limit
+    /// Local connections served at once, on all local endpoints together; one more is answered
+    /// with a PostgreSQL `ErrorResponse` (SQLSTATE 53300, too many connections) and closed. `None` = no limit
     /// (the default; `sea-orm-tunnel forward --max-connections` sets it).
     pub max_local_connections: Option<usize>,
 }
@@ -227,6 +239,7 @@ impl TunnelConfig {
             remote_host: String::new(),
             remote_port: 0,
             alternate_targets: Vec::new(),
+            alternate_fallthrough: false,
             // An ephemeral loopback port never collides with another process or a second tunnel.
             local: LocalEndpointConfig::Tcp(0),
             max_channels: d.max_channels,
@@ -468,6 +481,14 @@ impl TunnelConfig {
         self
     }
 
+    /// A connection to an endpoint whose server refuses TCP goes to the next server (see
+    /// [`alternate_fallthrough`](Self::alternate_fallthrough)). Default false.
+    #[must_use]
+    pub fn alternate_fallthrough(mut self, on: bool) -> Self {
+        self.alternate_fallthrough = on;
+        self
+    }
+
     /// Local connections served at once (see
     /// [`max_local_connections`](Self::max_local_connections)); `None` = no limit.
     #[must_use]
@@ -502,6 +523,7 @@ impl fmt::Debug for TunnelConfig {
             .field("remote_host", &self.remote_host)
             .field("remote_port", &self.remote_port)
             .field("alternate_targets", &self.alternate_targets)
+            .field("alternate_fallthrough", &self.alternate_fallthrough)
             .field("local", &self.local)
             .field("max_channels", &self.max_channels)
             .field("max_sessions", &self.max_sessions)

@@ -157,12 +157,16 @@ async fn bind_endpoint(
 }
 
 /// Accepts local connections until the tunnel shuts down; the listener closes when this ends.
-pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: Listener, route: Arc<Route>) {
-    // `max_local_connections`: one permit per local connection being served.
-    let limit = inner
-        .config
-        .max_local_connections
-        .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
+/// `routes` are the endpoint's server and, with
+/// [`TunnelConfig::alternate_fallthrough`], the ones a connection falls through to.
+/// `limit` is `max_local_connections` (one permit per local connection being served), shared by
+/// every endpoint of the tunnel.
+pub(crate) async fn accept_loop(
+    inner: Arc<Inner>,
+    listener: Listener,
+    routes: Arc<[Arc<Route>]>,
+    limit: Option<Arc<tokio::sync::Semaphore>>,
+) {
     loop {
         let accepted = tokio::select! {
             () = inner.cancel.cancelled() => return,
@@ -182,9 +186,9 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: Listener, route: Ar
                     },
                 };
                 let inner = inner.clone();
-                let route = route.clone();
+                let routes = routes.clone();
                 inner.tracker.clone().spawn(async move {
-                    serve(inner, stream, origin, route).await;
+                    serve(inner, stream, origin, routes).await;
                     drop(permit);
                 });
             }
@@ -299,26 +303,36 @@ async fn acquire_slot(inner: &Arc<Inner>, deadline: Instant) -> std::result::Res
 
 /// Forwards one local connection: reserve a slot, open the channel, copy both ways (through the
 /// PostgreSQL startup phase first when the tunnel holds TLS).
-async fn serve(inner: Arc<Inner>, local: LocalStream, origin: (String, u32), route: Arc<Route>) {
-    let tls = match route.tls.as_ref().filter(|t| t.is_enabled()) {
-        // Loaded (and validated) by `bind`: this is a cache hit.
+async fn serve(inner: Arc<Inner>, local: LocalStream, origin: (String, u32), routes: Arc<[Arc<Route>]>) {
+    // Every route of a tunnel holds TLS or none does (they differ in the name only): the first
+    // one decides the path. Its settings were loaded (and validated) by `bind`.
+    let startup = match startup_settings(&inner, &routes[0]) {
+        Ok(startup) => startup.is_some(),
+        Err(()) => return,
+    };
+    match (local, startup) {
+        (local, false) => serve_raw(inner, local, origin, &routes).await,
+        (LocalStream::Tcp(s), true) => serve_startup(inner, s, origin, &routes).await,
+        #[cfg(unix)]
+        (LocalStream::Unix(s), true) => serve_startup(inner, s, origin, &routes).await,
+    }
+}
+
+/// The startup path's settings for `route`: its TLS, the plaintext ones in PgBouncer mode
+/// (which parses the protocol after the startup as well), `None` for a plain copy. `Err` (logged)
+/// when its TLS settings are unusable.
+fn startup_settings(inner: &Inner, route: &Route) -> std::result::Result<Option<Arc<crate::tls::Loaded>>, ()> {
+    match route.tls.as_ref().filter(|t| t.is_enabled()) {
+        // Loaded (and validated) by `bind`: a cache hit.
         Some(tls) => match tls.load() {
-            Ok(loaded) => Some(loaded),
+            Ok(loaded) => Ok(Some(loaded)),
             Err(e) => {
                 tracing::warn!(target: LOG_TARGET, error = %e, "TLS settings unusable; closing the local connection");
-                return;
+                Err(())
             }
         },
-        // PgBouncer mode parses the protocol after the startup as well: through the startup
-        // path, without TLS.
-        None if inner.config.pgbouncer => Some(plaintext_startup()),
-        None => None,
-    };
-    match (local, tls) {
-        (local, None) => serve_raw(inner, local, origin, &route).await,
-        (LocalStream::Tcp(s), Some(tls)) => serve_startup(inner, s, origin, tls, &route).await,
-        #[cfg(unix)]
-        (LocalStream::Unix(s), Some(tls)) => serve_startup(inner, s, origin, tls, &route).await,
+        None if inner.config.pgbouncer => Ok(Some(plaintext_startup())),
+        None => Ok(None),
     }
 }
 
@@ -336,22 +350,46 @@ fn plaintext_startup() -> Arc<crate::tls::Loaded> {
 
 /// Takes the route's spare channel when one is ready and good, else reserves a slot and opens a
 /// channel, waiting (until `deadline`) for a session; then asks for the next spare (when spares
-/// are on). `Err(None)` when the connection was refused (already counted and logged), with the
-/// reply for the client when it can be told why.
-async fn slot_and_channel(
+/// are on). A server that refuses TCP is skipped for the next of `routes` (there is one unless
+/// [`TunnelConfig::alternate_fallthrough`]). `Err(None)` when the connection was refused
+/// (already counted and logged), with the reply for the client when it can be told why.
+async fn slot_and_channel<'r>(
     inner: &Arc<Inner>,
     origin: &(String, u32),
     deadline: Instant,
-    route: &Route,
-) -> std::result::Result<(Slot, russh::Channel<russh::client::Msg>), Option<Vec<u8>>> {
-    let got = match route.spares.take(inner) {
-        Some((reservation, channel)) => Ok((Slot::new(inner, reservation), channel)),
-        None => open_slot_and_channel(inner, origin, deadline, route).await,
-    };
-    if got.is_ok() {
-        super::spare::refill(inner, &route.spares, &route.host, route.port);
+    routes: &'r [Arc<Route>],
+) -> std::result::Result<(Slot, russh::Channel<russh::client::Msg>, &'r Route), Option<Vec<u8>>> {
+    for (i, route) in routes.iter().enumerate() {
+        let got = match route.spares.take(inner) {
+            Some((reservation, channel)) => Ok((Slot::new(inner, reservation), channel)),
+            None => open_slot_and_channel(inner, origin, deadline, route).await,
+        };
+        match got {
+            Ok((slot, channel)) => {
+                super::spare::refill(inner, &route.spares, &route.host, route.port);
+                return Ok((slot, channel, route));
+            }
+            Err(Failure::Unreachable) if i + 1 < routes.len() => {
+                tracing::info!(
+                    target: LOG_TARGET,
+                    from = %route.target(),
+                    to = %routes[i + 1].target(),
+                    "the server refused the connection; trying the next one"
+                );
+            }
+            Err(Failure::Unreachable) => return Err(None),
+            Err(Failure::Refused(reply)) => return Err(reply),
+        }
     }
-    got
+    Err(None)
+}
+
+/// Why no channel was opened to a route.
+enum Failure {
+    /// The server refused TCP (`connect failed`).
+    Unreachable,
+    /// Anything else; the reply for the client when it can be told why.
+    Refused(Option<Vec<u8>>),
 }
 
 async fn open_slot_and_channel(
@@ -359,11 +397,11 @@ async fn open_slot_and_channel(
     origin: &(String, u32),
     deadline: Instant,
     route: &Route,
-) -> std::result::Result<(Slot, russh::Channel<russh::client::Msg>), Option<Vec<u8>>> {
+) -> std::result::Result<(Slot, russh::Channel<russh::client::Msg>), Failure> {
     loop {
         let slot = match acquire_slot(inner, deadline).await {
             Ok(slot) => slot,
-            Err(refusal) => return Err(refuse(inner, refusal, inner.config.connect_timeout)),
+            Err(refusal) => return Err(Failure::Refused(refuse(inner, refusal, inner.config.connect_timeout))),
         };
         match open_channel(inner, slot.session(), origin, route).await {
             Ok(channel) => return Ok((slot, channel)),
@@ -372,7 +410,8 @@ async fn open_slot_and_channel(
                 drop(slot);
                 continue;
             }
-            Err(OpenError::Refused) => return Err(None),
+            Err(OpenError::Unreachable) => return Err(Failure::Unreachable),
+            Err(OpenError::Refused) => return Err(Failure::Refused(None)),
         }
     }
 }
@@ -383,8 +422,7 @@ async fn serve_startup<S: AsyncRead + AsyncWrite + Unpin>(
     inner: Arc<Inner>,
     local: S,
     origin: (String, u32),
-    tls: Arc<crate::tls::Loaded>,
-    route: &Route,
+    routes: &[Arc<Route>],
 ) {
     use tokio::io::AsyncWriteExt as _;
     let timeout = inner.config.connect_timeout;
@@ -411,7 +449,7 @@ async fn serve_startup<S: AsyncRead + AsyncWrite + Unpin>(
         // Nothing in time.
         Err(_) => return,
     };
-    let (slot, channel) = match slot_and_channel(&inner, &origin, deadline, route).await {
+    let (slot, channel, route) = match slot_and_channel(&inner, &origin, deadline, routes).await {
         Ok(got) => got,
         Err(reply) => {
             if let Some(reply) = reply {
@@ -420,6 +458,10 @@ async fn serve_startup<S: AsyncRead + AsyncWrite + Unpin>(
             }
             return;
         }
+    };
+    // The server the channel reached (its own TLS name, when the connection fell through).
+    let Ok(Some(tls)) = startup_settings(&inner, route) else {
+        return;
     };
     let negotiated = tokio::select! {
         r = tokio::time::timeout_at(deadline, pgwire::negotiate(channel.into_stream(), &tls)) => r,
@@ -527,13 +569,13 @@ async fn tls_refused<S: AsyncWrite + Unpin>(inner: &Inner, local: &mut S, error:
 }
 
 /// Forwards one local connection as bytes: reserve a slot, open the channel, copy both ways.
-async fn serve_raw(inner: Arc<Inner>, mut local: LocalStream, origin: (String, u32), route: &Route) {
+async fn serve_raw(inner: Arc<Inner>, mut local: LocalStream, origin: (String, u32), routes: &[Arc<Route>]) {
     let timeout = inner.config.connect_timeout;
     let deadline = Instant::now() + timeout;
     let Some(first) = answer_encryption_locally(&inner, &mut local, deadline).await else {
         return;
     };
-    let (slot, channel) = match slot_and_channel(&inner, &origin, deadline, route).await {
+    let (slot, channel, _) = match slot_and_channel(&inner, &origin, deadline, routes).await {
         Ok(got) => got,
         Err(Some(reply)) => {
             // Nothing was forwarded yet: a PostgreSQL client can be told why.
@@ -627,6 +669,8 @@ async fn copy<S: AsyncRead + AsyncWrite + Unpin>(
 
 enum OpenError {
     SessionGone,
+    /// The bastion could not connect to the server (`connect failed`).
+    Unreachable,
     Refused,
 }
 
@@ -686,6 +730,12 @@ async fn open_channel(
         RawOpen::Killed => return Err(OpenError::SessionGone),
         RawOpen::Cancelled => return Err(OpenError::Refused),
     };
+    let unreachable = matches!(
+        result,
+        Ok(Err(russh::Error::ChannelOpenFailure(
+            russh::ChannelOpenFailure::ConnectFailed
+        )))
+    );
     let (error, permanent) = match result {
         Ok(Ok(channel)) => {
             inner.set_channel_refusal(None);
@@ -748,7 +798,11 @@ async fn open_channel(
     }
     inner.record_error(error);
     inner.emit(TunnelEvent::ChannelOpenFailed { reason, permanent });
-    Err(OpenError::Refused)
+    Err(if unreachable {
+        OpenError::Unreachable
+    } else {
+        OpenError::Refused
+    })
 }
 
 /// Counts and logs a refusal; returns the `ErrorResponse` to tell the client why (`None` at

@@ -410,13 +410,26 @@ impl SshTunnel {
                 return Err(e);
             }
         }
-        inner
-            .tracker
-            .spawn(forward::accept_loop(inner.clone(), listener, main_route));
-        for (listener, route) in alternate_listeners {
+        // Each endpoint's servers: its own, then (falling through) the others in list order from
+        // there, wrapping around.
+        let routes: Vec<Arc<forward::Route>> = std::iter::once(main_route)
+            .chain(alternate_listeners.iter().map(|(_, route)| route.clone()))
+            .collect();
+        let listeners = std::iter::once(listener).chain(alternate_listeners.into_iter().map(|(l, _)| l));
+        // `max_local_connections` counts the connections of every endpoint together.
+        let limit = inner
+            .config
+            .max_local_connections
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
+        for (i, listener) in listeners.enumerate() {
+            let chain: Arc<[Arc<forward::Route>]> = if inner.config.alternate_fallthrough {
+                routes[i..].iter().chain(&routes[..i]).cloned().collect()
+            } else {
+                routes[i..=i].into()
+            };
             inner
                 .tracker
-                .spawn(forward::accept_loop(inner.clone(), listener, route));
+                .spawn(forward::accept_loop(inner.clone(), listener, chain, limit.clone()));
         }
         inner.tracker.spawn(supervisor::run(inner.clone()));
         Ok(tunnel)

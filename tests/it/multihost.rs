@@ -14,7 +14,7 @@ use sea_orm_tunnel::manager::ConnectionManager;
 use sea_orm_tunnel::testkit::{OpenSshd, TempPostgres, fast_config};
 
 /// `postgres://user:pw@127.0.0.1:P1,127.0.0.1:P2,.../postgres?<query>`.
-fn multi_url(pg: &TempPostgres, ports: &[u16], query: &str) -> String {
+pub(super) fn multi_url(pg: &TempPostgres, ports: &[u16], query: &str) -> String {
     let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     format!(
         "postgres://{}:{}@{}/postgres?{query}",
@@ -29,7 +29,7 @@ async fn in_recovery(db: &impl ConnectionTrait) -> bool {
 }
 
 /// A primary with a `writes` table and a standby that has replayed it.
-async fn primary_and_standby() -> (TempPostgres, TempPostgres) {
+pub(super) async fn primary_and_standby() -> (TempPostgres, TempPostgres) {
     let primary = TempPostgres::start().await.unwrap();
     let admin = checker(&primary.url()).await;
     admin

@@ -23,6 +23,8 @@ struct Forward {
     /// `host:port` of `--http`, when given.
     http: Option<String>,
     stderr: Option<std::thread::JoinHandle<String>>,
+    /// Its stdout after the `listening on` line.
+    lines: std::sync::Mutex<mpsc::Receiver<String>>,
 }
 
 impl Forward {
@@ -65,9 +67,11 @@ impl Forward {
             addr: String::new(),
             http: None,
             stderr: Some(stderr),
+            lines: std::sync::Mutex::new(rx),
         };
         loop {
-            let line = match rx.recv_timeout(DEADLINE) {
+            let next = forward.lines.lock().unwrap().recv_timeout(DEADLINE);
+            let line = match next {
                 Ok(line) => line,
                 Err(_) => {
                     let (_, stderr) = forward.kill();
@@ -80,6 +84,27 @@ impl Forward {
             if let Some(addr) = line.strip_prefix("listening on ") {
                 forward.addr = addr.to_owned();
                 return forward;
+            }
+        }
+    }
+
+    /// The stdout lines after `listening on`, up to and with the first that starts with `last`.
+    fn lines_through(&mut self, last: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let next = self.lines.lock().unwrap().recv_timeout(DEADLINE);
+            match next {
+                Ok(line) => {
+                    let done = line.starts_with(last);
+                    lines.push(line);
+                    if done {
+                        return lines;
+                    }
+                }
+                Err(_) => {
+                    let (_, stderr) = self.kill();
+                    panic!("forward printed no {last:?} line after {lines:?}; stderr:\n{stderr}");
+                }
             }
         }
     }
@@ -530,4 +555,145 @@ async fn flags_win_over_the_environment_which_wins_over_dotenv_files_and_json_lo
     );
     assert!(stderr.contains("at most 2 clients"), "{stderr}");
     assert!(stderr.contains("up to 1s"), "{stderr}");
+}
+
+/// `psql -c sql` with a libpq connection string or URL.
+fn psql_conninfo(pg: &TempPostgres, conninfo: &str, sql: &str) -> Command {
+    let mut cmd = pg_client("psql", pg);
+    cmd.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql, conninfo]);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_host_url_gets_an_endpoint_per_server_and_libpq_follows_the_promoted_standby() {
+    let ((primary, standby), sshd) = tokio::join!(super::multihost::primary_and_standby(), async {
+        OpenSshd::start().await.unwrap()
+    });
+    // The standby listed first: read-write must skip it.
+    let url = super::multihost::multi_url(
+        &primary,
+        &[standby.port(), primary.port()],
+        "target_session_attrs=read-write",
+    );
+    let mut forward = Forward::start(&sshd, &primary, &[], &[("DATABASE_URL", &url)]);
+    let lines = forward.lines_through("psql: ");
+    let endpoints: Vec<(&str, &str)> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("endpoint ")?.split_once(" for "))
+        .collect();
+    let names = [standby.port(), primary.port()].map(|p| format!("127.0.0.1:{p}"));
+    assert_eq!(endpoints.len(), 2, "{lines:?}");
+    assert_eq!(
+        endpoints[0].0, forward.addr,
+        "the first server has the main endpoint: {lines:?}"
+    );
+    assert_eq!([endpoints[0].1, endpoints[1].1], [names[0].as_str(), names[1].as_str()]);
+    let printed = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("DATABASE_URL="))
+        .unwrap_or_else(|| panic!("no DATABASE_URL line in {lines:?}"));
+    assert_eq!(
+        printed,
+        format!(
+            // The tunnel holds TLS (sslmode=prefer): the private local side is plaintext.
+            "postgres://{}:***@{},{}/postgres?sslmode=disable&target_session_attrs=read-write",
+            primary.user(),
+            endpoints[0].0,
+            endpoints[1].0
+        )
+    );
+    let ports: Vec<&str> = endpoints.iter().map(|(e, _)| e.rsplit_once(':').unwrap().1).collect();
+    let conninfo = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("psql: psql \"")?.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("no psql line in {lines:?}"))
+        .to_owned();
+    assert_eq!(
+        conninfo,
+        format!(
+            "host=127.0.0.1,127.0.0.1 port={},{} user={} dbname=postgres sslmode=disable target_session_attrs=read-write",
+            ports[0],
+            ports[1],
+            primary.user()
+        )
+    );
+    let full_url = printed.replace(":***@", &format!(":{}@", primary.password()));
+    let server = |conninfo: String| {
+        let cmd = psql_conninfo(
+            &primary,
+            &conninfo,
+            "SELECT pg_is_in_recovery()::text || ' ' || current_setting('port')",
+        );
+        async move {
+            let out = tokio::task::spawn_blocking(move || output(cmd)).await.unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+                text(&out),
+            )
+        }
+    };
+    // libpq skips the standby behind the first endpoint and takes the primary behind the second,
+    // from the printed URL and from the psql line alike.
+    let on_primary = format!("false {}", primary.port());
+    for how in [full_url.clone(), conninfo.clone()] {
+        let (ok, got, report) = server(how).await;
+        assert!(ok && got == on_primary, "{report}");
+    }
+
+    // The failover: the primary stops, the standby is promoted. The same URL now reaches it; the
+    // dead server's endpoint fails fast enough for libpq to move on when it is listed first.
+    primary.stop().await.unwrap();
+    standby.promote().await.unwrap();
+    let on_promoted = format!("false {}", standby.port());
+    let reversed = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user={} dbname=postgres sslmode=disable target_session_attrs=read-write",
+        ports[1],
+        ports[0],
+        primary.user()
+    );
+    let started = Instant::now();
+    for how in [full_url, reversed] {
+        loop {
+            let (ok, got, report) = server(how.clone()).await;
+            if ok && got == on_promoted {
+                break;
+            }
+            if started.elapsed() > DEADLINE {
+                let (_, stderr) = forward.kill();
+                panic!("never reached the promoted standby: {report}\nforward:\n{stderr}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    forward.signal("TERM");
+    let (status, stderr) = tokio::task::spawn_blocking(move || forward.wait()).await.unwrap();
+    assert!(status.success(), "exit {status:?}\n{stderr}");
+    assert!(!stderr.contains(primary.password()), "no secret in {stderr}");
+
+    // --max-connections counts the clients of every endpoint together: one held on the first
+    // endpoint leaves none for the second.
+    let mut forward = Forward::start(&sshd, &primary, &["--max-connections", "1"], &[("DATABASE_URL", &url)]);
+    let lines = forward.lines_through("psql: ");
+    let second = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("endpoint ")?.split_once(" for "))
+        .nth(1)
+        .map(|(e, _)| e.to_owned())
+        .unwrap_or_else(|| panic!("two endpoints in {lines:?}"));
+    let _held = std::net::TcpStream::connect(&forward.addr).unwrap();
+    let (host, port) = second.rsplit_once(':').unwrap();
+    // Until forward has accepted the held connection, the second may still get through.
+    let started = Instant::now();
+    loop {
+        let (ok, _, report) = server(format!("host={host} port={port} sslmode=disable")).await;
+        if !ok && report.contains("too many connections") {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the second endpoint was not refused: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm_tunnel::config::{Config, LocalEndpointConfig, TunnelConfig};
+use sea_orm_tunnel::config::{Config, LocalEndpointConfig, TargetSessionAttrs, TunnelConfig};
 use sea_orm_tunnel::tunnel::{LocalEndpoint, SshTunnel, TunnelEvent, TunnelState};
-use sea_orm_tunnel::url::{local_database_url, local_database_url_tls_in_tunnel, redact_url};
+use sea_orm_tunnel::url::{local_database_url_hosts, redact_url};
 use sea_orm_tunnel::{Error, Result};
 use secrecy::ExposeSecret as _;
 use tokio::sync::broadcast;
@@ -100,18 +100,27 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>, flags: SidecarFlags)
     ));
     // TLS to PostgreSQL per DATABASE_URL's sslmode, held by the tunnel; files read now.
     if let Some(config) = &config {
-        // The local endpoint is one server: a client that lists several hosts chooses among
-        // them itself (libpq's target_session_attrs needs each host's own address).
-        if let Ok(hosts) = config.database_hosts()
-            && hosts.len() > 1
-            && (tunnel_config.remote_host.as_str(), tunnel_config.remote_port) == (hosts[0].0.as_str(), hosts[0].1)
-        {
-            log(format_args!(
-                "DATABASE_URL lists {} hosts: forwarding to the first, {}:{} (set SSH_REMOTE_HOST/SSH_REMOTE_PORT to choose another)",
+        // A multi-host DATABASE_URL: one local endpoint per server, so that a libpq client given
+        // the printed multi-host URL chooses among them with its own target_session_attrs, as it
+        // would without the bastion (unless SSH_REMOTE_HOST / SSH_REMOTE_PORT pick one server).
+        match config.database_hosts() {
+            Ok(hosts)
+                if hosts.len() > 1
+                    && tunnel_config.alternate_targets.is_empty()
+                    && (tunnel_config.remote_host.as_str(), tunnel_config.remote_port)
+                        == (hosts[0].0.as_str(), hosts[0].1) =>
+            {
+                tunnel_config.alternate_targets = hosts[1..].to_vec();
+                // libpq moves to the next host only when its TCP connect fails, which a local
+                // endpoint never does: a dead server's endpoint passes the client on instead.
+                tunnel_config.alternate_fallthrough = true;
+            }
+            Ok(hosts) if hosts.len() > 1 => log(format_args!(
+                "DATABASE_URL lists {} hosts; SSH_REMOTE_HOST/SSH_REMOTE_PORT choose one: forwarding to {}",
                 hosts.len(),
-                hosts[0].0,
-                hosts[0].1
-            ));
+                tunnel_config.remote_target()
+            )),
+            _ => {}
         }
         tunnel_config = match sea_orm_tunnel::tls::resolve_tunnel(config, &tunnel_config) {
             // PgBouncer mode (`pgbouncer=true` / POSTGRES_PGBOUNCER): named statements rewritten.
@@ -159,14 +168,28 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>, flags: SidecarFlags)
     let mut signals = Signals::install();
     let endpoint = tunnel.local_endpoint().clone();
     println!("listening on {endpoint}");
-    let remote_port = tunnel.config().remote_port;
-    let local_url = config.as_ref().and_then(|config| {
-        let url = config.database_url.expose_secret();
-        if holds_tls {
-            local_database_url_tls_in_tunnel(url, &endpoint, remote_port).ok()
-        } else {
-            local_database_url(url, &endpoint, remote_port).ok()
+    // Every server and its local endpoint, the configured remote target first.
+    let targets: Vec<(String, LocalEndpoint, u16)> = tunnel
+        .target_endpoints()
+        .into_iter()
+        .zip(
+            std::iter::once(tunnel.config().remote_port)
+                .chain(tunnel.config().alternate_targets.iter().map(|(_, port)| *port)),
+        )
+        .map(|((name, endpoint), port)| (name, endpoint, port))
+        .collect();
+    if targets.len() > 1 {
+        for (name, endpoint, _) in &targets {
+            println!("endpoint {endpoint} for {name}");
         }
+    }
+    let attrs = config
+        .as_ref()
+        .and_then(|c| c.resolve_target_session_attrs().ok())
+        .unwrap_or(TargetSessionAttrs::Any);
+    let endpoints: Vec<(LocalEndpoint, u16)> = targets.iter().map(|(_, e, port)| (e.clone(), *port)).collect();
+    let local_url = config.as_ref().and_then(|config| {
+        local_database_url_hosts(config.database_url.expose_secret(), &endpoints, holds_tls, attrs).ok()
     });
     if let Some(url) = &local_url {
         println!("DATABASE_URL={}", redact_url(url));
@@ -177,11 +200,7 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>, flags: SidecarFlags)
         .map(|o| o.get_username().to_owned())
         .filter(|u| !u.is_empty());
     let dbname = options.as_ref().and_then(|o| o.get_database().map(str::to_owned));
-    let mut psql = match (&endpoint, endpoint.unix_dir()) {
-        (LocalEndpoint::Unix(_), Some(dir)) => format!("host={} port={remote_port}", dir.display()),
-        (LocalEndpoint::Tcp(addr), _) => format!("host={} port={}", addr.ip(), addr.port()),
-        _ => String::new(),
-    };
+    let mut psql = psql_target(&endpoints);
     if !psql.is_empty() {
         if let Some(user) = user {
             psql.push_str(&format!(" user={user}"));
@@ -192,6 +211,9 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>, flags: SidecarFlags)
         // The tunnel holds TLS upstream: the private local side is plaintext.
         if holds_tls {
             psql.push_str(" sslmode=disable");
+        }
+        if endpoints.len() > 1 && attrs != TargetSessionAttrs::Any {
+            psql.push_str(&format!(" target_session_attrs={attrs}"));
         }
         println!("psql: psql \"{psql}\"");
     }
@@ -247,6 +269,30 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>, flags: SidecarFlags)
         log(format_args!("stopped"));
     }
     code
+}
+
+/// `host=... port=...` for psql: the endpoints in order (libpq's comma-separated lists), socket
+/// directories for Unix endpoints; empty when an endpoint cannot be named that way.
+fn psql_target(endpoints: &[(LocalEndpoint, u16)]) -> String {
+    let mut hosts = Vec::with_capacity(endpoints.len());
+    let mut ports = Vec::with_capacity(endpoints.len());
+    for (endpoint, remote_port) in endpoints {
+        match (endpoint, endpoint.unix_dir()) {
+            (LocalEndpoint::Unix(_), Some(dir)) => {
+                hosts.push(dir.display().to_string());
+                ports.push(remote_port.to_string());
+            }
+            (LocalEndpoint::Tcp(addr), _) => {
+                hosts.push(addr.ip().to_string());
+                ports.push(addr.port().to_string());
+            }
+            _ => return String::new(),
+        }
+    }
+    if hosts.is_empty() {
+        return String::new();
+    }
+    format!("host={} port={}", hosts.join(","), ports.join(","))
 }
 
 /// Keeps serving (new connections included) until no forwarded connection is open or `delay`

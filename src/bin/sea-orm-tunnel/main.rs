@@ -78,9 +78,14 @@ enum Cmd {
     /// stderr; stops cleanly on Ctrl-C or SIGTERM (exit 0). After a reconnect round gives up on a
     /// transient error, starts another one instead of exiting.
     ///
+    /// A multi-host DATABASE_URL (postgres://u@db1:5432,db2:5432/db?target_session_attrs=...)
+    /// gets one local endpoint per server (`endpoint ADDR for HOST:PORT` lines) and a multi-host
+    /// local URL for libpq clients, which choose the server themselves; a connection to the
+    /// endpoint of a server the bastion cannot reach goes to the next server in the list.
+    ///
     /// As a sidecar: SSH sessions are opened as clients need them (no cap unless --max-sessions
     /// or SSH_MAX_SESSIONS); --max-connections refuses clients beyond N with a PostgreSQL error
-    /// (SQLSTATE 53300) that psql prints; --http serves /startup, /liveness, /readiness (503
+    /// (SQLSTATE 53300) that psql prints (N for all endpoints together); --http serves /startup, /liveness, /readiness (503
     /// while the tunnel is down or draining) and /metrics (Prometheus). On SIGTERM readiness
     /// turns 503 at once, connections (new ones too) are served until none is open or
     /// --max-sigterm-delay passes, then exit 0.
