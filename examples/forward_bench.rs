@@ -7,8 +7,9 @@
 //!
 //! Starts a throwaway PostgreSQL and OpenSSH sshd (loopback), then per round runs
 //! `pgbench -S -c 8 -j 2 -T SECONDS` through `forward` and through `ssh -N -L` (alternating),
-//! and prints transactions per second and the client process's CPU (utime+stime from
-//! `/proc/PID/stat`) per 1,000 transactions. Then times "new connection + first query" with
+//! and prints transactions per second, the client process's CPU (utime+stime from
+//! `/proc/PID/stat`) per 1,000 transactions, and the CPU of sshd's session processes (the
+//! bastion's share) per 1,000 transactions. Then times "new connection + first query" with
 //! `psql` (its default sslmode=prefer) through both, with 50 ms added round-trip time in front
 //! of sshd.
 //!
@@ -33,19 +34,31 @@ fn forward_bin() -> PathBuf {
         return bin.into();
     }
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
-    target.join("release").join("sea-orm-tunnel")
+    let bin = target.join("release").join("sea-orm-tunnel");
+    // forward runs in the test sshd's directory: a relative path would not be found from there.
+    std::path::absolute(&bin).unwrap_or(bin)
 }
 
 /// utime + stime of `pid`, in milliseconds.
 fn cpu_ms(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    process_cpu_ms(pid).expect("read /proc/PID/stat")
+}
+
+/// utime + stime of `pid`, in milliseconds; `None` once it has exited.
+fn process_cpu_ms(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may hold spaces: count fields after it.
     let after = &stat[stat.rfind(')').unwrap() + 2..];
     let fields: Vec<&str> = after.split_whitespace().collect();
     // Fields 14 and 15 of the line; index 11 and 12 after the name (state is field 3).
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     let hz = 100.0; // USER_HZ on Linux
-    ticks as f64 * 1000.0 / hz
+    Some(ticks as f64 * 1000.0 / hz)
+}
+
+/// utime + stime of every sshd session process (the bastion's side of every path), in ms.
+fn bastion_cpu_ms(sshd: &OpenSshd) -> f64 {
+    sshd.session_pids().into_iter().filter_map(process_cpu_ms).sum()
 }
 
 struct Forward {
@@ -216,7 +229,7 @@ async fn main() {
         // Warm-up: sessions and channels opened, caches hot.
         pgbench(&pg, forward.port, 2);
         pgbench(&pg, ssh_port, 2);
-        let mut sum = [(0.0, 0.0); 2];
+        let mut sum = [(0.0, 0.0, 0.0); 2];
         for round in 0..rounds {
             for (i, (name, pid, port)) in [
                 ("forward", forward.child.id(), forward.port),
@@ -226,21 +239,33 @@ async fn main() {
             .enumerate()
             {
                 let before = cpu_ms(pid);
+                let bastion_before = bastion_cpu_ms(&sshd);
                 let (tps, txns) = pgbench(&pg, port, seconds);
                 let used = cpu_ms(pid) - before;
+                let bastion = bastion_cpu_ms(&sshd) - bastion_before;
                 let per_k = used * 1000.0 / txns as f64;
+                let bastion_per_k = bastion * 1000.0 / txns as f64;
                 println!(
-                    "round {round} {name:8} tps {tps:8.1}  txns {txns:7}  cpu {used:7.0} ms  cpu/1000 txn {per_k:6.2} ms"
+                    "round {round} {name:8} tps {tps:8.1}  txns {txns:7}  cpu {used:7.0} ms  cpu/1000 txn {per_k:6.2} ms  \
+                     sshd cpu/1000 txn {bastion_per_k:6.2} ms"
                 );
                 sum[i].0 += tps;
                 sum[i].1 += per_k;
+                sum[i].2 += bastion_per_k;
             }
         }
         let n = rounds as f64;
-        let (ft, fc) = (sum[0].0 / n, sum[0].1 / n);
-        let (st, sc) = (sum[1].0 / n, sum[1].1 / n);
-        println!("mean forward tps {ft:.1} cpu/1000 {fc:.2} ms | ssh -L tps {st:.1} cpu/1000 {sc:.2} ms");
-        println!("ratios: tps forward/ssh {:.3}, cpu forward/ssh {:.3}", ft / st, fc / sc);
+        let (ft, fc, fb) = (sum[0].0 / n, sum[0].1 / n, sum[0].2 / n);
+        let (st, sc, sb) = (sum[1].0 / n, sum[1].1 / n, sum[1].2 / n);
+        println!(
+            "mean forward tps {ft:.1} cpu/1000 {fc:.2} ms sshd {fb:.2} ms | ssh -L tps {st:.1} cpu/1000 {sc:.2} ms sshd {sb:.2} ms"
+        );
+        println!(
+            "ratios: tps forward/ssh {:.3}, cpu forward/ssh {:.3}, sshd cpu forward/ssh {:.3}",
+            ft / st,
+            fc / sc,
+            fb / sb
+        );
         drop(ssh);
     }
 
