@@ -16,7 +16,7 @@ use super::support::{env_block, servers};
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// A running `forward`; killed when dropped unless it exited.
-struct Forward {
+pub(super) struct Forward {
     child: Option<Child>,
     /// `host:port` of the local endpoint.
     addr: String,
@@ -30,7 +30,7 @@ struct Forward {
 impl Forward {
     /// Starts `forward` configured for `sshd` + `pg` through the environment (plus `env`), with
     /// `args`, and waits for its `listening on` line.
-    fn start(sshd: &OpenSshd, pg: &TempPostgres, args: &[&str], env: &[(&str, &str)]) -> Forward {
+    pub(super) fn start(sshd: &OpenSshd, pg: &TempPostgres, args: &[&str], env: &[(&str, &str)]) -> Forward {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sea-orm-tunnel"));
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -89,7 +89,7 @@ impl Forward {
     }
 
     /// The stdout lines after `listening on`, up to and with the first that starts with `last`.
-    fn lines_through(&mut self, last: &str) -> Vec<String> {
+    pub(super) fn lines_through(&mut self, last: &str) -> Vec<String> {
         let mut lines = Vec::new();
         loop {
             let next = self.lines.lock().unwrap().recv_timeout(DEADLINE);
@@ -118,7 +118,7 @@ impl Forward {
         (host.to_owned(), port.to_owned())
     }
 
-    fn signal(&self, name: &str) {
+    pub(super) fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
@@ -127,7 +127,7 @@ impl Forward {
     }
 
     /// Waits for the exit (bounded); returns the status and everything on stderr.
-    fn wait(&mut self) -> (std::process::ExitStatus, String) {
+    pub(super) fn wait(&mut self) -> (std::process::ExitStatus, String) {
         let mut child = self.child.take().unwrap();
         let started = Instant::now();
         let status = loop {
@@ -143,7 +143,7 @@ impl Forward {
         (status, self.stderr.take().unwrap().join().unwrap())
     }
 
-    fn kill(&mut self) -> (Option<std::process::ExitStatus>, String) {
+    pub(super) fn kill(&mut self) -> (Option<std::process::ExitStatus>, String) {
         let status = self.child.take().map(|mut c| {
             let _ = c.kill();
             c.wait().unwrap()

@@ -624,3 +624,141 @@ fn tls_certificate_expiring_within_14_days_warns_and_sets_the_expiry_gauge() {
     let text = capture.text();
     assert!(text.contains("expires within 14 days"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_several_hosts_are_each_verified_through_the_tunnel_and_through_forward() {
+    use std::process::Command;
+    let ca = TestCa::new("sea-orm-tunnel test CA").await.unwrap();
+    // A and B have certificates for the address the bastion dials; C's does not name it.
+    let good = ca.server_cert_for_names(&[DB_NAME, "127.0.0.1"]).await.unwrap();
+    let wrong = ca.server_cert(DB_NAME).await.unwrap();
+    let (a, b, c, sshd) = tokio::join!(
+        TempPostgres::start_tls(&good),
+        TempPostgres::start_tls(&good),
+        TempPostgres::start_tls(&wrong),
+        OpenSshd::start()
+    );
+    let (a, b, c, sshd) = (a.unwrap(), b.unwrap(), c.unwrap(), sshd.unwrap());
+    // A is read-only: read-write passes it by.
+    let admin_a = tls_checker(&a).await;
+    admin_a
+        .execute_unprepared("ALTER SYSTEM SET default_transaction_read_only = on")
+        .await
+        .unwrap();
+    let _: bool = scalar(&admin_a, "SELECT pg_reload_conf()").await;
+    let multi = |ports: &[u16]| {
+        let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!(
+            "postgres://{}:{}@{}/postgres?{}&target_session_attrs=read-write",
+            a.user(),
+            a.password(),
+            hosts.join(","),
+            verify_full(ca.cert_path())
+        )
+    };
+    // A port nothing listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+
+    // The manager: A is read-only, C fails verification (the tunnel logs it and sends nothing
+    // else to C), B is verified and takes the pool.
+    let manager = ConnectionManager::new(config(&sshd, &a, multi(&[a.port(), c.port(), b.port()]), "tlsmh"))
+        .await
+        .expect("B qualifies");
+    let port: String = scalar(manager.connection(), "SELECT current_setting('port')").await;
+    assert_eq!(port, b.port().to_string());
+    let on_b = tls_checker(&b).await;
+    let (total, on_tls) = tls_backends(&on_b, "tlsmh").await;
+    assert!(total >= 1 && on_tls == total, "{on_tls} of {total} on TLS");
+    manager.shutdown(Duration::from_secs(2)).await;
+    // With no B, the error names every host and what it was, C's certificate included.
+    let error = refused(config(&sshd, &a, multi(&[a.port(), c.port()]), "tlsmn")).await;
+    let text = error.to_string();
+    assert!(matches!(error, Error::NoSuitableHost { .. }), "{error:?}");
+    assert!(
+        text.contains(&format!("127.0.0.1:{}", a.port())) && text.contains("read-only"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("127.0.0.1:{}", c.port())) && text.contains("certificate"),
+        "{text}"
+    );
+    assert!(!text.contains(a.password()), "no secret in {text}");
+
+    // forward: libpq clients through the printed URL, TLS held upstream for every endpoint.
+    let psql = |conninfo: String| {
+        let password = a.password().to_owned();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let out = Command::new("psql")
+                    .arg(conninfo)
+                    .args([
+                        "-XAtc",
+                        "SELECT current_setting('port') || ' ' || ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    ])
+                    .env("PGPASSWORD", password)
+                    .env("PGCONNECT_TIMEOUT", "20")
+                    .output()
+                    .unwrap();
+                (
+                    out.status.success(),
+                    String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    // A dead server first: its endpoint passes the client on to A (read-only, refused by
+    // libpq), whose endpoint is next; then B, verified against its own name.
+    for (ports, want) in [
+        (vec![a.port(), b.port()], b.port()),
+        (vec![dead, a.port(), b.port()], b.port()),
+    ] {
+        let mut forward = super::sidecar::Forward::start(&sshd, &a, &[], &[("DATABASE_URL", &multi(&ports))]);
+        let lines = forward.lines_through("psql: ");
+        let url = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("DATABASE_URL="))
+            .unwrap_or_else(|| panic!("{lines:?}"));
+        assert!(
+            url.contains("sslmode=disable")
+                && !url.contains("sslrootcert")
+                && url.contains("target_session_attrs=read-write"),
+            "{url}"
+        );
+        let (ok, got, stderr) = psql(url.replace(":***@", &format!(":{}@", a.password()))).await;
+        assert!(ok && got == format!("{want} true"), "{ports:?}: {got} {stderr}");
+        forward.signal("TERM");
+        let (status, stderr) = tokio::task::spawn_blocking(move || forward.wait()).await.unwrap();
+        assert!(status.success(), "{stderr}");
+    }
+    // A certificate that fails verification ends libpq's attempt, through forward as directly.
+    let mut forward =
+        super::sidecar::Forward::start(&sshd, &a, &[], &[("DATABASE_URL", &multi(&[c.port(), b.port()]))]);
+    let lines = forward.lines_through("psql: ");
+    let url = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("DATABASE_URL="))
+        .unwrap()
+        .to_owned();
+    let (ok, _, through_forward) = psql(url.replace(":***@", &format!(":{}@", a.password()))).await;
+    assert!(!ok && through_forward.contains("certificate"), "{through_forward}");
+    let (ok, _, directly) = psql(format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user={} dbname=postgres sslmode=verify-full sslrootcert={}",
+        c.port(),
+        b.port(),
+        a.user(),
+        ca.cert_path().display()
+    ))
+    .await;
+    assert!(!ok && directly.contains("certificate"), "{directly}");
+    drop(forward);
+    for pg in [&a, &b, &c] {
+        assert_no_plaintext(pg);
+    }
+}
