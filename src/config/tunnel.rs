@@ -55,7 +55,8 @@ pub struct TunnelConfig {
     /// the result is the server libpq would have picked directly (the first reachable one that
     /// passes its `target_session_attrs`); in any order it is a reachable server, whose role
     /// libpq then checks. Default off: the
-    /// [`ConnectionManager`](crate::ConnectionManager) chooses among the servers itself.
+    /// [`ConnectionManager`](crate::ConnectionManager) chooses among the servers itself, and
+    /// its [`Config::validate`](crate::config::Config::validate) refuses a tunnel with this on.
     pub alternate_fallthrough: bool,
     /// `SSH_LOCAL_PORT`: where the local endpoint listens.
     pub local: LocalEndpointConfig,

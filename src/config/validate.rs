@@ -72,6 +72,13 @@ impl Config {
                  (use primary to pick the primary for read-only sessions)",
             ));
         }
+        if self.tunnel.as_ref().is_some_and(|t| t.alternate_fallthrough) {
+            return Err(Error::config(
+                "tunnel.alternate_fallthrough",
+                "is for libpq clients of a tunnel's endpoints; the manager chooses among the servers itself, \
+                 and a connection passed on to another server would be counted as the one it asked for",
+            ));
+        }
         if let Some(source) = &self.password_source {
             let has_password = crate::url::split_password(self.database_url.expose_secret())
                 .1

@@ -526,6 +526,11 @@ fn contradictions_are_rejected() {
             "at least 1",
         ),
         (
+            Config::new(url()).tunnel(tunnel().alternate_fallthrough(true)),
+            "tunnel.alternate_fallthrough",
+            "the manager chooses among the servers itself",
+        ),
+        (
             base().map_pool(|p| p.min_connections(21)),
             "pool.min_connections",
             "21 is more than pool.max_connections (20)",
