@@ -641,6 +641,40 @@ async fn a_multi_host_url_gets_an_endpoint_per_server_and_libpq_follows_the_prom
         assert!(ok && got == on_primary, "{report}");
     }
 
+    // The same through private Unix sockets: one 0700 directory per server, listed as libpq's
+    // host and port lists.
+    let mut unix = Forward::start(&sshd, &primary, &["--unix"], &[("DATABASE_URL", &url)]);
+    let lines = unix.lines_through("psql: ");
+    let unix_conninfo = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("psql: psql \"")?.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("no psql line in {lines:?}"))
+        .to_owned();
+    let dirs = unix_conninfo
+        .strip_prefix("host=")
+        .and_then(|rest| rest.split_once(' '))
+        .map(|(dirs, _)| dirs.split(',').map(str::to_owned).collect::<Vec<_>>())
+        .unwrap_or_default();
+    assert!(
+        dirs.len() == 2 && dirs.iter().all(|d| d.starts_with('/')),
+        "{unix_conninfo}"
+    );
+    assert!(
+        unix_conninfo.contains(&format!("port={},{}", standby.port(), primary.port()))
+            && unix_conninfo.ends_with("target_session_attrs=read-write"),
+        "{unix_conninfo}"
+    );
+    let unix_url = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("DATABASE_URL="))
+        .unwrap_or_else(|| panic!("no DATABASE_URL line in {lines:?}"))
+        .replace(":***@", &format!(":{}@", primary.password()));
+    for how in [unix_url, unix_conninfo] {
+        let (ok, got, report) = server(how).await;
+        assert!(ok && got == on_primary, "{report}");
+    }
+    drop(unix);
+
     // The failover: the primary stops, the standby is promoted. The same URL now reaches it; the
     // dead server's endpoint fails fast enough for libpq to move on when it is listed first.
     primary.stop().await.unwrap();
