@@ -71,6 +71,7 @@ pub(crate) fn parse_database_url(url: &str, field: &str) -> Result<PgConnectOpti
     // the list itself is checked here so a bad entry fails where the URL is read. The crate's
     // own parameters never reach sqlx, which logs an unknown one with its value (`sslpassword`).
     let hosts = url_hosts(url, field)?;
+    url_host_addrs(url, field)?;
     let stripped = without_crate_params(url);
     let first;
     let url = match hosts.as_slice() {
@@ -683,12 +684,84 @@ pub(crate) fn url_hosts(url: &str, field: &str) -> Result<Vec<(String, u16)>> {
         }
         hosts.push((host, port.unwrap_or(default_port)));
     }
-    if last("hostaddr").is_some() {
-        return Err(bad(
-            "hostaddr with several hosts is not supported (name each host in the host list instead)".to_owned(),
+    Ok(hosts)
+}
+
+/// libpq's `hostaddr` list for a multi-host URL: one entry per host of [`url_hosts`], in order,
+/// `None` where the entry is empty (that host is dialled by its name). Empty unless the URL lists
+/// several hosts and has `hostaddr`. A list of another length, or an entry that is not an IP
+/// address, is an error naming `field`; no part of the URL is repeated.
+pub(crate) fn url_host_addrs(url: &str, field: &str) -> Result<Vec<Option<String>>> {
+    let hosts = url_hosts(url, field)?;
+    let Some(list) = query_params(url)
+        .into_iter()
+        .rev()
+        .find(|(k, _)| k == "hostaddr")
+        .map(|(_, v)| v)
+    else {
+        return Ok(Vec::new());
+    };
+    if hosts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let addrs: Vec<&str> = list.split(',').map(str::trim).collect();
+    if addrs.len() != hosts.len() {
+        return Err(Error::config(
+            field,
+            format!(
+                "hostaddr= lists {} addresses for {} hosts (give one per host, empty to dial that host by name)",
+                addrs.len(),
+                hosts.len()
+            ),
         ));
     }
-    Ok(hosts)
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| match *addr {
+            "" => Ok(None),
+            addr if addr.parse::<std::net::IpAddr>().is_ok() => Ok(Some(addr.to_owned())),
+            _ => Err(Error::config(
+                field,
+                format!(
+                    "hostaddr= entry {} (for host {}) is not an IP address",
+                    i + 1,
+                    hosts[i].0
+                ),
+            )),
+        })
+        .collect()
+}
+
+/// The URL naming one server: `url` itself, or for a multi-host URL its first host (with that
+/// host's `hostaddr`, when the list gives one), as sqlx, which reads one host, is given it.
+pub(crate) fn first_host_url(url: &str) -> Cow<'_, str> {
+    match url_hosts(url, "database_url") {
+        Ok(hosts) if hosts.len() > 1 => {
+            let first = with_host(url, &hosts[0].0, hosts[0].1);
+            // The first host's hostaddr, as for a one-host URL: the tunnel dials it and TLS
+            // checks the name.
+            let addr = url_host_addrs(url, "database_url")
+                .ok()
+                .and_then(|addrs| addrs.into_iter().next().flatten());
+            Cow::Owned(match addr {
+                Some(addr) => with_param(&first, "hostaddr", &addr),
+                None => first,
+            })
+        }
+        _ => Cow::Borrowed(url),
+    }
+}
+
+/// `url` with `name=value` added to its query (the value percent-encoded).
+pub(crate) fn with_param(url: &str, name: &str, value: &str) -> String {
+    let url = url.trim();
+    let Some(parts) = Parts::split(url) else {
+        return url.to_owned();
+    };
+    let mut query: Vec<Cow<'_, str>> = parts.query_pairs().map(Cow::Borrowed).collect();
+    query.push(Cow::Owned(format!("{name}={}", percent_encode(value))));
+    parts.join(parts.userinfo, parts.host_port, &query)
 }
 
 /// The URL naming only `host:port` (in the authority): the host list, `host=`, `hostaddr=` and
@@ -1217,12 +1290,52 @@ mod tests {
             ("postgres://u:secret@a,,b/app", "empty entry"),
             ("postgres://u:secret@x/app?host=a,b&port=1,2,3", "3 ports for 2 hosts"),
             ("postgres://u:secret@x/app?host=a,/tmp", "socket directory"),
-            ("postgres://u:secret@a,b/app?hostaddr=127.0.0.9", "hostaddr"),
         ] {
             let e = url_hosts(bad, "DATABASE_URL").unwrap_err().to_string();
             assert!(e.contains(says) && e.contains("DATABASE_URL"), "{bad}: {e}");
             assert!(!e.contains("secret"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_hostaddr_list_gives_each_host_its_address() {
+        let a = |url: &str| url_host_addrs(url, "database_url").unwrap();
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            a("postgres://u@db-a:1,db-b:2/app?hostaddr=10.0.0.5,::1"),
+            vec![some("10.0.0.5"), some("::1")]
+        );
+        assert_eq!(
+            a("postgres://u@x/app?host=a,b,c&hostaddr=10.0.0.5,,10.0.0.7"),
+            vec![some("10.0.0.5"), None, some("10.0.0.7")],
+            "an empty entry dials that host by name"
+        );
+        assert!(a("postgres://u@db-a:1,db-b:2/app").is_empty());
+        assert!(
+            a("postgres://u@db/app?hostaddr=10.0.0.5").is_empty(),
+            "one host: hostaddr is the URL's own"
+        );
+        for (bad, says) in [
+            (
+                "postgres://u:secret@a,b/app?hostaddr=127.0.0.9",
+                "1 addresses for 2 hosts",
+            ),
+            (
+                "postgres://u:secret@a,b/app?hostaddr=1.2.3.4,db-b",
+                "entry 2 (for host b) is not an IP address",
+            ),
+        ] {
+            let e = url_host_addrs(bad, "DATABASE_URL").unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("DATABASE_URL"), "{bad}: {e}");
+            assert!(!e.contains("secret"), "{e}");
+            // Found where the URL is read, too.
+            let e = parse_database_url(bad, "DATABASE_URL").unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        assert_eq!(
+            with_param("postgres://u:p@a:1/app?sslmode=require#f", "hostaddr", "10.0.0.5"),
+            "postgres://u:p@a:1/app?sslmode=require&hostaddr=10.0.0.5#f"
+        );
     }
 
     #[test]

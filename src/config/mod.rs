@@ -193,6 +193,44 @@ impl Config {
         Ok(self.database_target()?.into_iter().collect())
     }
 
+    /// libpq's `hostaddr` of each host of a multi-host `DATABASE_URL`, in the order of
+    /// [`database_hosts`](Self::database_hosts): the address the bastion dials instead of the
+    /// name (`None`: that host is dialled by name). Empty without a `hostaddr` list.
+    pub fn database_host_addrs(&self) -> Result<Vec<Option<String>>> {
+        crate::url::url_host_addrs(self.database_url.expose_secret(), "database_url")
+    }
+
+    /// `tunnel` forwarding to every server of a multi-host `DATABASE_URL`: its
+    /// [`alternate_targets`](TunnelConfig::alternate_targets) are the hosts after the first
+    /// (their `hostaddr` when the URL gives one, the host named in
+    /// [`alternate_server_names`](TunnelConfig::alternate_server_names) for TLS, unless
+    /// `sslservername` names one for all). Unchanged when the URL names one server, when
+    /// `tunnel` has alternate targets already, or when its remote target is not the URL's first
+    /// host (`SSH_REMOTE_HOST` / `SSH_REMOTE_PORT` chose one server). The
+    /// [`ConnectionManager`](crate::ConnectionManager) and `sea-orm-tunnel forward` call this.
+    pub fn with_alternate_targets(&self, mut tunnel: TunnelConfig) -> Result<TunnelConfig> {
+        let hosts = self.database_hosts()?;
+        if hosts.len() < 2
+            || !tunnel.alternate_targets.is_empty()
+            || (tunnel.remote_host.as_str(), tunnel.remote_port) != (hosts[0].0.as_str(), hosts[0].1)
+        {
+            return Ok(tunnel);
+        }
+        let addrs = self.database_host_addrs()?;
+        let url = self.database_url.expose_secret();
+        let server_name_set = crate::url::query_params(url)
+            .iter()
+            .any(|(k, v)| k == "sslservername" && !v.is_empty());
+        for (i, (host, port)) in hosts.iter().enumerate().skip(1) {
+            let dial = addrs.get(i).cloned().flatten().unwrap_or_else(|| host.clone());
+            tunnel.alternate_targets.push((dial, *port));
+        }
+        if !addrs.is_empty() && !server_name_set {
+            tunnel.alternate_server_names = hosts[1..].iter().map(|(host, _)| host.clone()).collect();
+        }
+        Ok(tunnel)
+    }
+
     /// Whether PgBouncer mode is on: `pgbouncer=` in `DATABASE_URL`, else [`pgbouncer`](Self::pgbouncer).
     /// (An unreadable `pgbouncer=` value is reported by [`validate`](Self::validate).)
     pub fn pgbouncer_mode(&self) -> bool {
@@ -349,12 +387,7 @@ impl Config {
     /// (what sqlx, which reads one host, is given; the manager points it at the others).
     pub(crate) fn database_url_str(&self) -> std::borrow::Cow<'_, str> {
         let url = self.database_url.expose_secret();
-        match crate::url::url_hosts(url, "database_url") {
-            Ok(hosts) if hosts.len() > 1 => {
-                std::borrow::Cow::Owned(crate::url::with_host(url, &hosts[0].0, hosts[0].1))
-            }
-            _ => std::borrow::Cow::Borrowed(url),
-        }
+        crate::url::first_host_url(url)
     }
 
     /// `DATABASE_URL` with the password replaced by `***`; safe to log.

@@ -41,10 +41,17 @@ pub struct TunnelConfig {
     /// More database servers (`host`, `port`, as the bastion sees them), each forwarded from its
     /// own local endpoint ([`SshTunnel::target_endpoints`](crate::SshTunnel::target_endpoints)),
     /// with TLS (when the tunnel holds it) checked against its own name. The
-    /// [`ConnectionManager`](crate::ConnectionManager) fills this from a multi-host
-    /// `DATABASE_URL` (the hosts after the first) unless `SSH_REMOTE_HOST` overrides the target.
-    /// Default none.
+    /// [`ConnectionManager`](crate::ConnectionManager) and `forward` fill this from a multi-host
+    /// `DATABASE_URL` (the hosts after the first, or their `hostaddr`; see
+    /// [`Config::with_alternate_targets`](crate::config::Config::with_alternate_targets)) unless
+    /// `SSH_REMOTE_HOST` overrides the target. Default none.
     pub alternate_targets: Vec<(String, u16)>,
+    /// The name each of [`alternate_targets`](Self::alternate_targets) is checked against when
+    /// the tunnel holds TLS, where the bastion dials an address instead (libpq's `hostaddr`
+    /// list; [`Config::with_alternate_targets`](crate::config::Config::with_alternate_targets)
+    /// fills it). Empty (the default): each target's own host, or `sslservername` for all. Else
+    /// one name per alternate target.
+    pub alternate_server_names: Vec<String>,
     /// With [`alternate_targets`](Self::alternate_targets): a connection to a server's endpoint
     /// whose server refuses TCP (the bastion answers `connect failed`: the server is down or not
     /// listening) is forwarded to the next server in the list instead (after the last, the
@@ -240,6 +247,7 @@ impl TunnelConfig {
             remote_host: String::new(),
             remote_port: 0,
             alternate_targets: Vec::new(),
+            alternate_server_names: Vec::new(),
             alternate_fallthrough: false,
             // An ephemeral loopback port never collides with another process or a second tunnel.
             local: LocalEndpointConfig::Tcp(0),
@@ -524,6 +532,7 @@ impl fmt::Debug for TunnelConfig {
             .field("remote_host", &self.remote_host)
             .field("remote_port", &self.remote_port)
             .field("alternate_targets", &self.alternate_targets)
+            .field("alternate_server_names", &self.alternate_server_names)
             .field("alternate_fallthrough", &self.alternate_fallthrough)
             .field("local", &self.local)
             .field("max_channels", &self.max_channels)

@@ -392,6 +392,16 @@ fn validate_tunnel(t: &TunnelConfig, n: Naming) -> Result<()> {
              or add the tunnel to a Config with `Config::tunnel` to take it from DATABASE_URL",
         ));
     }
+    if !t.alternate_server_names.is_empty() && t.alternate_server_names.len() != t.alternate_targets.len() {
+        return Err(Error::config(
+            "tunnel.alternate_server_names",
+            format!(
+                "has {} names for {} alternate targets (give none, or one per target)",
+                t.alternate_server_names.len(),
+                t.alternate_targets.len()
+            ),
+        ));
+    }
     for (i, (host, port)) in t.alternate_targets.iter().enumerate() {
         if host.trim().is_empty() || *port == 0 {
             return Err(Error::config(

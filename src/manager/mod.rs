@@ -209,19 +209,14 @@ impl ConnectionManager {
         let pgbouncer = config.pgbouncer_mode();
         // A multi-host DATABASE_URL: the tunnel forwards to every host, each from its own
         // endpoint (unless SSH_REMOTE_HOST / a set remote target overrides the URL's).
-        let hosts = config.database_hosts()?;
-        if let Some(tc) = config.tunnel.as_mut()
-            && hosts.len() > 1
-            && tc.alternate_targets.is_empty()
-            && (tc.remote_host.as_str(), tc.remote_port) == (hosts[0].0.as_str(), hosts[0].1)
-        {
-            tc.alternate_targets = hosts[1..].to_vec();
+        if let Some(tc) = config.tunnel.take() {
+            config.tunnel = Some(config.with_alternate_targets(tc)?);
         }
         match &config.tunnel {
             Some(tc) => {
                 config.tunnel = Some(crate::tls::resolve_tunnel(&config, tc)?.pgbouncer(pgbouncer || tc.pgbouncer))
             }
-            None => crate::tls::check_direct(&config.database_url_str())?,
+            None => crate::tls::check_direct(secrecy::ExposeSecret::expose_secret(&config.database_url))?,
         }
         let generation = Arc::new(Generation::new());
         let tunnel = match &config.tunnel {
@@ -357,12 +352,15 @@ impl ConnectionManager {
     fn host_list(config: &Config, tunnel: Option<&SshTunnel>) -> Result<Vec<hosts::Host>> {
         use crate::tunnel::LocalEndpoint;
         let (Some(tunnel), Some(tc)) = (tunnel, &config.tunnel) else {
+            let addrs = config.database_host_addrs()?;
             return Ok(config
                 .database_hosts()?
                 .into_iter()
-                .map(|(host, port)| hosts::Host {
+                .enumerate()
+                .map(|(i, (host, port))| hosts::Host {
                     name: crate::url::host_port(&host, port),
-                    dial: hosts::Dial::Tcp(host, port),
+                    // libpq's hostaddr: dial the address, name the host.
+                    dial: hosts::Dial::Tcp(addrs.get(i).cloned().flatten().unwrap_or(host), port),
                 })
                 .collect());
         };

@@ -38,6 +38,9 @@ pub struct TestCa {
     cert: PathBuf,
     key: PathBuf,
     next: AtomicU32,
+    /// `openssl ca` shares the index and serial files: one signature at a time, so that
+    /// certificates may be issued concurrently.
+    signing: tokio::sync::Mutex<()>,
 }
 
 impl TestCa {
@@ -70,6 +73,7 @@ impl TestCa {
             cert,
             key,
             next: AtomicU32::new(1),
+            signing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -184,6 +188,7 @@ impl TestCa {
             ),
         )
         .map_err(|e| TestkitError::io("writing the CA config", e))?;
+        let _signing = self.signing.lock().await;
         std::fs::write(self.dir.path().join("serial"), format!("{:016X}\n", fastrand::u64(1..)))
             .map_err(|e| TestkitError::io("writing the CA serial", e))?;
         let mut ca = openssl()?;

@@ -23,7 +23,7 @@
 //! | `sslpassword` | passphrase of an encrypted PKCS#8 key (`BEGIN ENCRYPTED PRIVATE KEY`) |
 //! | `sslsni` | `0` = send no server name indication (default `1`) |
 //! | `sslservername` | **this crate's**: the name the certificate must carry, when the URL's host is an address or an alias (not a libpq parameter) |
-//! | `hostaddr` | connect to this address (through the tunnel: the bastion connects to it), check the certificate against `host` |
+//! | `hostaddr` | connect to this address (through the tunnel: the bastion connects to it), check the certificate against `host`; with several hosts, one address per host (`hostaddr=10.0.0.5,10.0.0.6`; an empty entry dials that host by name), each server checked against its own name |
 //!
 //! - `prefer` and `allow` ask for TLS and fall back to plaintext only when the server answers
 //!   `N` to the `SSLRequest` (`allow` is not weaker than `prefer` through the tunnel: plaintext
@@ -453,7 +453,12 @@ pub fn tunnel_holds_tls(tunnel: &TunnelConfig) -> bool {
 /// A direct connection (no tunnel) leaves TLS to sqlx, which verifies the host it dials: with
 /// `hostaddr` that is the address, so `verify-full` cannot mean what libpq means. Refused.
 pub(crate) fn check_direct(database_url: &str) -> Result<()> {
-    if hostaddr(database_url)?.is_some() {
+    // A multi-host URL's hostaddr list was checked where the URL is read: any address in it
+    // is dialled directly.
+    let listed = crate::url::url_host_addrs(database_url, FIELD)?
+        .iter()
+        .any(Option::is_some);
+    if listed || hostaddr(&crate::url::first_host_url(database_url))?.is_some() {
         let tls = PostgresTls::from_database_url(database_url)?;
         if tls.mode == SslMode::VerifyFull {
             return Err(Error::config(

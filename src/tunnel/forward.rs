@@ -54,11 +54,15 @@ impl Route {
         }
     }
 
-    /// Another server, with TLS checked against its own name (unless the certificate name was
-    /// set apart from the host, as `sslservername` does: then that name, for every server).
-    pub(crate) fn alternate(config: &TunnelConfig, host: &str, port: u16) -> Route {
+    /// Alternate target `i`, with TLS checked against its own name: its entry in
+    /// `alternate_server_names` when there is one (the bastion dials its `hostaddr`), else its
+    /// host, unless the certificate name was set apart from the host, as `sslservername` does:
+    /// then that name, for every server.
+    pub(crate) fn alternate(config: &TunnelConfig, i: usize, host: &str, port: u16) -> Route {
         let tls = config.postgres_tls.clone().map(|tls| {
-            if tls.server_name == config.remote_host {
+            if let Some(name) = config.alternate_server_names.get(i) {
+                tls.server_name(name)
+            } else if tls.server_name == config.remote_host {
                 tls.server_name(host)
             } else {
                 tls

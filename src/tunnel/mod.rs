@@ -371,8 +371,8 @@ impl SshTunnel {
         // removing their socket directories).
         let mut alternates = Vec::with_capacity(config.alternate_targets.len());
         let mut alternate_listeners = Vec::with_capacity(config.alternate_targets.len());
-        for (host, port) in &config.alternate_targets {
-            let route = forward::Route::alternate(&config, host, *port);
+        for (i, (host, port)) in config.alternate_targets.iter().enumerate() {
+            let route = forward::Route::alternate(&config, i, host, *port);
             match forward::bind_alternate(&config, &route).await {
                 Ok((listener, endpoint, dir)) => {
                     alternates.push((endpoint, dir));

@@ -314,3 +314,40 @@ fn unusable_attributes_and_host_lists_are_clear_errors_without_the_password() {
     );
     assert_eq!(ok.resolve_target_session_attrs().unwrap(), TargetSessionAttrs::Standby);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostaddr_list_is_dialled_directly_and_names_the_hosts() {
+    let (a, b) = tokio::join!(TempPostgres::start(), TempPostgres::start());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let admin_a = checker(&a.url()).await;
+    admin_a
+        .execute_unprepared("ALTER SYSTEM SET default_transaction_read_only = on")
+        .await
+        .unwrap();
+    let _: bool = scalar(&admin_a, "SELECT pg_reload_conf()").await;
+    // Names nothing resolves: only the addresses can be dialled.
+    let url = |extra: &str| {
+        format!(
+            "postgres://{}:{}@db-a.invalid:{},db-b.invalid:{}/postgres?hostaddr=127.0.0.1,127.0.0.1\
+             &target_session_attrs=read-write{extra}",
+            a.user(),
+            a.password(),
+            a.port(),
+            b.port()
+        )
+    };
+    let manager = ConnectionManager::new(fast_config(url(""), "mha")).await.unwrap();
+    let port: i32 = scalar(manager.connection(), "SELECT current_setting('port')::int").await;
+    assert_eq!(
+        port as u16,
+        b.port(),
+        "A is read-only; B, dialled at its address, qualifies"
+    );
+    manager.shutdown(Duration::from_secs(1)).await;
+    // verify-full without the tunnel would check the address, not the name: refused up front.
+    let error = ConnectionManager::new(fast_config(url("&sslmode=verify-full"), "mhv"))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("hostaddr"), "{error}");
+    assert!(!error.to_string().contains(a.password()), "{error}");
+}

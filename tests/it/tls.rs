@@ -762,3 +762,123 @@ async fn tls_several_hosts_are_each_verified_through_the_tunnel_and_through_forw
         assert_no_plaintext(pg);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_a_hostaddr_list_dials_each_address_and_checks_each_servers_own_name() {
+    let ca = TestCa::new("sea-orm-tunnel test CA").await.unwrap();
+    // Each certificate names only its own server; the bastion dials 127.0.0.1 for both.
+    let (cert_a, cert_b) = tokio::join!(ca.server_cert("db-a.internal"), ca.server_cert("db-b.internal"));
+    let (cert_a, cert_b) = (cert_a.unwrap(), cert_b.unwrap());
+    let (a, b, sshd) = tokio::join!(
+        TempPostgres::start_tls(&cert_a),
+        TempPostgres::start_tls(&cert_b),
+        OpenSshd::start()
+    );
+    let (a, b, sshd) = (a.unwrap(), b.unwrap(), sshd.unwrap());
+    // A is read-only: read-write passes it by.
+    let admin_a = tls_checker(&a).await;
+    admin_a
+        .execute_unprepared("ALTER SYSTEM SET default_transaction_read_only = on")
+        .await
+        .unwrap();
+    let _: bool = scalar(&admin_a, "SELECT pg_reload_conf()").await;
+    let url = |names: [&str; 2], attrs: &str| {
+        format!(
+            "postgres://{}:{}@{}:{},{}:{}/postgres?hostaddr=127.0.0.1,127.0.0.1&{}&target_session_attrs={attrs}",
+            a.user(),
+            a.password(),
+            names[0],
+            a.port(),
+            names[1],
+            b.port(),
+            verify_full(ca.cert_path())
+        )
+    };
+    // The remote target comes from the URL (its first host), as with SSH_REMOTE_HOST unset.
+    let through = |database_url: String, prefix: &str| {
+        fast_config(database_url, prefix).tunnel(
+            sshd.tunnel_config("", 0)
+                .connect_timeout(Duration::from_secs(5))
+                .reconnect(BackoffPolicy::new(Duration::from_millis(100)).max_delay(Duration::from_millis(500))),
+        )
+    };
+    let manager = ConnectionManager::new(through(url(["db-a.internal", "db-b.internal"], "read-write"), "tlsha"))
+        .await
+        .expect("B qualifies, verified as db-b.internal");
+    let tunnel = manager.tunnel().unwrap().config().clone();
+    assert_eq!(tunnel.remote_host, "127.0.0.1", "the first hostaddr is dialled");
+    assert_eq!(tunnel.alternate_targets, [("127.0.0.1".to_owned(), b.port())]);
+    assert_eq!(tunnel.alternate_server_names, ["db-b.internal"]);
+    let port: String = scalar(manager.connection(), "SELECT current_setting('port')").await;
+    assert_eq!(port, b.port().to_string());
+    let on_b = tls_checker(&b).await;
+    let (total, on_tls) = tls_backends(&on_b, "tlsha").await;
+    assert!(total >= 1 && on_tls == total, "{on_tls} of {total} on TLS");
+    manager.shutdown(Duration::from_secs(2)).await;
+    // A's name verified on A too: with any role accepted, A (first) takes the pool.
+    let manager = ConnectionManager::new(through(url(["db-a.internal", "db-b.internal"], "any"), "tlshy"))
+        .await
+        .expect("A verified as db-a.internal");
+    let port: String = scalar(manager.connection(), "SELECT current_setting('port')").await;
+    assert_eq!(port, a.port().to_string());
+    manager.shutdown(Duration::from_secs(2)).await;
+
+    // The names swapped: each server's certificate is checked against the other's name, and
+    // both fail; nothing but the TLS handshake reached them.
+    let error = refused(through(url(["db-b.internal", "db-a.internal"], "read-write"), "tlshs")).await;
+    let text = error.to_string();
+    assert!(matches!(error, Error::NoSuitableHost { .. }), "{error:?}");
+    assert_eq!(
+        text.matches("certificate is not valid").count(),
+        2,
+        "both refused for their certificate: {text}"
+    );
+    assert!(
+        text.contains("at db-b.internal") && text.contains("at db-a.internal"),
+        "each checked against its own (swapped) name: {text}"
+    );
+    assert!(!text.contains(a.password()), "no secret in {text}");
+
+    // forward: the same list for libpq clients; psql reaches B, on TLS.
+    let mut forward = super::sidecar::Forward::start(
+        &sshd,
+        &a,
+        &[],
+        &[("DATABASE_URL", &url(["db-a.internal", "db-b.internal"], "read-write"))],
+    );
+    let lines = forward.lines_through("psql: ");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("endpoint ") && l.ends_with(&format!("for 127.0.0.1:{}", b.port()))),
+        "{lines:?}"
+    );
+    let printed = lines.iter().find_map(|l| l.strip_prefix("DATABASE_URL=")).unwrap();
+    assert!(
+        !printed.contains("hostaddr"),
+        "the local URL dials the endpoints: {printed}"
+    );
+    let conninfo = printed.replace(":***@", &format!(":{}@", a.password()));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("psql")
+            .arg(conninfo)
+            .args([
+                "-XAtc",
+                "SELECT current_setting('port') || ' ' || ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            ])
+            .env("PGCONNECT_TIMEOUT", "20")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{} true", b.port()),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(forward);
+    assert_no_plaintext(&a);
+    assert_no_plaintext(&b);
+}

@@ -103,24 +103,24 @@ pub(crate) async fn run(local: Option<LocalEndpointConfig>, flags: SidecarFlags)
         // A multi-host DATABASE_URL: one local endpoint per server, so that a libpq client given
         // the printed multi-host URL chooses among them with its own target_session_attrs, as it
         // would without the bastion (unless SSH_REMOTE_HOST / SSH_REMOTE_PORT pick one server).
-        match config.database_hosts() {
-            Ok(hosts)
-                if hosts.len() > 1
-                    && tunnel_config.alternate_targets.is_empty()
-                    && (tunnel_config.remote_host.as_str(), tunnel_config.remote_port)
-                        == (hosts[0].0.as_str(), hosts[0].1) =>
-            {
-                tunnel_config.alternate_targets = hosts[1..].to_vec();
-                // libpq moves to the next host only when its TCP connect fails, which a local
-                // endpoint never does: a dead server's endpoint passes the client on instead.
-                tunnel_config.alternate_fallthrough = true;
+        let before = tunnel_config.alternate_targets.len();
+        tunnel_config = match config.with_alternate_targets(tunnel_config) {
+            Ok(t) => t,
+            Err(e) => {
+                error(format_args!("{e}"));
+                return ExitCode::from(EXIT_CONFIG);
             }
-            Ok(hosts) if hosts.len() > 1 => log(format_args!(
-                "DATABASE_URL lists {} hosts; SSH_REMOTE_HOST/SSH_REMOTE_PORT choose one: forwarding to {}",
-                hosts.len(),
+        };
+        let hosts = config.database_hosts().map_or(0, |h| h.len());
+        if tunnel_config.alternate_targets.len() > before {
+            // libpq moves to the next host only when its TCP connect fails, which a local
+            // endpoint never does: a dead server's endpoint passes the client on instead.
+            tunnel_config.alternate_fallthrough = true;
+        } else if hosts > 1 && tunnel_config.alternate_targets.is_empty() {
+            log(format_args!(
+                "DATABASE_URL lists {hosts} hosts; SSH_REMOTE_HOST/SSH_REMOTE_PORT choose one: forwarding to {}",
                 tunnel_config.remote_target()
-            )),
-            _ => {}
+            ));
         }
         tunnel_config = match sea_orm_tunnel::tls::resolve_tunnel(config, &tunnel_config) {
             // PgBouncer mode (`pgbouncer=true` / POSTGRES_PGBOUNCER): named statements rewritten.
