@@ -121,7 +121,12 @@ async fn sslmode_disable_answers_ssl_request_locally() {
     assert!(stats.bytes_to_remote > 8 && stats.bytes_from_remote > 0, "{stats:?}");
 
     // GSSENCRequest then SSLRequest, both answered here; the client then leaves: no channel is
-    // opened for it at all, nothing reaches the server.
+    // opened for it at all, nothing reaches the server. (psql's connection is done first: its
+    // Terminate may still be on its way when psql has exited.)
+    eventually("psql's channel closed", || async {
+        tunnel.stats().channels_active == 0
+    })
+    .await;
     let channels_before = tunnel.stats();
     let mut raw = TcpStream::connect(tunnel.local_endpoint().tcp_addr().unwrap())
         .await
